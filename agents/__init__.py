@@ -1,0 +1,22 @@
+"""Learning: SB3 algorithms for language models, the KL penalty, evaluation, the registry."""
+
+from agents.algorithms import ALGORITHMS, LMA2C, LMPPO, load_agent, make_agent
+from agents.envs import make_text_vec_env
+from agents.evaluation import EvaluationResult, evaluate_agent
+from agents.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from agents.kl_penalty import KLPenaltyCallback
+
+__all__ = [
+    "ALGORITHMS",
+    "LMPPO",
+    "LMA2C",
+    "make_agent",
+    "load_agent",
+    "make_text_vec_env",
+    "evaluate_agent",
+    "EvaluationResult",
+    "KLPenaltyCallback",
+    "FixedKLController",
+    "AdaptiveKLController",
+    "make_kl_controller",
+]

@@ -1,0 +1,50 @@
+"""The KL coefficient ``beta``: fixed, or adapted toward a target KL.
+
+The adaptive rule is the proportional controller of Ziegler et al. (2019), as
+used by InstructGPT and TRL: with ``e = clip(KL / target - 1, -0.2, 0.2)``,
+``beta <- beta * (1 + e * n_steps / horizon)`` after every rollout, where ``KL``
+is the mean per-episode KL (summed over tokens) and ``n_steps`` the number of
+tokens in that rollout. Controllers are plain objects, so ``model.save`` pickles
+their state with the agent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FixedKLController:
+    value: float
+
+    def update(self, observed_kl: float, n_steps: int) -> None:
+        """A fixed coefficient ignores the observed KL."""
+
+
+@dataclass
+class AdaptiveKLController:
+    value: float
+    target: float
+    horizon: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.target <= 0:
+            raise ValueError(f"target KL must be positive, got {self.target}")
+
+    def update(self, observed_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+KLController = FixedKLController | AdaptiveKLController
+
+
+def make_kl_controller(
+    kl_coef: float, kl_target: float | None = None, horizon: int = 10_000
+) -> KLController:
+    """Fixed ``kl_coef``; or, with ``kl_target``, adaptive from ``kl_coef`` toward it."""
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_target is None:
+        return FixedKLController(kl_coef)
+    return AdaptiveKLController(kl_coef, kl_target, horizon)

@@ -1,0 +1,104 @@
+"""The per-token KL penalty, added to the rewards of stock SB3 on-policy algorithms.
+
+Where the reward is split (see DESIGN.md): the environment gives the task score
+at the last step and reports ``log pi_ref(a|s)`` of every action in
+``info["ref_logprob"]``; only the agent knows ``log pi_old(a|s)``, the log-prob
+under the policy that sampled the action. This callback runs inside SB3's
+``collect_rollouts`` right after ``env.step`` and before the step is stored, and
+edits that step's rewards in place::
+
+    reward_t = score * [t is last] - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))
+
+so everything SB3 computes afterwards (returns, GAE, ``ep_info``) sees the
+penalised reward. It also logs the task score, the KL and ``beta`` per rollout,
+text samples for TensorBoard, and feeds the KL to the coefficient controller.
+
+Generation budget: an episode cut at ``max_new_tokens`` is over for good (its
+completion is scored and nothing follows), so SB3 must not bootstrap it with
+``V(s_T)`` as it does for time-limit truncations; the callback clears
+``TimeLimit.truncated`` for such steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+
+TEXT_ONLY_FOR_TENSORBOARD = ("stdout", "log", "json", "csv")
+
+
+class KLPenaltyCallback(BaseCallback):
+    """Adds ``-beta * (log pi_old - log pi_ref)`` to each step's reward; logs the episode stats.
+
+    ``beta`` is read from ``model.kl_controller`` at every step, so the coefficient is
+    part of the agent (and saved with it), not of this callback.
+    """
+
+    def __init__(self, n_text_samples: int = 4):
+        super().__init__()
+        self.n_text_samples = n_text_samples
+
+    def _on_training_start(self) -> None:
+        # Episodes run across rollout boundaries: per-env KL sums persist between rollouts.
+        self._episode_kl = np.zeros(self.training_env.num_envs, dtype=np.float64)
+
+    def _on_rollout_start(self) -> None:
+        self._rollout_scores: list[float] = []
+        self._rollout_kls: list[float] = []
+        self._rollout_samples: list[tuple[str, str, float]] = []
+        self._rollout_tokens = 0
+
+    def _on_step(self) -> bool:
+        rewards: np.ndarray = self.locals["rewards"]
+        infos: list[dict] = self.locals["infos"]
+        dones: np.ndarray = self.locals["dones"]
+        policy_logprob = self.locals["log_probs"].detach().cpu().numpy().astype(np.float64)
+        try:
+            reference_logprob = np.array([info["ref_logprob"] for info in infos], dtype=np.float64)
+        except KeyError:
+            raise KeyError(
+                "The environment does not report info['ref_logprob'], so the KL penalty "
+                "cannot be formed. Fix: train on a textenv.TextGenEnv (or an env that "
+                "reports the reference model's log-prob of each action)."
+            ) from None
+
+        token_kl = policy_logprob - reference_logprob
+        beta = self.model.kl_controller.value
+        rewards += (-beta * token_kl).astype(rewards.dtype)
+        self._episode_kl += token_kl
+        self._rollout_tokens += len(infos)
+
+        for env_index in np.flatnonzero(dones):
+            info = infos[env_index]
+            self._rollout_kls.append(float(self._episode_kl[env_index]))
+            self._episode_kl[env_index] = 0.0
+            if "task_score" in info:
+                self._rollout_scores.append(float(info["task_score"]))
+                if len(self._rollout_samples) < self.n_text_samples:
+                    self._rollout_samples.append((info["prompt"], info["completion"], info["task_score"]))
+            info["TimeLimit.truncated"] = False  # generation budget: no bootstrap (module doc)
+        return True
+
+    def _on_rollout_end(self) -> None:
+        controller = self.model.kl_controller
+        self.logger.record("train/kl_coef", controller.value)
+        if self._rollout_kls:
+            mean_kl = float(np.mean(self._rollout_kls))
+            self.logger.record("rollout/kl", mean_kl)
+            self.logger.record("rollout/kl_penalty", -controller.value * mean_kl)
+            controller.update(mean_kl, self._rollout_tokens)
+        if self._rollout_scores:
+            self.logger.record("rollout/task_score", float(np.mean(self._rollout_scores)))
+        if self._rollout_samples:
+            self.logger.record(
+                "samples/text", format_samples(self._rollout_samples), exclude=TEXT_ONLY_FOR_TENSORBOARD
+            )
+
+
+def format_samples(samples: list[tuple[str, str, float]]) -> str:
+    """A Markdown table (TensorBoard renders it) of prompt, completion and score."""
+    rows = ["| prompt | completion | score |", "|---|---|---|"]
+    for prompt, completion, score in samples:
+        cells = [text.replace("|", "\\|").replace("\n", " ") for text in (prompt, completion)]
+        rows.append(f"| {cells[0]} | {cells[1]} | {score:.3f} |")
+    return "\n".join(rows)

@@ -1,0 +1,167 @@
+"""``LMActorCriticPolicy``: an SB3 actor-critic on one shared causal-LM body.
+
+- actor: the LM's own output head; its logits over the vocabulary are the
+  ``Discrete(V)`` action distribution;
+- critic: a linear value head (small init) on the last hidden state;
+- both read the hidden state of the last real token of the observation, so a
+  single body forward serves both heads.
+
+Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
+- no features extractor / MLP extractor: the LM body is the shared extractor;
+- ``ortho_init=False``: orthogonal init would overwrite the pretrained weights;
+- dropout off and the body kept in eval mode, so the probability ratio is
+  exactly 1 before the first update;
+- observations are cast back to integer ids (SB3 casts every ``Box`` to float;
+  exact below 2**24).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.distributions import CategoricalDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.type_aliases import Schedule
+from torch import nn
+
+from textenv.models import load_causal_lm, vocab_size_of
+
+
+def unpack_observation(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer ``(input_ids, attention_mask)`` from a (possibly float-cast) observation."""
+    return obs["input_ids"].long(), obs["attention_mask"].long()
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding: the first real token is position 0."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Column of the last real token in each row."""
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask * columns).argmax(dim=-1)
+
+
+class LMActorCriticPolicy(ActorCriticPolicy):
+    """Actor-critic over token ids for any ``AutoModelForCausalLM``.
+
+    :param model_name_or_path: ``"default"`` (the embedded model), a name, or a path
+        loadable by ``AutoModelForCausalLM.from_pretrained``.
+    :param value_head_init_std: std of the value head's initial weights (bias 0):
+        small, so early value estimates do not swamp the advantages.
+    :param attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``).
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Discrete,
+        lr_schedule: Schedule,
+        model_name_or_path: str = "default",
+        value_head_init_std: float = 0.01,
+        attn_implementation: str | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(action_space, spaces.Discrete):
+            raise TypeError("LMActorCriticPolicy needs a Discrete action space of token ids")
+        if not isinstance(observation_space, spaces.Dict) or not {
+            "input_ids",
+            "attention_mask",
+        } <= set(observation_space.spaces):
+            raise TypeError(
+                "LMActorCriticPolicy needs Dict observations with 'input_ids' and "
+                "'attention_mask' (as produced by textenv.TextGenEnv)"
+            )
+        self.model_name_or_path = str(model_name_or_path)
+        self.value_head_init_std = value_head_init_std
+        self.attn_implementation = attn_implementation
+        kwargs["ortho_init"] = False
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+
+    def _build(self, lr_schedule: Schedule) -> None:
+        """Load the LM body + head and add the value head (replaces SB3's MLP heads)."""
+        self.lm = load_causal_lm(
+            self.model_name_or_path, attn_implementation=self.attn_implementation
+        )
+        vocab = vocab_size_of(self.lm)
+        if vocab != self.action_space.n:
+            raise ValueError(
+                f"The policy model {self.model_name_or_path!r} has a vocabulary of {vocab} "
+                f"tokens but the environment's action space has {self.action_space.n} "
+                "(its reference model's vocabulary). Policy and reference must share a "
+                "tokenizer. Fix: pass the same model to the environment (model=...) and "
+                "the policy (policy_kwargs={'model_name_or_path': ...})."
+            )
+        self.lm_head = self.lm.get_output_embeddings()
+        self.value_head = nn.Linear(self.lm_head.in_features, 1)
+        nn.init.normal_(self.value_head.weight, std=self.value_head_init_std)
+        nn.init.zeros_(self.value_head.bias)
+        self.optimizer = self.optimizer_class(
+            self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
+
+    def set_training_mode(self, mode: bool) -> None:
+        # The body stays in eval mode (dropout off) even while SB3 trains: see module doc.
+        super().set_training_mode(mode)
+        self.lm.eval()
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        for unused in ("net_arch", "activation_fn", "ortho_init"):
+            data.pop(unused, None)
+        data.update(
+            model_name_or_path=self.model_name_or_path,
+            value_head_init_std=self.value_head_init_std,
+            attn_implementation=self.attn_implementation,
+        )
+        return data
+
+    # -- the two heads on one body ---------------------------------------------
+
+    def last_hidden_state(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Body output at the last real token of each observation: ``(batch, hidden)``."""
+        input_ids, attention_mask = unpack_observation(obs)
+        hidden = self.lm.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+        ).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(attention_mask)]
+
+    def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    def value(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden.float())
+
+    # -- SB3's policy interface --------------------------------------------------
+
+    def forward(
+        self, obs: dict[str, torch.Tensor], deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.last_hidden_state(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, self.value(hidden), distribution.log_prob(actions)
+
+    def evaluate_actions(
+        self, obs: dict[str, torch.Tensor], actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden = self.last_hidden_state(obs)
+        distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
+        return self.value(hidden), distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs: dict[str, torch.Tensor]) -> CategoricalDistribution:
+        hidden = self.last_hidden_state(obs)
+        return self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
+
+    def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.value(self.last_hidden_state(obs))

@@ -1,0 +1,105 @@
+"""Train an agent on a text environment.
+
+With no arguments: PPO on ``textenv/PositiveSentiment-v0`` with the embedded
+default model (built once on first use, offline), TensorBoard logs under
+``runs/``, the agent saved to ``runs/<env>-<algo>-seed<seed>.zip``; the mean task
+score before and after training and the final KL are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="textenv/PositiveSentiment-v0", help="registered environment id")
+    parser.add_argument("--algo", default="ppo", help="algorithm name (see agents.ALGORITHMS)")
+    parser.add_argument("--model", default=None, help="policy and reference model: name or path (default: the env's)")
+    parser.add_argument("--total-timesteps", type=int, default=24_576, help="generated tokens to train on")
+    parser.add_argument("--n-envs", type=int, default=16, help="parallel episodes")
+    parser.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient beta (initial value if adaptive)")
+    parser.add_argument("--target-kl", type=float, default=4.0,
+                        help="target per-episode KL for the adaptive beta controller; 0 keeps beta fixed")
+    parser.add_argument("--learning-rate", type=float, default=None, help="override the algorithm's default")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-episodes", type=int, default=128, help="episodes for the before/after score")
+    parser.add_argument("--tensorboard-log", default="runs", help="TensorBoard folder ('' to disable)")
+    parser.add_argument("--save-path", default=None, help="where to save the agent (.zip)")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from stable_baselines3.common.utils import set_random_seed
+
+    from agents import evaluate_agent, make_agent, make_text_vec_env
+    from textenv.env import resolve_device
+
+    set_random_seed(args.seed)
+    device = resolve_device(args.device)
+    env_kwargs = {} if args.model is None else {"model": args.model}
+    env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+    eval_env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed + 10_000, env_kwargs=env_kwargs)
+    agent_kwargs = dict(
+        kl_coef=args.kl_coef,
+        kl_target=args.target_kl or None,
+        seed=args.seed,
+        device=device,
+        tensorboard_log=args.tensorboard_log or None,
+        verbose=0,
+    )
+    if args.learning_rate is not None:
+        agent_kwargs["learning_rate"] = args.learning_rate
+    model = make_agent(args.algo, env, **agent_kwargs)
+
+    before = evaluate_agent(model, eval_env, args.eval_episodes, seed=args.seed)
+    print(f"before training: mean task score {before.task_score:+.3f}, KL {before.kl:.3f}")
+    start = time.perf_counter()
+    run_name = f"{args.env.replace('/', '-')}-{args.algo}"
+    model.learn(args.total_timesteps, tb_log_name=run_name, progress_bar=not args.quiet)
+    train_seconds = time.perf_counter() - start
+    after = evaluate_agent(model, eval_env, args.eval_episodes, seed=args.seed)
+
+    save_path = args.save_path or str(Path("runs") / f"{run_name}-seed{args.seed}.zip")
+    Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+    model.save(save_path)
+
+    summary = {
+        "env": args.env,
+        "algo": args.algo,
+        "total_timesteps": args.total_timesteps,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(args.total_timesteps / train_seconds, 1),
+        "task_score_before": round(before.task_score, 4),
+        "task_score_after": round(after.task_score, 4),
+        "kl_before": round(before.kl, 4),
+        "kl_after": round(after.kl, 4),
+        "kl_coef_final": round(model.kl_controller.value, 5),
+        "saved_to": save_path,
+        "tensorboard_log": model.logger.dir if args.tensorboard_log else None,
+    }
+    print(f"after training:  mean task score {after.task_score:+.3f}, KL {after.kl:.3f} "
+          f"(beta now {model.kl_controller.value:.4f})")
+    print("samples after training:")
+    for prompt, completion, score in after.samples[:4]:
+        print(f"  [{score:+.2f}] {prompt}|{completion}")
+    print(json.dumps(summary, indent=2))
+    if args.tensorboard_log:
+        print(f"TensorBoard: tensorboard --logdir {args.tensorboard_log}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Loading causal LMs and tokenizers by name, path or instance, with clear errors.
+
+Everything here goes through ``from_pretrained``, the same path for the embedded
+default model (``"default"``) as for any user checkpoint. Problems a user can fix
+(a path that does not exist, a tokenizer without a pad token, a tokenizer larger
+than the model's vocabulary) are reported here, before any long work starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Union
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+ModelSpec = Union[str, os.PathLike, PreTrainedModel, None]
+TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
+
+DEFAULT_MODEL_NAME = "default"
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """Map ``None``/``"default"`` to the embedded default model (building it once) and
+    refuse a local-looking path that does not exist, before ``from_pretrained`` tries
+    to reach a hub with it."""
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL_NAME:
+        from textenv.default_model import ensure_default_model
+
+        return str(ensure_default_model())
+    text = str(name_or_path)
+    looks_local = (
+        os.sep in text and not _looks_like_hub_id(text)
+    ) or text.startswith((".", "~")) or Path(text).expanduser().exists()
+    if looks_local and not Path(text).expanduser().exists():
+        raise FileNotFoundError(
+            f"Model path {text!r} does not exist. Fix: pass a folder written by "
+            "`save_pretrained`, a model name that `from_pretrained` can resolve, or "
+            f"{DEFAULT_MODEL_NAME!r} for the embedded default model."
+        )
+    return str(Path(text).expanduser()) if looks_local else text
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    # "owner/name" with exactly one slash and no leading slash is a hub id.
+    return text.count("/") == 1 and not text.startswith("/")
+
+
+def _load_error(kind: str, name: str, error: Exception) -> OSError:
+    return OSError(
+        f"Could not load the {kind} {name!r}: {error}. Fix: pass a folder written by "
+        "`save_pretrained`, or a name available in the local Hugging Face cache "
+        f"(this tool never downloads at run time), or {DEFAULT_MODEL_NAME!r}."
+    )
+
+
+def load_tokenizer(spec: TokenizerSpec) -> PreTrainedTokenizerBase:
+    """A tokenizer that is ready for batched use: it must have a pad token."""
+    if isinstance(spec, PreTrainedTokenizerBase):
+        tokenizer = spec
+        name = getattr(spec, "name_or_path", type(spec).__name__)
+    else:
+        name = resolve_model_path(spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise _load_error("tokenizer", name, error) from error
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"The tokenizer {name!r} has no pad token, so prompts of different lengths "
+            "cannot be batched. Fix: set one before passing the tokenizer object, e.g. "
+            "`tokenizer.pad_token = tokenizer.eos_token`."
+        )
+    return tokenizer
+
+
+def load_causal_lm(
+    spec: ModelSpec,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM in eval mode with dropout off, on ``device``; a fresh (trainable) copy."""
+    if isinstance(spec, PreTrainedModel):
+        model = spec
+    else:
+        name = resolve_model_path(spec)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (OSError, ValueError) as error:
+            raise _load_error("causal language model", name, error) from error
+    disable_dropout(model)
+    return model.to(device).eval()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_frozen_lm(name: str, device: str) -> PreTrainedModel:
+    model = load_causal_lm(name, device)
+    model.requires_grad_(False)
+    return model
+
+
+def load_frozen_lm(spec: ModelSpec, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """A frozen reference model: no gradients, eval mode.
+
+    Loaded once per (name, device) and shared by every environment in the process,
+    so ``n_envs`` parallel environments do not hold ``n_envs`` copies of the weights.
+    A model instance is used as given (frozen in place).
+    """
+    if isinstance(spec, PreTrainedModel):
+        disable_dropout(spec)
+        return spec.requires_grad_(False).to(device).eval()
+    return _cached_frozen_lm(resolve_model_path(spec), str(torch.device(device)))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to zero.
+
+    RL needs the probability ratio to be exactly 1 before the first update; a
+    dropout layer re-sampled between rollout and update breaks that.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout"):
+        if config is not None and hasattr(config, key):
+            setattr(config, key, 0.0)
+
+
+def vocab_size_of(model: PreTrainedModel) -> int:
+    """The action-space size: the model's output rows, not ``len(tokenizer)``."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_tokenizer_fits_model(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+    vocab = vocab_size_of(model)
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but the model only {vocab} output "
+            "rows; they do not belong together. Fix: pass the tokenizer saved with this "
+            "model (or resize the model's embeddings and save it again)."
+        )

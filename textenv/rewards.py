@@ -1,0 +1,179 @@
+"""Reward sources: what scores a finished completion.
+
+All sources share one small interface, ``source(prompts, completions) -> scores``,
+scored in batches. The environment calls it once per finished episode and puts
+the score in the last step's reward; the per-token KL penalty is added by the
+agent (see ``agents.kl_penalty``), because only the agent knows ``log pi_old``.
+
+The base class validates every result (one finite float per completion), so a
+broken user reward fails loudly at the first episode, not as a NaN loss later.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from abc import ABC, abstractmethod
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+
+ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardSource(ABC):
+    """Scores completions of prompts; subclasses implement ``_score``."""
+
+    name: str = "reward"
+
+    @abstractmethod
+    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
+        """Raw scores, one per (prompt, completion) pair."""
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+        prompts, completions = list(prompts), list(completions)
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        raw = self._score(prompts, completions)
+        try:
+            scores = np.asarray([float(s) for s in raw], dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"The reward {self.name!r} must return a sequence of numbers, got "
+                f"{type(raw).__name__}: {error}. Fix: return one float per completion."
+            ) from error
+        if scores.shape != (len(completions),):
+            raise ValueError(
+                f"The reward {self.name!r} returned {scores.size} scores for "
+                f"{len(completions)} completions. Fix: return exactly one score per "
+                "(prompt, completion) pair, in order."
+            )
+        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        if bad:
+            i = bad[0]
+            raise ValueError(
+                f"The reward {self.name!r} returned a non-finite score ({scores[i]}) for "
+                f"prompt {prompts[i]!r} with completion {completions[i]!r}. Fix: make it "
+                "return a finite float for every text (e.g. 0.0 where it cannot judge)."
+            )
+        return scores
+
+
+class CallableReward(RewardSource):
+    """Any Python function ``f(prompts, completions) -> scores``."""
+
+    def __init__(self, fn: ScoreFn, name: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"reward must be callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
+        return self.fn(prompts, completions)
+
+
+class VaderSentimentReward(RewardSource):
+    """VADER's compound sentiment in [-1, 1], a lexicon- and rule-based scorer.
+
+    By default the prompt and completion are scored together: the task is that the
+    *whole* text reads positive, so a completion that contradicts a negative
+    opening earns credit for it.
+    """
+
+    name = "vader"
+
+    def __init__(self, include_prompt: bool = True):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.include_prompt = include_prompt
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
+        texts = [
+            (p + c) if self.include_prompt else c for p, c in zip(prompts, completions)
+        ]
+        return [self._analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+class RewardModelReward(RewardSource):
+    """An ``AutoModelForSequenceClassification`` reward model with its own tokenizer.
+
+    Text is re-tokenized with the reward model's tokenizer (policy and reward model
+    need not share a vocabulary). With one output the score is that logit; with
+    several, the logit at ``label_index``.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        tokenizer: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+        max_length: int = 512,
+        label_index: int | None = None,
+    ):
+        from transformers import AutoModelForSequenceClassification
+
+        from textenv.models import load_tokenizer, resolve_model_path
+
+        path = resolve_model_path(name_or_path)
+        self.name = str(name_or_path)
+        try:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise OSError(
+                f"Could not load the reward model {path!r}: {error}. Fix: pass a folder "
+                "written by `save_pretrained` of a sequence-classification model."
+            ) from error
+        self.model.requires_grad_(False).eval().to(device)
+        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else path)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        n_labels = self.model.config.num_labels
+        if label_index is None:
+            if n_labels != 1:
+                raise ValueError(
+                    f"The reward model {path!r} has {n_labels} outputs. Fix: pass "
+                    "label_index= to choose the logit that is the reward."
+                )
+            label_index = 0
+        self.label_index = label_index
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+            ).to(self.device)
+            logits = self.model(**batch).logits[:, self.label_index]
+            scores.extend(logits.float().cpu().tolist())
+        return scores
+
+
+RewardSpec = Union[RewardSource, ScoreFn, str, os.PathLike]
+
+
+def make_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> RewardSource:
+    """``"vader"``, a reward-model name or path, a callable, or a ``RewardSource``."""
+    if isinstance(spec, RewardSource):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        if str(spec) == "vader":
+            return VaderSentimentReward()
+        return RewardModelReward(spec, device=device)
+    if callable(spec):
+        return CallableReward(spec)
+    raise TypeError(
+        f"Unknown reward {spec!r}. Fix: pass 'vader', the name or path of a "
+        "sequence-classification reward model, or a function f(prompts, completions)."
+    )
