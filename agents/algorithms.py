@@ -60,6 +60,8 @@ class KLPenalizedMixin:
         self.algorithm_name = type(self).algorithm_name
 
     def learn(self, total_timesteps: int, callback: Any = None, **kwargs: Any):
+        # A rollout of an LM is expensive: log every one (SB3's A2C default is every 100th).
+        kwargs.setdefault("log_interval", 1)
         user_callbacks = callback if isinstance(callback, list) else [callback] if callback else []
         return super().learn(  # type: ignore[misc]
             total_timesteps, callback=[KLPenaltyCallback(), *user_callbacks], **kwargs

@@ -1,0 +1,67 @@
+"""Shared fixtures: the embedded default model, tiny models saved locally, quiet logs.
+
+Nothing here downloads: models are the project's default (built once into the
+cache) or tiny ones built from configs into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+warnings.filterwarnings("ignore", message=".*render_mode.*")
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from textenv.default_model import ensure_default_model
+
+    return ensure_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+def save_tiny_gpt2(folder: Path, tokenizer, vocab_size: int | None = None, seed: int = 0) -> Path:
+    """A randomly initialised 1-layer GPT-2 saved with ``save_pretrained`` (plus tokenizer)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab_size or len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, default_tokenizer) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), default_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_other_vocab_path(tmp_path_factory, default_tokenizer) -> Path:
+    return save_tiny_gpt2(
+        tmp_path_factory.mktemp("tiny-gpt2-other-vocab"), default_tokenizer, vocab_size=len(default_tokenizer) + 64
+    )
+
+
+PROMPTS = ["The film was", "This phone is", "I bought the charger last week. The battery"]
