@@ -1,6 +1,9 @@
 """SB3 algorithms set up for language models, and the registry that names them.
 
-``LMPPO`` and ``LMA2C`` are stock SB3 ``PPO`` and ``A2C`` with three additions:
+``LMPPO`` and ``LMA2C`` are stock SB3 ``PPO`` and ``A2C`` with four additions:
+- the fast path (``fast=True``, the default): KV-cached rollouts
+  (``agents.fast_rollout``) and an update that evaluates whole sequences
+  (``agents.sequence_buffer``); ``fast=False`` is SB3's own per-transition path;
 - ``kl_controller``: the KL coefficient (fixed or adaptive), an attribute of the
   agent so that ``model.save`` stores its state and ``load`` restores it;
 - ``learn`` puts the ``KLPenaltyCallback`` first in the callback chain, so every
@@ -20,8 +23,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KLPenaltyCallback
+from agents.sequence_buffer import SequenceRolloutBuffer
 from policies import LMActorCriticPolicy
 
 PPO_DEFAULTS: dict[str, Any] = dict(
@@ -54,6 +59,13 @@ class KLPenalizedMixin:
 
     algorithm_name: str
 
+    @staticmethod
+    def _rollout_buffer_kwargs(fast: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The fast path is a choice of rollout buffer; SB3's own otherwise."""
+        if fast:
+            kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
+        return kwargs
+
     def _init_kl(self, kl_coef: float, kl_target: float | None, kl_horizon: int) -> None:
         self.kl_controller = make_kl_controller(kl_coef, kl_target, kl_horizon)
         # An instance attribute, so that save() stores it and load_agent() finds the class.
@@ -68,7 +80,7 @@ class KLPenalizedMixin:
         )
 
 
-class LMPPO(KLPenalizedMixin, PPO):
+class LMPPO(KLPenalizedMixin, FastRolloutMixin, PPO):
     """PPO with the per-token KL penalty toward the reference model."""
 
     algorithm_name = "ppo"
@@ -80,13 +92,14 @@ class LMPPO(KLPenalizedMixin, PPO):
         kl_coef: float = 0.05,
         kl_target: float | None = None,
         kl_horizon: int = 10_000,
+        fast: bool = True,
         **kwargs: Any,
     ):
         self._init_kl(kl_coef, kl_target, kl_horizon)
-        super().__init__(policy, env, **{**PPO_DEFAULTS, **kwargs})
+        super().__init__(policy, env, **self._rollout_buffer_kwargs(fast, {**PPO_DEFAULTS, **kwargs}))
 
 
-class LMA2C(KLPenalizedMixin, A2C):
+class LMA2C(KLPenalizedMixin, FastRolloutMixin, A2C):
     """A2C with the per-token KL penalty toward the reference model."""
 
     algorithm_name = "a2c"
@@ -98,10 +111,11 @@ class LMA2C(KLPenalizedMixin, A2C):
         kl_coef: float = 0.05,
         kl_target: float | None = None,
         kl_horizon: int = 10_000,
+        fast: bool = True,
         **kwargs: Any,
     ):
         self._init_kl(kl_coef, kl_target, kl_horizon)
-        super().__init__(policy, env, **{**A2C_DEFAULTS, **kwargs})
+        super().__init__(policy, env, **self._rollout_buffer_kwargs(fast, {**A2C_DEFAULTS, **kwargs}))
 
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": LMPPO, "a2c": LMA2C}

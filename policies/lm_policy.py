@@ -26,7 +26,9 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from policies.sequences import TokenSequences
 from textenv.models import load_causal_lm, vocab_size_of
+from textenv.slot_decoding import lm_logits
 
 
 def unpack_observation(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,23 +123,31 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     # -- the two heads on one body ---------------------------------------------
 
-    def last_hidden_state(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Body output at the last real token of each observation: ``(batch, hidden)``."""
-        input_ids, attention_mask = unpack_observation(obs)
-        hidden = self.lm.base_model(
+    def body_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states of the LM body at every column: ``(batch, width, hidden)``."""
+        return self.lm.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),
         ).last_hidden_state
+
+    def last_hidden_state(self, obs: dict[str, torch.Tensor] | TokenSequences) -> torch.Tensor:
+        """Hidden state at the last token of each evaluated state: ``(n_states, hidden)``.
+
+        For observations (SB3's path) that is one state per row; for
+        ``TokenSequences`` (the fast path) every listed token of every row.
+        """
+        if isinstance(obs, TokenSequences):
+            sequences = obs.trimmed()
+            hidden = self.body_hidden_states(sequences.input_ids, sequences.attention_mask)
+            return hidden[sequences.token_rows, sequences.token_columns]
+        input_ids, attention_mask = unpack_observation(obs)
+        hidden = self.body_hidden_states(input_ids, attention_mask)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, last_token_index(attention_mask)]
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
-        softcap = getattr(self.lm.config, "final_logit_softcapping", None)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
+        return lm_logits(self.lm, hidden)
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden.float())
@@ -153,8 +163,10 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         return actions, self.value(hidden), distribution.log_prob(actions)
 
     def evaluate_actions(
-        self, obs: dict[str, torch.Tensor], actions: torch.Tensor
+        self, obs: dict[str, torch.Tensor] | TokenSequences, actions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Values, log-probs and entropies of ``actions``; ``obs`` may be SB3's batch of
+        observations or ``TokenSequences`` (one body pass per sequence)."""
         hidden = self.last_hidden_state(obs)
         distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
         return self.value(hidden), distribution.log_prob(actions), distribution.entropy()

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stable_baselines3.common.utils import set_random_seed
 
     from agents import evaluate_agent, make_agent, make_text_vec_env
-    from textenv.env import resolve_device
+    from textenv.task import resolve_device
 
     set_random_seed(args.seed)
     device = resolve_device(args.device)

@@ -15,15 +15,25 @@ MAX_PROMPT_LEN, MAX_NEW_TOKENS = 12, 6
 
 
 class SnapshotRollout(BaseCallback):
-    """Copies the rollout buffer and the policy's weights before the update changes them."""
+    """Records each step's state and action, then the stored rewards, log-probs and the
+    policy's weights before the update changes them (works for both rollout paths)."""
+
+    def _on_rollout_start(self) -> None:
+        self.input_ids, self.attention_mask, self.step_actions = [], [], []
 
     def _on_step(self) -> bool:
+        state = self.model._last_obs  # the state the actions were taken in
+        self.input_ids.append(np.array(state["input_ids"]))
+        self.attention_mask.append(np.array(state["attention_mask"]))
+        actions = self.locals["actions"]
+        self.step_actions.append(np.array(actions.cpu() if torch.is_tensor(actions) else actions).reshape(-1))
         return True
 
     def _on_rollout_end(self) -> None:
         buffer = self.model.rollout_buffer
-        self.observations = {k: v.copy() for k, v in buffer.observations.items()}
-        self.actions = buffer.actions.copy()
+        self.observations = {"input_ids": np.stack(self.input_ids), "attention_mask": np.stack(self.attention_mask)}
+        self.actions = np.stack(self.step_actions)[..., None]
+        assert np.array_equal(self.actions[..., 0], buffer.actions[..., 0])
         self.rewards = buffer.rewards.copy()
         self.log_probs = buffer.log_probs.copy()
         self.policy_state = {k: v.clone() for k, v in self.model.policy.lm.state_dict().items()}
@@ -36,18 +46,19 @@ def sequence_logprobs(model, ids: list[int], actions_from: int) -> list[float]:
     return [logprobs[t - 1, ids[t]].item() for t in range(actions_from, len(ids))]
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["stock-path", "fast-path"])
 @pytest.mark.parametrize("kl_coef", [0.0, 0.3])
-def test_stored_reward_equals_the_kl_formula_plus_the_terminal_score(default_model_path, kl_coef):
+def test_stored_reward_equals_the_kl_formula_plus_the_terminal_score(default_model_path, kl_coef, fast):
     from conftest import PROMPTS
 
     env = make_text_vec_env(
-        "textenv/TextGen-v0", n_envs=2, seed=1,
+        "textenv/TextGen-v0", n_envs=2, seed=1, batched=fast,
         env_kwargs=dict(prompts=PROMPTS, model="default", reward="vader",
                         max_prompt_len=MAX_PROMPT_LEN, max_new_tokens=MAX_NEW_TOKENS),
     )
     n_steps = 3 * MAX_NEW_TOKENS
     # A policy that differs from the reference, so the KL term is not zero.
-    model = make_agent("ppo", env, seed=0, kl_coef=kl_coef, n_steps=n_steps, learning_rate=3e-3)
+    model = make_agent("ppo", env, seed=0, kl_coef=kl_coef, n_steps=n_steps, learning_rate=3e-3, fast=fast)
     with torch.no_grad():
         for parameter in model.policy.lm.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))

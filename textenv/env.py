@@ -22,30 +22,13 @@ it knows ``log pi_old``. The reference decodes incrementally with a KV cache.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
-from textenv.models import (
-    ModelSpec,
-    TokenizerSpec,
-    check_tokenizer_fits_model,
-    load_frozen_lm,
-    load_tokenizer,
-    vocab_size_of,
-)
-from textenv.prompts import PromptSpec, load_prompts
-from textenv.rewards import RewardSpec, make_reward
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+from textenv.task import TextTask
 
 
 class TextGenEnv(gym.Env):
@@ -53,98 +36,45 @@ class TextGenEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(
-        self,
-        prompts: PromptSpec,
-        model: ModelSpec = "default",
-        tokenizer: TokenizerSpec = None,
-        reward: RewardSpec = "vader",
-        max_prompt_len: int = 32,
-        max_new_tokens: int = 24,
-        prompt_truncation: str = "error",
-        device: str | torch.device = "cpu",
-        render_mode: str | None = None,
-    ):
-        """
-        :param prompts: list of strings, or path of a .txt (one per line) / .jsonl file.
-        :param model: reference model: ``"default"``, a name, a path, or a model instance
-            (frozen in place). The policy usually starts from the same weights.
-        :param tokenizer: defaults to the tokenizer saved with ``model``.
-        :param reward: ``"vader"``, a reward-model name or path, ``f(prompts,
-            completions) -> scores``, or a ``textenv.rewards.RewardSource``.
-        :param prompt_truncation: what to do with a prompt longer than
-            ``max_prompt_len`` tokens: ``"error"`` (default: refuse at construction)
-            or ``"left"`` (keep its last ``max_prompt_len`` tokens, with a warning).
-        """
-        if max_prompt_len < 1 or max_new_tokens < 1:
-            raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
-        if prompt_truncation not in ("error", "left"):
-            raise ValueError(f"prompt_truncation must be 'error' or 'left', got {prompt_truncation!r}")
-        if tokenizer is None and not isinstance(model, (str, type(None))) and not hasattr(model, "__fspath__"):
-            raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
-        self.device = resolve_device(device)
-        self.model_name_or_path = model if isinstance(model, str) or model is None else getattr(model, "name_or_path", None)
-        self.prompts = load_prompts(prompts)
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
-        self.reference = load_frozen_lm(model, self.device)
-        check_tokenizer_fits_model(self.tokenizer, self.reference)
-        self.reward_source = make_reward(reward, device=self.device)
-        self.max_prompt_len = max_prompt_len
-        self.max_new_tokens = max_new_tokens
+    def __init__(self, prompts: Any, render_mode: str | None = None, **task_kwargs: Any):
+        """``prompts`` and ``task_kwargs`` (``model``, ``tokenizer``, ``reward``,
+        ``max_prompt_len``, ``max_new_tokens``, ``prompt_truncation``, ``device``) are
+        those of ``textenv.task.TextTask``."""
+        self.task = TextTask(prompts, **task_kwargs)
         self.render_mode = render_mode
-        self.eos_token_id = self.tokenizer.eos_token_id
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self._check_context_length()
-        self.prompt_ids = self._tokenize_prompts(prompt_truncation)
-
-        vocab = vocab_size_of(self.reference)
-        width = max_prompt_len + max_new_tokens
-        self.observation_space = spaces.Dict(
-            {
-                "input_ids": spaces.Box(0, vocab - 1, shape=(width,), dtype=np.int64),
-                "attention_mask": spaces.Box(0, 1, shape=(width,), dtype=np.int64),
-            }
-        )
-        self.action_space = spaces.Discrete(vocab)
-        self._input_ids = np.full(width, self.pad_token_id, dtype=np.int64)
-        self._attention_mask = np.zeros(width, dtype=np.int64)
+        self.observation_space = self.task.observation_space()
+        self.action_space = self.task.action_space()
+        self._input_ids = np.full(self.task.width, self.task.pad_token_id, dtype=np.int64)
+        self._attention_mask = np.zeros(self.task.width, dtype=np.int64)
         self._prompt_index = 0
         self._generated: list[int] = []
         self._ref_cache: Any = None
         self._ref_next_logprobs: torch.Tensor | None = None
 
-    # -- construction checks -------------------------------------------------
+    # Shortcuts used by agents and tests (VecEnv.get_attr reaches them).
+    @property
+    def model_name_or_path(self) -> Any:
+        return self.task.model_name_or_path
 
-    def _check_context_length(self) -> None:
-        context = getattr(self.reference.config, "max_position_embeddings", None) or getattr(
-            self.reference.config, "n_positions", None
-        )
-        if context is not None and self.max_prompt_len + self.max_new_tokens > context:
-            raise ValueError(
-                f"max_prompt_len + max_new_tokens = {self.max_prompt_len + self.max_new_tokens} "
-                f"exceeds the model's context of {context} tokens. Fix: lower one of them."
-            )
+    @property
+    def tokenizer(self) -> Any:
+        return self.task.tokenizer
 
-    def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
-        encoded = self.tokenizer(self.prompts)["input_ids"]
-        too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_prompt_len]
-        if too_long and prompt_truncation == "error":
-            i = too_long[0]
-            raise ValueError(
-                f"{len(too_long)} prompt(s) are longer than max_prompt_len="
-                f"{self.max_prompt_len} tokens, e.g. #{i} ({len(encoded[i])} tokens): "
-                f"{self.prompts[i][:80]!r}. Fix: raise max_prompt_len, shorten the "
-                "prompts, or pass prompt_truncation='left' to keep their last tokens."
-            )
-        if too_long:
-            warnings.warn(
-                f"{len(too_long)} prompt(s) longer than max_prompt_len={self.max_prompt_len} "
-                "tokens were cut to their last tokens (prompt_truncation='left').",
-                stacklevel=3,
-            )
-            encoded = [ids[-self.max_prompt_len :] for ids in encoded]
-            self.prompts = [self.tokenizer.decode(ids) for ids in encoded]
-        return [list(ids) for ids in encoded]
+    @property
+    def reference(self) -> Any:
+        return self.task.reference
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.task.prompts
+
+    @property
+    def prompt_ids(self) -> list[list[int]]:
+        return self.task.prompt_ids
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.task.eos_token_id
 
     # -- the MDP ---------------------------------------------------------------
 
@@ -160,11 +90,11 @@ class TextGenEnv(gym.Env):
             self._prompt_index = int(self.np_random.integers(len(self.prompts)))
         prompt = self.prompt_ids[self._prompt_index]
         self._generated = []
-        self._input_ids.fill(self.pad_token_id)
+        self._input_ids.fill(self.task.pad_token_id)
         self._attention_mask.fill(0)
-        start = self.max_prompt_len - len(prompt)
-        self._input_ids[start : self.max_prompt_len] = prompt
-        self._attention_mask[start : self.max_prompt_len] = 1
+        start = self.task.max_prompt_len - len(prompt)
+        self._input_ids[start : self.task.max_prompt_len] = prompt
+        self._attention_mask[start : self.task.max_prompt_len] = 1
         self._advance_reference(prompt, first=True)
         return self._observation(), {"prompt": self.prompts[self._prompt_index]}
 
@@ -175,17 +105,17 @@ class TextGenEnv(gym.Env):
         if self._ref_next_logprobs is None:
             raise RuntimeError("call reset() before step()")
         info: dict[str, Any] = {"ref_logprob": float(self._ref_next_logprobs[action])}
-        column = self.max_prompt_len + len(self._generated)
+        column = self.task.max_prompt_len + len(self._generated)
         self._input_ids[column] = action
         self._attention_mask[column] = 1
         self._generated.append(action)
 
         terminated = action == self.eos_token_id
-        truncated = not terminated and len(self._generated) >= self.max_new_tokens
+        truncated = not terminated and len(self._generated) >= self.task.max_new_tokens
         reward = 0.0
         if terminated or truncated:
             prompt, completion = self.prompts[self._prompt_index], self.completion_text()
-            score = float(self.reward_source([prompt], [completion])[0])
+            score = float(self.task.score([self._prompt_index], [completion])[0])
             reward = score
             info.update(task_score=score, prompt=prompt, completion=completion)
             self._ref_next_logprobs = None  # the episode is over; nothing more to decode
@@ -196,8 +126,7 @@ class TextGenEnv(gym.Env):
 
     def completion_text(self) -> str:
         """The generated text so far, without the EOS token."""
-        tokens = [t for t in self._generated if t != self.eos_token_id]
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.task.completion_text(self._generated)
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":
@@ -209,7 +138,7 @@ class TextGenEnv(gym.Env):
     @torch.no_grad()
     def _advance_reference(self, new_tokens: list[int], first: bool) -> None:
         """Feed tokens to the reference model, keep its KV cache and next-token log-probs."""
-        ids = torch.tensor([new_tokens], dtype=torch.long, device=self.device)
+        ids = torch.tensor([new_tokens], dtype=torch.long, device=self.task.device)
         out = self.reference(
             input_ids=ids, cache=None if first else self._ref_cache, use_cache=True
         )

@@ -1,0 +1,103 @@
+"""The fast rollout: KV-cached sampling for all parallel episodes at once.
+
+It replaces SB3's ``collect_rollouts`` (which re-encodes every prefix at every
+step) and fills a ``SequenceRolloutBuffer`` (so the update runs one forward pass
+per sequence). Everything else is SB3's: the callbacks see the same locals
+(``rewards``, ``log_probs``, ``infos``, ``dones``), so the KL penalty and user
+callbacks work unchanged; GAE and the PPO/A2C update are SB3's own code.
+
+One difference from SB3's loop, on purpose: no bootstrapping of truncated
+episodes, since a text episode cut at ``max_new_tokens`` is over for good (see
+``agents.kl_penalty``, which does the same for the stock path).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import VecEnv
+
+from agents.sequence_buffer import SequenceRolloutBuffer
+from policies.decoding import PolicyRolloutDecoder
+from policies.lm_policy import last_token_index
+from policies.sampling import sample_tokens
+
+
+def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.as_tensor(obs["input_ids"], device=device).long(),
+        torch.as_tensor(obs["attention_mask"], device=device).long(),
+    )
+
+
+class FastRolloutMixin:
+    """For SB3 on-policy algorithms: ``collect_rollouts`` with a KV cache per episode."""
+
+    def _rollout_decoder(self, n_envs: int) -> PolicyRolloutDecoder:
+        decoder = getattr(self, "_decoder", None)
+        if decoder is None or decoder.policy is not self.policy or decoder.slots.n_slots != n_envs:
+            width = self.observation_space["input_ids"].shape[0]
+            decoder = self._decoder = PolicyRolloutDecoder(self.policy, n_envs, width)
+        return decoder
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_decoder"]
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        rollout_buffer: RolloutBuffer,
+        n_rollout_steps: int,
+    ) -> bool:
+        if not isinstance(rollout_buffer, SequenceRolloutBuffer):
+            return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+
+        decoder = self._rollout_decoder(env.num_envs)
+        input_ids, attention_mask = observation_tensors(self._last_obs, self.device)
+        # The update changed the weights: recompute the keys of every running episode.
+        logits, values = decoder.restart(input_ids, attention_mask)
+
+        n_steps = 0
+        while n_steps < n_rollout_steps:
+            with torch.no_grad():
+                actions = sample_tokens(logits)
+                log_probs = torch.log_softmax(logits, dim=-1).gather(1, actions[:, None])[:, 0]
+            state_columns = last_token_index(attention_mask)
+            new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
+            self.num_timesteps += env.num_envs
+
+            # Give access to local variables (the KL penalty edits `rewards` in place).
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+
+            rollout_buffer.add_step(actions, rewards, self._last_episode_starts, values, log_probs, state_columns)
+            finished = np.flatnonzero(dones)
+            if len(finished):
+                terminal = [infos[i]["terminal_observation"] for i in finished]
+                rollout_buffer.end_segments(
+                    finished,
+                    torch.as_tensor(np.stack([t["input_ids"] for t in terminal])).long(),
+                    torch.as_tensor(np.stack([t["attention_mask"] for t in terminal])).long(),
+                )
+            input_ids, attention_mask = observation_tensors(new_obs, self.device)
+            new_episode = torch.as_tensor(dones, device=self.device).bool()
+            logits, values = decoder.advance(actions, input_ids, attention_mask, new_episode)
+            self._last_obs = new_obs
+            self._last_episode_starts = dones
+
+        rollout_buffer.close_open_segments(input_ids.cpu(), attention_mask.cpu())
+        # `values` already holds V(s) of the newest observations: no extra forward pass.
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True

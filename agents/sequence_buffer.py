@@ -1,0 +1,136 @@
+"""``SequenceRolloutBuffer``: SB3's rollout storage, with whole sequences as observations.
+
+Per-token quantities (actions, rewards, values, log-probs, episode starts,
+advantages, returns) live in ``(n_steps, n_envs)`` arrays exactly as in SB3's
+``RolloutBuffer``, and GAE is SB3's own ``compute_returns_and_advantage``. What
+changes is the observation: instead of one padded observation per step, the
+buffer keeps one row per *segment* (the steps of one episode inside this
+rollout; an episode cut by the rollout's end is a segment too) holding that
+segment's last state plus its last action, and the column at which each step's
+state ends. ``get`` yields minibatches of whole segments whose observations are
+``TokenSequences``, so the policy evaluates every step of a segment in one
+forward pass, while SB3's ``PPO.train``/``A2C.train`` run unchanged on the
+per-token tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Generator
+
+import numpy as np
+import torch
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.type_aliases import RolloutBufferSamples
+
+from policies.sequences import TokenSequences
+
+
+class SequenceRolloutBuffer(RolloutBuffer):
+    def reset(self) -> None:
+        shape = (self.buffer_size, self.n_envs)
+        self.actions = np.zeros((*shape, 1), dtype=np.float32)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.returns = np.zeros(shape, dtype=np.float32)
+        self.episode_starts = np.zeros(shape, dtype=np.float32)
+        self.values = np.zeros(shape, dtype=np.float32)
+        self.log_probs = np.zeros(shape, dtype=np.float32)
+        self.advantages = np.zeros(shape, dtype=np.float32)
+        self.state_columns = np.zeros(shape, dtype=np.int64)
+        self.segment_ids: list[torch.Tensor] = []
+        self.segment_masks: list[torch.Tensor] = []
+        self.segment_spans: list[tuple[int, int, int]] = []  # (env, first step, last step)
+        self._segment_start = np.zeros(self.n_envs, dtype=np.int64)
+        self.generator_ready = False
+        self.pos = 0
+        self.full = False
+
+    def add(self, *args, **kwargs) -> None:
+        raise TypeError(
+            "SequenceRolloutBuffer is filled by the fast rollout (add_step/end_segments); "
+            "the stock SB3 rollout needs a RolloutBuffer (pass fast=False to the agent)."
+        )
+
+    def add_step(
+        self,
+        actions: torch.Tensor,
+        rewards: np.ndarray,
+        episode_starts: np.ndarray,
+        values: torch.Tensor,
+        log_probs: torch.Tensor,
+        state_columns: torch.Tensor,
+    ) -> None:
+        """Store one step of every env (same conventions as ``RolloutBuffer.add``)."""
+        self.actions[self.pos, :, 0] = actions.cpu().numpy()
+        self.rewards[self.pos] = rewards
+        self.episode_starts[self.pos] = episode_starts
+        self.values[self.pos] = values.cpu().numpy().flatten()
+        self.log_probs[self.pos] = log_probs.cpu().numpy()
+        self.state_columns[self.pos] = state_columns.cpu().numpy()
+        self.pos += 1
+        self.full = self.pos == self.buffer_size
+
+    def end_segments(self, env_indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """Episodes of ``env_indices`` ended at the last added step; rows are their final
+        observations (``(len(env_indices), width)``)."""
+        for row, env in enumerate(env_indices):
+            self._close_segment(int(env), input_ids[row], attention_mask[row])
+
+    def close_open_segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """At the rollout's end: episodes still running form segments cut at the boundary;
+        ``input_ids``/``attention_mask`` are all envs' current observations."""
+        for env in range(self.n_envs):
+            if self._segment_start[env] < self.pos:
+                self._close_segment(env, input_ids[env], attention_mask[env])
+
+    def _close_segment(self, env: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.segment_spans.append((env, int(self._segment_start[env]), self.pos - 1))
+        self.segment_ids.append(ids)
+        self.segment_masks.append(mask)
+        self._segment_start[env] = self.pos
+
+    def get(self, batch_size: int | None = None) -> Generator[RolloutBufferSamples, None, None]:
+        """Minibatches of whole segments, shuffled, each of at least ``batch_size`` tokens
+        (except the last); ``None``: everything at once."""
+        assert self.full, "the rollout is not complete"
+        n_segments = len(self.segment_spans)
+        if not self.generator_ready:
+            # Flat (step * n_envs + env) index of every token of every segment.
+            self._segment_tokens = [
+                np.arange(first, last + 1) * self.n_envs + env for env, first, last in self.segment_spans
+            ]
+            self._all_ids = torch.stack(self.segment_ids).to(self.device)
+            self._all_masks = torch.stack(self.segment_masks).to(self.device)
+            self.generator_ready = True
+        order = np.random.permutation(n_segments)
+        if batch_size is None:
+            batch_size = self.buffer_size * self.n_envs
+        batch: list[int] = []
+        n_tokens = 0
+        for segment in order:
+            batch.append(int(segment))
+            n_tokens += len(self._segment_tokens[segment])
+            if n_tokens >= batch_size:
+                yield self._get_samples(np.array(batch))
+                batch, n_tokens = [], 0
+        if batch:
+            yield self._get_samples(np.array(batch))
+
+    def _get_samples(self, segments: np.ndarray, env=None) -> RolloutBufferSamples:
+        flat = np.concatenate([self._segment_tokens[s] for s in segments])
+        rows = np.concatenate([np.full(len(self._segment_tokens[s]), i) for i, s in enumerate(segments)])
+        index = torch.as_tensor(segments, device=self.device)
+        observations = TokenSequences(
+            input_ids=self._all_ids[index],
+            attention_mask=self._all_masks[index],
+            token_rows=torch.as_tensor(rows, device=self.device),
+            token_columns=torch.as_tensor(self.state_columns.reshape(-1)[flat], device=self.device),
+        )
+
+        return RolloutBufferSamples(
+            observations=observations,  # type: ignore[arg-type]
+            actions=self.to_torch(self.actions.reshape(-1, 1)[flat]),
+            old_values=self.to_torch(self.values.reshape(-1)[flat]),
+            old_log_prob=self.to_torch(self.log_probs.reshape(-1)[flat]),
+            advantages=self.to_torch(self.advantages.reshape(-1)[flat]),
+            returns=self.to_torch(self.returns.reshape(-1)[flat]),
+        )

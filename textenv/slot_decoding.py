@@ -1,0 +1,158 @@
+"""Incremental decoding with one KV-cache slot per parallel episode.
+
+Parallel episodes start and end at different times (EOS, auto-reset), so one
+shared ``DynamicCache`` with a common sequence length does not fit. Here every
+episode owns a row ("slot") of a static cache whose columns are the columns of
+the observation layout (``[left-padded prompt | generated tokens]``, width
+``W``). Decoding one token for all episodes is then one forward pass:
+
+- each row writes its new key/value at its own column (``SlotCacheLayer.update``);
+- attention reads the row's whole slot through an explicit 4D mask built from
+  the observation's attention mask (so other rows' timing does not matter);
+- positions come from the number of real tokens, as in the full forward.
+
+``prefill`` (re)computes the slots of some rows from their token ids: at episode
+start (the prompt) and after a policy update (stale keys of running episodes).
+
+Works with any causal LM whose attention layers call ``cache.update`` with full
+attention over the window ``W`` (GPT-2, Llama, Qwen, Mistral with a window of at
+least ``W``, ...).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class SlotCacheLayer(CacheLayerMixin):
+    """Keys and values of one attention layer: ``(n_slots, heads, W, head_dim)``."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: "SlotCache"):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (self.owner.n_slots, key_states.shape[1], self.owner.width, key_states.shape[-1])
+        self.keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        self.values = torch.zeros(shape, dtype=value_states.dtype, device=value_states.device)
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write each row's new key/value at its own column; return every row's whole slot."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows = torch.arange(key_states.shape[0], device=key_states.device)
+        columns = self.owner.write_columns
+        self.keys[rows, :, columns] = key_states[:, :, 0]
+        self.values[rows, :, columns] = value_states[:, :, 0]
+        return self.keys, self.values
+
+    def store(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put prefilled keys/values (``(len(rows), heads, c, d)``) into columns ``[0, c)``."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.keys[rows, :, : keys.shape[2]] = keys
+        self.values[rows, :, : values.shape[2]] = values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.width, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.width
+
+    def get_max_length(self) -> int:
+        return self.owner.width
+
+
+class SlotCache(Cache):
+    """A ``transformers`` cache made of ``SlotCacheLayer``s, one per attention layer."""
+
+    def __init__(self, n_layers: int, n_slots: int, width: int):
+        self.n_slots = n_slots
+        self.width = width
+        self.write_columns = torch.zeros(n_slots, dtype=torch.long)
+        super().__init__(layers=[SlotCacheLayer(self) for _ in range(n_layers)])
+
+
+def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(n, W)`` 0/1 mask -> ``(n, 1, 1, W)`` additive mask for a one-token query."""
+    blocked = torch.finfo(dtype).min
+    mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(attention_mask == 0, blocked)[:, None, None, :]
+
+
+class SlotDecoder:
+    """Per-episode incremental decoding of one causal LM body over ``n_slots`` episodes.
+
+    Returns final hidden states (``base_model`` output); the caller applies the
+    LM head (and, for a policy, the value head) to them.
+    """
+
+    def __init__(self, model: PreTrainedModel, n_slots: int, width: int):
+        window = getattr(model.config, "sliding_window", None)
+        if window is not None and window < width:
+            raise ValueError(
+                f"The model attends over a sliding window of {window} tokens, shorter than "
+                f"the episode width {width}; slot decoding needs full attention. Fix: lower "
+                "max_prompt_len + max_new_tokens to at most the window."
+            )
+        self.model = model
+        self.body = model.base_model
+        self.n_slots = n_slots
+        self.width = width
+        self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, n_slots, width)
+
+    @torch.no_grad()
+    def prefill(
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode ``input_ids`` (``(len(rows), c)``, layout columns ``[0, c)``) into the
+        slots of ``rows``; returns the hidden state at each row's last real token."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        scratch = DynamicCache(config=self.model.config)
+        hidden = self.body(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=scratch,
+            use_cache=True,
+        ).last_hidden_state
+        for layer, prefilled in zip(self.cache.layers, scratch.layers):
+            layer.store(rows, prefilled.keys, prefilled.values)
+        columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+        last = (attention_mask * columns).argmax(-1)
+        return hidden[torch.arange(len(rows), device=hidden.device), last]
+
+    @torch.no_grad()
+    def decode(
+        self, tokens: torch.Tensor, columns: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """One token for every slot: ``tokens[i]`` sits at ``columns[i]`` of row ``i``;
+        ``attention_mask`` (``(n_slots, W)``) already includes that column.
+        Returns the hidden state of each new token, ``(n_slots, hidden)``."""
+        self.cache.write_columns = columns
+        positions = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)
+        dtype = self.body.get_input_embeddings().weight.dtype
+        hidden = self.body(
+            input_ids=tokens[:, None],
+            attention_mask=additive_mask(attention_mask, dtype),
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+        ).last_hidden_state
+        return hidden[:, 0]
+
+
+def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits (float32) from final hidden states, as the model's head computes them."""
+    logits = model.get_output_embeddings()(hidden).float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

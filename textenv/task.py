@@ -1,0 +1,132 @@
+"""``TextTask``: what every episode of a text task shares, loaded and checked once.
+
+Prompts (tokenized), tokenizer, frozen reference model, reward source, lengths
+and spaces. Both the single environment (``TextGenEnv``) and the batched vector
+environment (``BatchedTextGenVecEnv``) are built on it, so they accept the same
+arguments and refuse the same bad input, before any long work starts.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from textenv.models import (
+    ModelSpec,
+    TokenizerSpec,
+    check_tokenizer_fits_model,
+    load_frozen_lm,
+    load_tokenizer,
+    vocab_size_of,
+)
+from textenv.prompts import PromptSpec, load_prompts
+from textenv.rewards import RewardSpec, make_reward
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` means CUDA when there is a GPU, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TextTask:
+    """The fixed parts of a text-generation task.
+
+    :param prompts: list of strings, or path of a .txt (one per line) / .jsonl file.
+    :param model: reference model: ``"default"``, a name, a path, or a model instance
+        (frozen in place). The policy usually starts from the same weights.
+    :param tokenizer: defaults to the tokenizer saved with ``model``.
+    :param reward: ``"vader"``, a reward-model name or path, ``f(prompts,
+        completions) -> scores``, or a ``textenv.rewards.RewardSource``.
+    :param prompt_truncation: what to do with a prompt longer than ``max_prompt_len``
+        tokens: ``"error"`` (default: refuse at construction) or ``"left"`` (keep its
+        last ``max_prompt_len`` tokens, with a warning).
+    """
+
+    def __init__(
+        self,
+        prompts: PromptSpec,
+        model: ModelSpec = "default",
+        tokenizer: TokenizerSpec = None,
+        reward: RewardSpec = "vader",
+        max_prompt_len: int = 32,
+        max_new_tokens: int = 24,
+        prompt_truncation: str = "error",
+        device: str | torch.device = "cpu",
+    ):
+        if max_prompt_len < 1 or max_new_tokens < 1:
+            raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
+        if prompt_truncation not in ("error", "left"):
+            raise ValueError(f"prompt_truncation must be 'error' or 'left', got {prompt_truncation!r}")
+        model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
+        if tokenizer is None and model_is_instance:
+            raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
+        self.device = resolve_device(device)
+        self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
+        self.prompts = load_prompts(prompts)
+        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
+        self.reference = load_frozen_lm(model, self.device)
+        check_tokenizer_fits_model(self.tokenizer, self.reference)
+        self.reward_source = make_reward(reward, device=self.device)
+        self.max_prompt_len = max_prompt_len
+        self.max_new_tokens = max_new_tokens
+        self.width = max_prompt_len + max_new_tokens
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.vocab_size = vocab_size_of(self.reference)
+        self._check_context_length()
+        self.prompt_ids = self._tokenize_prompts(prompt_truncation)
+
+    def observation_space(self) -> spaces.Dict:
+        return spaces.Dict(
+            {
+                "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(self.width,), dtype=np.int64),
+                "attention_mask": spaces.Box(0, 1, shape=(self.width,), dtype=np.int64),
+            }
+        )
+
+    def action_space(self) -> spaces.Discrete:
+        return spaces.Discrete(self.vocab_size)
+
+    def completion_text(self, tokens: Sequence[int]) -> str:
+        """Generated tokens as text, without the EOS token."""
+        return self.tokenizer.decode([t for t in tokens if t != self.eos_token_id], skip_special_tokens=True)
+
+    def score(self, prompt_indices: Sequence[int], completions: Sequence[str]) -> np.ndarray:
+        """Task scores of finished episodes, in one batched call to the reward source."""
+        return self.reward_source([self.prompts[i] for i in prompt_indices], completions)
+
+    def _check_context_length(self) -> None:
+        config = self.reference.config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if context is not None and self.width > context:
+            raise ValueError(
+                f"max_prompt_len + max_new_tokens = {self.width} exceeds the model's context "
+                f"of {context} tokens. Fix: lower one of them."
+            )
+
+    def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
+        encoded = self.tokenizer(self.prompts)["input_ids"]
+        too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_prompt_len]
+        if too_long and prompt_truncation == "error":
+            i = too_long[0]
+            raise ValueError(
+                f"{len(too_long)} prompt(s) are longer than max_prompt_len="
+                f"{self.max_prompt_len} tokens, e.g. #{i} ({len(encoded[i])} tokens): "
+                f"{self.prompts[i][:80]!r}. Fix: raise max_prompt_len, shorten the "
+                "prompts, or pass prompt_truncation='left' to keep their last tokens."
+            )
+        if too_long:
+            warnings.warn(
+                f"{len(too_long)} prompt(s) longer than max_prompt_len={self.max_prompt_len} "
+                "tokens were cut to their last tokens (prompt_truncation='left').",
+                stacklevel=4,
+            )
+            encoded = [ids[-self.max_prompt_len :] for ids in encoded]
+            self.prompts = [self.tokenizer.decode(ids) for ids in encoded]
+        return [list(ids) for ids in encoded]

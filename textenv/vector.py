@@ -1,0 +1,202 @@
+"""``BatchedTextGenVecEnv``: all parallel episodes of a text task stepped at once.
+
+An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
+``Monitor`` (auto-reset, ``terminal_observation``, ``info["episode"]``), but:
+- state lives in ``(n_envs, W)`` tensors on the task's device; a step writes
+  all actions with one indexed assignment, no Python loop over episodes;
+- the reference model decodes one token for all episodes in one forward pass,
+  with a KV-cache slot per episode (``textenv.slot_decoding``); new episodes are
+  prefilled together;
+- finished episodes are scored together, in one call to the reward source.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from textenv.env import TextGenEnv
+from textenv.slot_decoding import SlotDecoder, lm_logits
+from textenv.task import TextTask
+
+
+class BatchedTextGenVecEnv(VecEnv):
+    """``n_envs`` episodes of one ``TextTask``; arguments as for ``TextGenEnv``."""
+
+    def __init__(self, n_envs: int, prompts: Any, **task_kwargs: Any):
+        task_kwargs.pop("render_mode", None)
+        self.task = TextTask(prompts, **task_kwargs)
+        # VecEnv.__init__ asks get_attr("render_mode") of its envs: answer it (text, no rendering).
+        self.num_envs, self.render_mode = n_envs, None
+        super().__init__(n_envs, self.task.observation_space(), self.task.action_space())
+        task, device = self.task, self.task.device
+        self.device = device
+        self._input_ids = torch.full((n_envs, task.width), task.pad_token_id, dtype=torch.long, device=device)
+        self._attention_mask = torch.zeros((n_envs, task.width), dtype=torch.long, device=device)
+        self._n_generated = torch.zeros(n_envs, dtype=torch.long, device=device)
+        self._prompt_index = np.zeros(n_envs, dtype=np.int64)
+        self._episode_start_time = np.zeros(n_envs)
+        self._rngs = [np.random.default_rng() for _ in range(n_envs)]
+        self._reference = SlotDecoder(task.reference, n_envs, task.width)
+        self._ref_next_logprobs: torch.Tensor | None = None
+        self._actions: torch.Tensor | None = None
+
+    @classmethod
+    def from_env_id(cls, env_id: str, n_envs: int, **env_kwargs: Any) -> "BatchedTextGenVecEnv":
+        """Build from a registered id whose entry point is ``TextGenEnv``."""
+        spec = gym.spec(env_id)
+        if spec.entry_point not in ("textenv.env:TextGenEnv", TextGenEnv):
+            raise ValueError(f"{env_id} is not a TextGenEnv task (entry point {spec.entry_point!r})")
+        kwargs = {**spec.kwargs, **env_kwargs}
+        if "prompts" not in kwargs:
+            raise TypeError(f"{env_id} needs prompts=...")
+        return cls(n_envs, **kwargs)
+
+    # -- attributes SB3 and agents ask for ----------------------------------------
+
+    @property
+    def model_name_or_path(self) -> Any:
+        return self.task.model_name_or_path
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.task.tokenizer
+
+    # -- VecEnv API ---------------------------------------------------------------
+
+    def reset(self) -> VecEnvObs:
+        for env, seed in enumerate(self._seeds):
+            if seed is not None:
+                self._rngs[env] = np.random.default_rng(seed)
+        self._reset_seeds()
+        self._reset_options()
+        self._start_episodes(torch.arange(self.num_envs, device=self.device))
+        return self._observations()
+
+    def step_async(self, actions: np.ndarray | torch.Tensor) -> None:
+        self._actions = torch.as_tensor(actions, device=self.device).long().reshape(self.num_envs)
+
+    @torch.no_grad()
+    def step_wait(self) -> VecEnvStepReturn:
+        task, actions = self.task, self._actions
+        if self._ref_next_logprobs is None or actions is None:
+            raise RuntimeError("call reset() before step()")
+        if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
+            raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
+        rows = torch.arange(self.num_envs, device=self.device)
+        ref_logprob = self._ref_next_logprobs[rows, actions]
+        columns = task.max_prompt_len + self._n_generated
+        self._input_ids[rows, columns] = actions
+        self._attention_mask[rows, columns] = 1
+        self._n_generated += 1
+
+        terminated = actions == task.eos_token_id if task.eos_token_id is not None else torch.zeros_like(actions, dtype=torch.bool)
+        truncated = ~terminated & (self._n_generated >= task.max_new_tokens)
+        done = terminated | truncated
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        infos: list[dict[str, Any]] = [{"ref_logprob": value} for value in ref_logprob.tolist()]
+        finished = done.nonzero()[:, 0]
+        if len(finished):
+            self._finish_episodes(finished, truncated, rewards, infos)
+        if len(finished) < self.num_envs:
+            self._advance_reference(actions, columns, done)
+        if len(finished):
+            self._start_episodes(finished)
+        return self._observations(), rewards, done.cpu().numpy(), infos
+
+    def close(self) -> None:
+        pass
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        value = getattr(self, attr_name) if hasattr(self, attr_name) else getattr(self.task, attr_name)
+        return [value] * len(self._get_indices(indices))
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        raise AttributeError("BatchedTextGenVecEnv episodes share one task; set attributes on env.task")
+
+    def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
+        raise AttributeError(f"BatchedTextGenVecEnv has no per-episode env objects to call {method_name!r} on")
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        # Episode statistics are reported as Monitor would, so SB3 need not warn about it.
+        from stable_baselines3.common.monitor import Monitor
+
+        return [wrapper_class is Monitor] * len(self._get_indices(indices))
+
+    def get_images(self) -> Sequence[np.ndarray | None]:
+        return [None] * self.num_envs
+
+    # -- internals ------------------------------------------------------------------
+
+    def _finish_episodes(
+        self, finished: torch.Tensor, truncated: torch.Tensor, rewards: np.ndarray, infos: list[dict[str, Any]]
+    ) -> None:
+        """Score all episodes that ended this step in one call; fill their infos."""
+        task = self.task
+        finished_list = finished.tolist()
+        lengths = self._n_generated[finished].tolist()
+        generated = self._input_ids[finished, task.max_prompt_len :].tolist()
+        completions = [task.completion_text(tokens[:n]) for tokens, n in zip(generated, lengths)]
+        scores = task.score(self._prompt_index[finished_list], completions)
+        final_ids = self._input_ids[finished].cpu().numpy()
+        final_mask = self._attention_mask[finished].cpu().numpy()
+        now = time.time()
+        truncated_list = truncated[finished].tolist()
+        for j, env in enumerate(finished_list):
+            rewards[env] = scores[j]
+            infos[env].update(
+                task_score=float(scores[j]),
+                prompt=task.prompts[self._prompt_index[env]],
+                completion=completions[j],
+                terminal_observation={"input_ids": final_ids[j], "attention_mask": final_mask[j]},
+                episode={"r": float(scores[j]), "l": lengths[j], "t": round(now - self._episode_start_time[env], 6)},
+            )
+            infos[env]["TimeLimit.truncated"] = truncated_list[j]
+
+    def _start_episodes(self, envs: torch.Tensor) -> None:
+        """New prompts in ``envs``' rows; prefill their reference slots together."""
+        task = self.task
+        env_list = envs.tolist()
+        for env in env_list:
+            self._prompt_index[env] = int(self._rngs[env].integers(len(task.prompts)))
+        self._input_ids[envs] = task.pad_token_id
+        self._attention_mask[envs] = 0
+        self._n_generated[envs] = 0
+        for env in env_list:
+            prompt = task.prompt_ids[self._prompt_index[env]]
+            self._input_ids[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = torch.tensor(prompt)
+            self._attention_mask[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = 1
+        self._episode_start_time[env_list] = time.time()
+        hidden = self._reference.prefill(
+            envs, self._input_ids[envs, : task.max_prompt_len], self._attention_mask[envs, : task.max_prompt_len]
+        )
+        logprobs = torch.log_softmax(lm_logits(task.reference, hidden), dim=-1)
+        if self._ref_next_logprobs is None:
+            self._ref_next_logprobs = torch.empty((self.num_envs, logprobs.shape[-1]), device=self.device)
+        self._ref_next_logprobs[envs] = logprobs
+
+    def _advance_reference(self, actions: torch.Tensor, columns: torch.Tensor, done: torch.Tensor) -> None:
+        """One cached decode step of the reference for all rows; finished rows (about to be
+        reset) decode a throw-away token in their masked last column."""
+        mask = self._attention_mask
+        if bool(done.any()):
+            last = self.task.width - 1
+            columns = torch.where(done, last, columns)
+            mask = mask.clone()
+            mask[done] = 0
+            mask[done, last] = 1
+        hidden = self._reference.decode(actions, columns, mask)
+        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
+        self._ref_next_logprobs = torch.where(done[:, None], self._ref_next_logprobs, logprobs)
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        # Copies: SB3 stores observations; they must not alias the working tensors.
+        return {
+            "input_ids": self._input_ids.cpu().numpy().copy(),
+            "attention_mask": self._attention_mask.cpu().numpy().copy(),
+        }
