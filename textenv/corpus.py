@@ -150,3 +150,21 @@ def review_openings(n: int = 256, seed: int = 1) -> list[str]:
             seen.add(text)
             openings.append(text)
     return openings
+
+
+def positive_demonstrations(n: int = 3000, seed: int = 42, threshold: float = 0.5) -> list[str]:
+    """Reviews that VADER rates positive (compound >= ``threshold``): the built-in SFT data.
+
+    They play the part of human demonstrations in the RLHF recipe: fine-tuning on
+    them moves the model toward the task before RL starts.
+    """
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    rng = random.Random(seed)
+    reviews: list[str] = []
+    while len(reviews) < n:
+        review = generate_review(rng)
+        if analyzer.polarity_scores(review)["compound"] >= threshold:
+            reviews.append(review)
+    return reviews

@@ -10,13 +10,11 @@ The build runs once, on first use, with a progress bar.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from textenv.cache import cache_root, ensure_built
 from textenv.corpus import generate_reviews
 
 # Bump when the recipe changes, so old caches are not mistaken for the new model.
@@ -30,37 +28,13 @@ SFT_STEPS = 900
 SEED = 0
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("TEXTENV_HOME", Path.home() / ".cache" / "textenv")).expanduser()
-
-
 def default_model_dir() -> Path:
     return cache_root() / f"default-lm-{DEFAULT_MODEL_VERSION}"
 
 
 def ensure_default_model(progress: bool = True) -> Path:
-    """The folder of the default model, building it first if it is not there yet.
-
-    The build writes to a temporary folder and renames it into place, so an
-    interrupted build never leaves a half-written model that later runs would load.
-    """
-    target = default_model_dir()
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
-        if progress:
-            print(f"textenv: building the default model once, into {target} (about a minute)")
-        build_default_model(staging, progress=progress)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # not a concurrent build that won
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The folder of the default model, building it first (about a minute) if needed."""
+    return ensure_built(default_model_dir().name, build_default_model, "the default model", progress)
 
 
 def train_default_tokenizer(texts: list[str]):

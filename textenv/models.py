@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import torch
 from transformers import (
@@ -27,15 +27,30 @@ TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
 DEFAULT_MODEL_NAME = "default"
 
 
-def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """Map ``None``/``"default"`` to the embedded default model (building it once) and
-    refuse a local-looking path that does not exist, before ``from_pretrained`` tries
-    to reach a hub with it."""
-    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL_NAME:
-        from textenv.default_model import ensure_default_model
+def _builtin_models() -> dict[str, Callable[[], Path]]:
+    """Models the project builds itself on first use (see ``textenv.cache``)."""
+    from textenv.arithmetic import ensure_arithmetic_model
+    from textenv.default_model import ensure_default_model
+    from textenv.reward_training import ensure_learned_sentiment_reward_model
 
-        return str(ensure_default_model())
-    text = str(name_or_path)
+    return {
+        DEFAULT_MODEL_NAME: ensure_default_model,
+        "textenv:default": ensure_default_model,
+        "textenv:arithmetic": ensure_arithmetic_model,
+        "textenv:sentiment-reward-model": ensure_learned_sentiment_reward_model,
+    }
+
+
+def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
+    """Map ``None``/``"default"``/``"textenv:..."`` to a built-in model (building it once)
+    and refuse a local-looking path that does not exist, before ``from_pretrained``
+    tries to reach a hub with it."""
+    text = DEFAULT_MODEL_NAME if name_or_path is None else str(name_or_path)
+    builtins = _builtin_models()
+    if text in builtins:
+        return str(builtins[text]())
+    if text.startswith("textenv:"):
+        raise ValueError(f"Unknown built-in model {text!r}. Fix: use one of {sorted(builtins)}.")
     looks_local = (
         os.sep in text and not _looks_like_hub_id(text)
     ) or text.startswith((".", "~")) or Path(text).expanduser().exists()

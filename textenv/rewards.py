@@ -101,7 +101,10 @@ class RewardModelReward(RewardSource):
 
     Text is re-tokenized with the reward model's tokenizer (policy and reward model
     need not share a vocabulary). With one output the score is that logit; with
-    several, the logit at ``label_index``.
+    several, the logit at ``label_index``. A model trained by
+    ``textenv.reward_training`` records the mean and std of its scores on its
+    training data (``config.reward_mean``/``reward_std``); scores are then
+    standardised with them (``normalize=False`` gives raw logits).
     """
 
     def __init__(
@@ -112,6 +115,7 @@ class RewardModelReward(RewardSource):
         batch_size: int = 32,
         max_length: int = 512,
         label_index: int | None = None,
+        normalize: bool = True,
     ):
         from transformers import AutoModelForSequenceClassification
 
@@ -139,6 +143,10 @@ class RewardModelReward(RewardSource):
                 )
             label_index = 0
         self.label_index = label_index
+        config = self.model.config
+        has_stats = getattr(config, "reward_mean", None) is not None and getattr(config, "reward_std", None)
+        self.shift = float(config.reward_mean) if normalize and has_stats else 0.0
+        self.scale = float(config.reward_std) if normalize and has_stats else 1.0
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.max_length = max_length
@@ -155,8 +163,8 @@ class RewardModelReward(RewardSource):
                 truncation=True,
                 max_length=self.max_length,
             ).to(self.device)
-            logits = self.model(**batch).logits[:, self.label_index]
-            scores.extend(logits.float().cpu().tolist())
+            logits = self.model(**batch).logits[:, self.label_index].float()
+            scores.extend(((logits - self.shift) / self.scale).cpu().tolist())
         return scores
 
 

@@ -1,0 +1,61 @@
+"""Evaluate a saved agent against its reference model on held-out prompts.
+
+    python scripts/evaluate.py runs/textenv-PositiveSentiment-v0-ppo-seed0.zip
+    python scripts/evaluate.py agent.zip --env textenv/Arithmetic-v0 --json report.json
+
+Reports mean task score, KL to the reference, perplexity under the reference,
+distinct-1/distinct-2 and samples side by side, as Markdown (and JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("agent", help="a .zip saved by scripts/train.py (or model.save)")
+    parser.add_argument("--env", default="textenv/PositiveSentiment-v0", help="registered environment id")
+    parser.add_argument("--env-kwargs", default="{}", help="JSON of extra environment arguments (e.g. the model)")
+    parser.add_argument("--prompts", default=None,
+                        help="held-out prompts (.txt/.jsonl); default: the built-in task's held-out prompts")
+    parser.add_argument("--episodes", type=int, default=128)
+    parser.add_argument("--n-envs", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the report as JSON here")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import json
+
+    args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from agents import load_agent, make_text_vec_env
+    from agents.evaluation import compare_with_reference, format_report, report_json, save_report_json
+    from textenv.registration import HELDOUT_PROMPTS
+
+    env_kwargs = json.loads(args.env_kwargs)
+    if args.prompts:
+        env_kwargs["prompts"] = args.prompts
+    elif args.env in HELDOUT_PROMPTS:
+        env_kwargs["prompts"] = HELDOUT_PROMPTS[args.env]()
+    else:
+        print(f"note: no held-out prompts known for {args.env}; evaluating on its own prompts", file=sys.stderr)
+    env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+    agent = load_agent(args.agent, env=env)
+    results = compare_with_reference(agent, env, n_episodes=args.episodes, seed=args.seed)
+    print(format_report(results))
+    if args.json:
+        save_report_json(results, args.json)
+    return report_json(results)
+
+
+if __name__ == "__main__":
+    main()

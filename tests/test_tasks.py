@@ -1,0 +1,62 @@
+"""The built-in tasks' rewards, and evaluation of a saved agent."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import gymnasium as gym
+import pytest
+
+import textenv  # noqa: F401
+from agents import make_agent, make_text_vec_env
+from agents.evaluation import distinct_n
+from textenv.arithmetic import exact_match_reward
+from textenv.registration import HELDOUT_PROMPTS, short_positive_reward
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import evaluate  # noqa: E402
+
+
+def test_arithmetic_reward_is_exact_match():
+    assert exact_match_reward(["17+25=", "17+25=", "3+4=", "3+4="], ["42", " 42 ", "7 apples", "8"]) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_short_positive_reward_prefers_short_finished_positive_answers():
+    prompts = ["The film was"] * 4
+    short, long, unfinished, negative = short_positive_reward(
+        prompts, [" great.", " great. I loved the music and the acting was nice too.", " great and", " awful."]
+    )
+    assert short > long and short > unfinished and short > negative
+
+
+def test_heldout_prompts_are_not_training_prompts():
+    for env_id, heldout in HELDOUT_PROMPTS.items():
+        training = set(gym.spec(env_id).kwargs["prompts"])
+        assert heldout() and not training & set(heldout()), env_id
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a b"], 1) == 0.5
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
+
+
+def test_evaluate_script_reports_every_metric_for_a_saved_agent(tmp_path, default_model_path):
+    env = make_text_vec_env("textenv/PositiveSentiment-v0", n_envs=4, seed=0)
+    agent = make_agent("ppo", env, n_steps=8, batch_size=32)
+    agent.learn(32)
+    agent.save(tmp_path / "agent.zip")
+    report = evaluate.main([str(tmp_path / "agent.zip"), "--episodes", "16", "--n-envs", "4",
+                            "--json", str(tmp_path / "report.json")])
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    for name in ("reference", "agent"):
+        metrics = report[name]
+        assert -1.0 <= metrics["task_score"] <= 1.0
+        assert metrics["perplexity"] > 1.0 and math.isfinite(metrics["perplexity"])
+        assert 0.0 < metrics["distinct_1"] <= 1.0 and 0.0 < metrics["distinct_2"] <= 1.0
+        assert len(metrics["samples"]) == 16
+    assert report["reference"]["kl"] == pytest.approx(0.0, abs=1e-3)  # the reference against itself
+    heldout = set(HELDOUT_PROMPTS["textenv/PositiveSentiment-v0"]())
+    assert all(prompt in heldout for prompt, _, _ in report["agent"]["samples"])

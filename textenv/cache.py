@@ -1,0 +1,40 @@
+"""The cache folder of models the project builds itself (no downloads).
+
+``$TEXTENV_HOME`` (default ``~/.cache/textenv``) holds one folder per built
+model, named with a recipe version so that a changed recipe never loads an old
+build. Builds write to a temporary folder and rename it into place, so an
+interrupted build never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TEXTENV_HOME", Path.home() / ".cache" / "textenv")).expanduser()
+
+
+def ensure_built(name: str, build: Callable[[Path, bool], None], description: str, progress: bool = True) -> Path:
+    """``cache_root() / name``, running ``build(folder, progress)`` first if it is not there."""
+    target = cache_root() / name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        if progress:
+            print(f"textenv: building {description} once, into {target}")
+        build(staging, progress)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # not a concurrent build that won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
