@@ -1,6 +1,8 @@
 """Learning: SB3 algorithms for language models, the KL penalty, evaluation, the registry."""
 
-from agents.algorithms import ALGORITHMS, LMA2C, LMPPO, load_agent, make_agent
+from agents.algorithms import LMA2C, LMPPO, LMTRPO
+from agents.group_methods import LMGRPO, LMRLOO
+from agents.registry import ALGORITHMS, load_agent, make_agent
 from agents.envs import make_text_vec_env
 from agents.evaluation import EvaluationResult, evaluate_agent
 from agents.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
@@ -10,6 +12,9 @@ __all__ = [
     "ALGORITHMS",
     "LMPPO",
     "LMA2C",
+    "LMTRPO",
+    "LMRLOO",
+    "LMGRPO",
     "make_agent",
     "load_agent",
     "make_text_vec_env",

@@ -89,7 +89,7 @@ def compare_with_reference(
 ) -> dict[str, EvaluationResult]:
     """The agent and its starting point (a fresh agent on the reference model), on the
     same prompts in the same order."""
-    from agents.algorithms import make_agent
+    from agents.registry import make_agent
 
     reference_agent = make_agent("ppo", env, device=model.device)
     return {

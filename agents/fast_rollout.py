@@ -80,7 +80,10 @@ class FastRolloutMixin:
             self._update_info_buffer(infos, dones)
             n_steps += 1
 
-            rollout_buffer.add_step(actions, rewards, self._last_episode_starts, values, log_probs, state_columns)
+            ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
+            rollout_buffer.add_step(
+                actions, rewards, self._last_episode_starts, values, log_probs, state_columns, ref_log_probs
+            )
             finished = np.flatnonzero(dones)
             if len(finished):
                 terminal = [infos[i]["terminal_observation"] for i in finished]

@@ -34,9 +34,12 @@ class KLPenaltyCallback(BaseCallback):
     part of the agent (and saved with it), not of this callback.
     """
 
-    def __init__(self, n_text_samples: int = 4):
+    def __init__(self, n_text_samples: int = 4, add_to_reward: bool = True):
+        """``add_to_reward=False``: only measure and log the KL (for algorithms that put
+        the KL into their loss, e.g. GRPO)."""
         super().__init__()
         self.n_text_samples = n_text_samples
+        self.add_to_reward = add_to_reward
 
     def _on_training_start(self) -> None:
         # Episodes run across rollout boundaries: per-env KL sums persist between rollouts.
@@ -64,7 +67,8 @@ class KLPenaltyCallback(BaseCallback):
 
         token_kl = policy_logprob - reference_logprob
         beta = self.model.kl_controller.value
-        rewards += (-beta * token_kl).astype(rewards.dtype)
+        if self.add_to_reward:
+            rewards += (-beta * token_kl).astype(rewards.dtype)
         self._episode_kl += token_kl
         self._rollout_tokens += len(infos)
 

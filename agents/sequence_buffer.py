@@ -15,14 +15,26 @@ per-token tensors.
 
 from __future__ import annotations
 
-from typing import Generator
+from typing import Generator, NamedTuple
 
 import numpy as np
 import torch
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.type_aliases import RolloutBufferSamples
 
 from policies.sequences import TokenSequences
+
+
+class SequenceRolloutSamples(NamedTuple):
+    """SB3's ``RolloutBufferSamples`` fields, plus the reference's log-prob of each action
+    (for methods with the KL in the loss, e.g. GRPO)."""
+
+    observations: TokenSequences
+    actions: torch.Tensor
+    old_values: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    ref_log_prob: torch.Tensor
 
 
 class SequenceRolloutBuffer(RolloutBuffer):
@@ -34,6 +46,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.episode_starts = np.zeros(shape, dtype=np.float32)
         self.values = np.zeros(shape, dtype=np.float32)
         self.log_probs = np.zeros(shape, dtype=np.float32)
+        self.ref_log_probs = np.zeros(shape, dtype=np.float32)
         self.advantages = np.zeros(shape, dtype=np.float32)
         self.state_columns = np.zeros(shape, dtype=np.int64)
         self.segment_ids: list[torch.Tensor] = []
@@ -58,6 +71,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         values: torch.Tensor,
         log_probs: torch.Tensor,
         state_columns: torch.Tensor,
+        ref_log_probs: np.ndarray,
     ) -> None:
         """Store one step of every env (same conventions as ``RolloutBuffer.add``)."""
         self.actions[self.pos, :, 0] = actions.cpu().numpy()
@@ -66,6 +80,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.values[self.pos] = values.cpu().numpy().flatten()
         self.log_probs[self.pos] = log_probs.cpu().numpy()
         self.state_columns[self.pos] = state_columns.cpu().numpy()
+        self.ref_log_probs[self.pos] = ref_log_probs
         self.pos += 1
         self.full = self.pos == self.buffer_size
 
@@ -88,7 +103,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.segment_masks.append(mask)
         self._segment_start[env] = self.pos
 
-    def get(self, batch_size: int | None = None) -> Generator[RolloutBufferSamples, None, None]:
+    def get(self, batch_size: int | None = None) -> Generator[SequenceRolloutSamples, None, None]:
         """Minibatches of whole segments, shuffled, each of at least ``batch_size`` tokens
         (except the last); ``None``: everything at once."""
         assert self.full, "the rollout is not complete"
@@ -115,7 +130,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         if batch:
             yield self._get_samples(np.array(batch))
 
-    def _get_samples(self, segments: np.ndarray, env=None) -> RolloutBufferSamples:
+    def _get_samples(self, segments: np.ndarray, env=None) -> SequenceRolloutSamples:
         flat = np.concatenate([self._segment_tokens[s] for s in segments])
         rows = np.concatenate([np.full(len(self._segment_tokens[s]), i) for i, s in enumerate(segments)])
         index = torch.as_tensor(segments, device=self.device)
@@ -126,11 +141,12 @@ class SequenceRolloutBuffer(RolloutBuffer):
             token_columns=torch.as_tensor(self.state_columns.reshape(-1)[flat], device=self.device),
         )
 
-        return RolloutBufferSamples(
-            observations=observations,  # type: ignore[arg-type]
+        return SequenceRolloutSamples(
+            observations=observations,
             actions=self.to_torch(self.actions.reshape(-1, 1)[flat]),
             old_values=self.to_torch(self.values.reshape(-1)[flat]),
             old_log_prob=self.to_torch(self.log_probs.reshape(-1)[flat]),
             advantages=self.to_torch(self.advantages.reshape(-1)[flat]),
             returns=self.to_torch(self.returns.reshape(-1)[flat]),
+            ref_log_prob=self.to_torch(self.ref_log_probs.reshape(-1)[flat]),
         )

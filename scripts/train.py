@@ -24,10 +24,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="policy and reference model: name or path (default: the env's)")
     parser.add_argument("--total-timesteps", type=int, default=24_576, help="generated tokens to train on")
     parser.add_argument("--n-envs", type=int, default=16, help="parallel episodes")
-    parser.add_argument("--kl-coef", type=float, default=0.05, help="KL penalty coefficient beta (initial value if adaptive)")
+    parser.add_argument("--kl-coef", type=float, default=None,
+                        help="KL coefficient beta (initial value if adaptive); default: the algorithm's (0.05; GRPO 0.3)")
     parser.add_argument("--target-kl", type=float, default=4.0,
                         help="target per-episode KL for the adaptive beta controller; 0 keeps beta fixed")
     parser.add_argument("--learning-rate", type=float, default=None, help="override the algorithm's default")
+    parser.add_argument("--group-size", type=int, default=None, help="rloo/grpo: completions per prompt (default 4)")
+    parser.add_argument("--algo-kwargs", default="{}", metavar="JSON",
+                        help='more algorithm arguments, e.g. \'{"n_epochs": 2, "clip_range": 0.1}\'')
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-episodes", type=int, default=128, help="episodes for the before/after score")
     parser.add_argument("--tensorboard-log", default="runs", help="TensorBoard folder ('' to disable)")
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if args.learning_rate is not None:
         agent_kwargs["learning_rate"] = args.learning_rate
+    if args.group_size is not None:
+        agent_kwargs["group_size"] = args.group_size
+    agent_kwargs.update(json.loads(args.algo_kwargs))
     model = make_agent(args.algo, env, **agent_kwargs)
 
     before = evaluate_agent(model, eval_env, args.eval_episodes, seed=args.seed)

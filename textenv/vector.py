@@ -8,6 +8,12 @@ An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
   with a KV-cache slot per episode (``textenv.slot_decoding``); new episodes are
   prefilled together;
 - finished episodes are scored together, in one call to the reward source.
+
+Group mode (``configure_episodes(group_size=k, autoreset=False)``), for
+critic-free methods that compare k completions of one prompt (RLOO, GRPO):
+``reset`` gives each block of k consecutive episodes the same prompt, and a
+finished episode stays frozen (no reward, no more steps, ``ref_logprob`` 0)
+until the next ``reset``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ class BatchedTextGenVecEnv(VecEnv):
         self._episode_start_time = np.zeros(n_envs)
         self._rngs = [np.random.default_rng() for _ in range(n_envs)]
         self._reference = SlotDecoder(task.reference, n_envs, task.width)
+        self.group_size = 1
+        self.autoreset = True
+        self._frozen = torch.zeros(n_envs, dtype=torch.bool, device=device)
         self._ref_next_logprobs: torch.Tensor | None = None
         self._actions: torch.Tensor | None = None
 
@@ -58,6 +67,24 @@ class BatchedTextGenVecEnv(VecEnv):
         return cls(n_envs, **kwargs)
 
     # -- attributes SB3 and agents ask for ----------------------------------------
+
+    def configure_episodes(self, group_size: int = 1, autoreset: bool = True) -> None:
+        """Prompt groups and auto-reset (see the module doc); takes effect at ``reset``."""
+        if group_size < 1 or self.num_envs % group_size:
+            raise ValueError(
+                f"group_size={group_size} must divide n_envs={self.num_envs}. Fix: use n_envs a "
+                "multiple of the number of completions per prompt."
+            )
+        self.group_size, self.autoreset = group_size, autoreset
+
+    @property
+    def active(self) -> torch.Tensor:
+        """Which episodes still take actions (all of them, except frozen ones in group mode)."""
+        return ~self._frozen
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens
 
     @property
     def model_name_or_path(self) -> Any:
@@ -75,7 +102,8 @@ class BatchedTextGenVecEnv(VecEnv):
                 self._rngs[env] = np.random.default_rng(seed)
         self._reset_seeds()
         self._reset_options()
-        self._start_episodes(torch.arange(self.num_envs, device=self.device))
+        self._frozen[:] = False
+        self._start_episodes(torch.arange(self.num_envs, device=self.device), grouped=True)
         return self._observations()
 
     def step_async(self, actions: np.ndarray | torch.Tensor) -> None:
@@ -88,25 +116,30 @@ class BatchedTextGenVecEnv(VecEnv):
             raise RuntimeError("call reset() before step()")
         if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
             raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
+        live = ~self._frozen
         rows = torch.arange(self.num_envs, device=self.device)
-        ref_logprob = self._ref_next_logprobs[rows, actions]
-        columns = task.max_prompt_len + self._n_generated
-        self._input_ids[rows, columns] = actions
-        self._attention_mask[rows, columns] = 1
-        self._n_generated += 1
+        ref_logprob = torch.where(live, self._ref_next_logprobs[rows, actions], 0.0)
+        columns = (task.max_prompt_len + self._n_generated).clamp(max=task.width - 1)
+        self._input_ids[rows[live], columns[live]] = actions[live]
+        self._attention_mask[rows[live], columns[live]] = 1
+        self._n_generated += live.long()
 
-        terminated = actions == task.eos_token_id if task.eos_token_id is not None else torch.zeros_like(actions, dtype=torch.bool)
-        truncated = ~terminated & (self._n_generated >= task.max_new_tokens)
+        is_eos = actions == task.eos_token_id if task.eos_token_id is not None else torch.zeros_like(live)
+        terminated = live & is_eos
+        truncated = live & ~terminated & (self._n_generated >= task.max_new_tokens)
         done = terminated | truncated
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         infos: list[dict[str, Any]] = [{"ref_logprob": value} for value in ref_logprob.tolist()]
         finished = done.nonzero()[:, 0]
         if len(finished):
             self._finish_episodes(finished, truncated, rewards, infos)
-        if len(finished) < self.num_envs:
-            self._advance_reference(actions, columns, done)
-        if len(finished):
+        idle = done | self._frozen
+        if not bool(idle.all()):
+            self._advance_reference(actions, columns, idle)
+        if len(finished) and self.autoreset:
             self._start_episodes(finished)
+        elif len(finished):
+            self._frozen[finished] = True
         return self._observations(), rewards, done.cpu().numpy(), infos
 
     def close(self) -> None:
@@ -158,12 +191,16 @@ class BatchedTextGenVecEnv(VecEnv):
             )
             infos[env]["TimeLimit.truncated"] = truncated_list[j]
 
-    def _start_episodes(self, envs: torch.Tensor) -> None:
-        """New prompts in ``envs``' rows; prefill their reference slots together."""
+    def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
+        """New prompts in ``envs``' rows (shared within groups when ``grouped``); prefill
+        their reference slots together."""
         task = self.task
         env_list = envs.tolist()
         for env in env_list:
-            self._prompt_index[env] = int(self._rngs[env].integers(len(task.prompts)))
+            if grouped and env % self.group_size:  # the group's first episode drew its prompt
+                self._prompt_index[env] = self._prompt_index[env - env % self.group_size]
+            else:
+                self._prompt_index[env] = int(self._rngs[env].integers(len(task.prompts)))
         self._input_ids[envs] = task.pad_token_id
         self._attention_mask[envs] = 0
         self._n_generated[envs] = 0
@@ -181,8 +218,8 @@ class BatchedTextGenVecEnv(VecEnv):
         self._ref_next_logprobs[envs] = logprobs
 
     def _advance_reference(self, actions: torch.Tensor, columns: torch.Tensor, done: torch.Tensor) -> None:
-        """One cached decode step of the reference for all rows; finished rows (about to be
-        reset) decode a throw-away token in their masked last column."""
+        """One cached decode step of the reference for all rows; ``done`` rows (finished or
+        frozen) decode a throw-away token in their masked last column."""
         mask = self._attention_mask
         if bool(done.any()):
             last = self.task.width - 1

@@ -1,0 +1,197 @@
+"""Critic-free methods that compare k completions of the same prompt: RLOO and GRPO.
+
+Both draw ``group_size`` completions of each prompt per rollout (the batched
+environment's group mode: one prompt per block of k episodes, finished episodes
+frozen until the next rollout), so a rollout is exactly one complete episode per
+parallel slot and needs no critic to bootstrap. From each episode's return they
+form one advantage, given to every token of the episode:
+
+- RLOO (Ahmadian et al., 2024): the return includes the per-token KL penalty
+  (``score - beta * sum_t KL_t``, as for PPO), and the baseline is the mean
+  return of the *other* k-1 completions: ``A_i = R_i - mean_{j != i} R_j``.
+  The update is SB3's PPO update (clipped ratio, a few epochs) with the value
+  loss switched off.
+- GRPO (Shao et al., 2024): the return is the task score alone, normalised within
+  the group, ``A_i = (R_i - mean(R)) / (std(R) + eps)``; the KL to the reference
+  enters the *loss*, per token, with the unbiased "k3" estimator
+  ``exp(ref - logp) - (ref - logp) - 1``, weighted by ``beta``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3 import PPO
+from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.vec_env import VecEnv
+
+from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
+from agents.fast_rollout import observation_tensors
+from agents.sequence_buffer import SequenceRolloutBuffer
+from policies.lm_policy import last_token_index
+from policies.sampling import sample_tokens
+from textenv.vector import BatchedTextGenVecEnv
+
+GROUP_DEFAULTS: dict[str, Any] = {
+    **PPO_DEFAULTS,
+    "vf_coef": 0.0,  # no critic: the group is the baseline
+    "normalize_advantage": False,  # advantages are already relative to the group
+    "n_epochs": 2,
+}
+
+
+class GroupRolloutMixin(LMAgentMixin):
+    """One rollout = one complete episode in every slot, k slots per prompt."""
+
+    def __init__(self, policy: Any = None, env: VecEnv | None = None, group_size: int = 4, **kwargs: Any):
+        if group_size < 2:
+            raise ValueError(f"{type(self).algorithm_name} needs group_size >= 2 completions per prompt")
+        self.group_size = group_size
+        if env is not None:
+            if not isinstance(env, BatchedTextGenVecEnv):
+                raise TypeError(
+                    f"{type(self).algorithm_name} draws k completions per prompt, which needs the batched "
+                    "environment. Fix: make it with agents.make_text_vec_env(..., batched=True)."
+                )
+            env.configure_episodes(group_size=group_size, autoreset=False)
+            kwargs["n_steps"] = env.max_new_tokens  # every episode ends within max_new_tokens
+        kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
+        super().__init__(policy, env, **kwargs)
+
+    def collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        assert isinstance(rollout_buffer, SequenceRolloutBuffer)
+        self.policy.set_training_mode(False)
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        obs = env.reset()  # new prompts, k episodes each
+        input_ids, attention_mask = observation_tensors(obs, self.device)
+        decoder = self._rollout_decoder(env.num_envs)
+        logits, values = decoder.restart(input_ids, attention_mask)
+        episode_starts = np.ones(env.num_envs, dtype=np.float32)
+
+        for _ in range(n_rollout_steps):
+            active = env.active.clone()
+            with torch.no_grad():
+                actions = sample_tokens(logits)
+                # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
+                log_probs = torch.log_softmax(logits, -1).gather(1, actions[:, None])[:, 0] * active
+            state_columns = last_token_index(attention_mask)
+            new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
+            self.num_timesteps += int(active.sum())
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
+            rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns, ref_log_probs)
+            episode_starts = np.zeros(env.num_envs, dtype=np.float32)
+            finished = np.flatnonzero(dones)
+            if len(finished):
+                terminal = [infos[i]["terminal_observation"] for i in finished]
+                rollout_buffer.end_segments(
+                    finished,
+                    torch.as_tensor(np.stack([t["input_ids"] for t in terminal])).long(),
+                    torch.as_tensor(np.stack([t["attention_mask"] for t in terminal])).long(),
+                )
+            if not bool(env.active.any()):
+                break
+            input_ids, attention_mask = observation_tensors(new_obs, self.device)
+            logits, values = decoder.advance(actions, input_ids, attention_mask, torch.zeros_like(active))
+        rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
+        self._set_group_advantages(rollout_buffer)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _set_group_advantages(self, buffer: SequenceRolloutBuffer) -> None:
+        """Every token of an episode gets its episode's group-relative advantage."""
+        returns = np.zeros(buffer.n_envs)
+        for env, first, last in buffer.segment_spans:
+            returns[env] = buffer.rewards[first : last + 1, env].sum()
+        advantages = self.group_advantages(returns.reshape(-1, self.group_size)).reshape(-1)
+        buffer.advantages[:] = 0.0
+        for env, first, last in buffer.segment_spans:
+            buffer.advantages[first : last + 1, env] = advantages[env]
+        buffer.returns[:] = buffer.advantages  # unused (no critic), kept finite for logging
+
+    @staticmethod
+    def group_advantages(returns: np.ndarray) -> np.ndarray:
+        """``(n_groups, k)`` episode returns -> advantages."""
+        raise NotImplementedError
+
+
+class LMRLOO(GroupRolloutMixin, PPO):
+    """REINFORCE leave-one-out: k completions per prompt, the others' mean as baseline."""
+
+    algorithm_name = "rloo"
+    defaults = GROUP_DEFAULTS
+
+    @staticmethod
+    def group_advantages(returns: np.ndarray) -> np.ndarray:
+        k = returns.shape[1]
+        leave_one_out_mean = (returns.sum(axis=1, keepdims=True) - returns) / (k - 1)
+        return returns - leave_one_out_mean
+
+
+class LMGRPO(GroupRolloutMixin, PPO):
+    """Group-relative policy optimisation: normalised group advantages, KL in the loss."""
+
+    algorithm_name = "grpo"
+    defaults = GROUP_DEFAULTS
+    kl_in_reward = False  # GRPO puts the KL into the loss (see ``train``)
+    default_kl_coef = 0.3  # per-token k3 KL in the loss: 0.05 let the KL run to ~14 nats/episode here
+
+    @staticmethod
+    def group_advantages(returns: np.ndarray) -> np.ndarray:
+        mean = returns.mean(axis=1, keepdims=True)
+        std = returns.std(axis=1, ddof=1, keepdims=True)
+        return (returns - mean) / (std + 1e-4)
+
+    def train(self) -> None:
+        """Clipped surrogate on group advantages plus ``beta * k3 KL`` per token, n_epochs."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        beta = self.kl_controller.value
+        pg_losses, kl_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
+        for _ in range(self.n_epochs):
+            for batch in self.rollout_buffer.get(self.batch_size):
+                actions = batch.actions.long().flatten()
+                _, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
+                ratio = torch.exp(log_prob - batch.old_log_prob)
+                surrogate = torch.min(
+                    batch.advantages * ratio, batch.advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                )
+                policy_loss = -surrogate.mean()
+                log_ratio_ref = batch.ref_log_prob - log_prob
+                kl_loss = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).mean()  # k3 estimator of KL(pi || ref)
+                entropy_loss = -entropy.mean()
+                loss = policy_loss + beta * kl_loss + self.ent_coef * entropy_loss
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+                with torch.no_grad():
+                    log_ratio = log_prob - batch.old_log_prob
+                    approx_kls.append(torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item())
+                pg_losses.append(policy_loss.item())
+                kl_losses.append(kl_loss.item())
+                entropy_losses.append(entropy_loss.item())
+                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
+            self._n_updates += 1
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+        self.logger.record("train/kl_loss", np.mean(kl_losses))
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/approx_kl", np.mean(approx_kls))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/explained_variance", explained_variance(
+            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()))
+        self.logger.record("train/clip_range", clip_range)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")

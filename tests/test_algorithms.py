@@ -1,0 +1,87 @@
+"""Every algorithm by name: it learns the default task, saves and loads, and hands over."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3.common.utils import obs_as_tensor
+
+from agents import ALGORITHMS, evaluate_agent, load_agent, make_agent, make_text_vec_env
+from agents.group_methods import LMGRPO, LMRLOO
+
+TASK = "textenv/PositiveSentiment-v0"
+# Tokens of training per algorithm for a clear rise of the VADER score (TRPO's
+# natural-gradient step is slow on CPU, but moves far per update).
+BUDGETS = {"ppo": 16384, "a2c": 16384, "trpo": 4096, "rloo": 16384, "grpo": 16384}
+
+
+def test_registry_names_every_algorithm():
+    assert set(ALGORITHMS) == {"ppo", "a2c", "trpo", "rloo", "grpo"}
+
+
+def test_group_advantages():
+    returns = np.array([[1.0, 2.0, 3.0, 6.0]])
+    np.testing.assert_allclose(LMRLOO.group_advantages(returns), [[1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0]])
+    np.testing.assert_allclose(LMGRPO.group_advantages(returns), (returns - 3.0) / (np.std(returns, ddof=1) + 1e-4))
+
+
+def test_group_methods_draw_k_completions_of_each_prompt(default_model_path):
+    env = make_text_vec_env(TASK, n_envs=8, seed=0)
+    agent = make_agent("grpo", env, group_size=4)
+    obs = env.reset()
+    prompts = [tuple(row[mask == 1][: env.task.max_prompt_len]) for row, mask in zip(obs["input_ids"], obs["attention_mask"])]
+    assert len(set(prompts[:4])) == 1 and len(set(prompts[4:])) == 1
+    assert agent.n_steps == env.max_new_tokens
+
+
+def test_group_methods_refuse_a_group_that_does_not_divide_the_envs(default_model_path):
+    env = make_text_vec_env(TASK, n_envs=6, seed=0)
+    with pytest.raises(ValueError, match="must divide n_envs=6"):
+        make_agent("rloo", env, group_size=4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", sorted(BUDGETS))
+def test_every_algorithm_raises_the_score_and_round_trips(algo, tmp_path, default_model_path):
+    env = make_text_vec_env(TASK, n_envs=16, seed=0)
+    eval_env = make_text_vec_env(TASK, n_envs=16, seed=123)
+    agent = make_agent(algo, env, seed=0, kl_target=4.0)
+    before = evaluate_agent(agent, eval_env, 64, seed=1).task_score
+    agent.learn(BUDGETS[algo])
+    after = evaluate_agent(agent, eval_env, 64, seed=1).task_score
+    assert after > before + 0.15, (algo, before, after)
+
+    agent.save(tmp_path / "agent.zip")
+    loaded = load_agent(str(tmp_path / "agent.zip"), env=env)
+    assert type(loaded) is type(agent) and loaded.kl_controller == agent.kl_controller
+    obs = obs_as_tensor(env.reset(), agent.device)
+    actions = torch.arange(env.num_envs) + 5
+    with torch.no_grad():
+        expected = agent.policy.evaluate_actions(obs, actions)
+        got = loaded.policy.evaluate_actions(obs, actions)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_ppo_agent_continues_as_a2c_with_its_weights(tmp_path, default_model_path):
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    ppo = make_agent("ppo", env, n_steps=8, batch_size=32)
+    ppo.learn(32)
+    ppo.save(tmp_path / "ppo.zip")
+    a2c = load_agent(str(tmp_path / "ppo.zip"), env=env, algo="a2c")
+    assert a2c.algorithm_name == "a2c"
+    for (name, p), q in zip(ppo.policy.state_dict().items(), a2c.policy.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    a2c.learn(4 * a2c.n_steps)  # and it trains on
+    assert a2c.num_timesteps >= 4 * a2c.n_steps
+
+
+def test_continuing_with_a_group_method_on_a_stock_env_is_refused(tmp_path, default_model_path):
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    make_agent("ppo", env, n_steps=8).save(tmp_path / "ppo.zip")
+    stock_env = make_text_vec_env(TASK, n_envs=4, seed=0, batched=False)
+    with pytest.raises(TypeError, match="needs the batched environment"):
+        load_agent(str(tmp_path / "ppo.zip"), env=stock_env, algo="grpo")
+    with pytest.raises(ValueError, match="Unknown algorithm 'sac'"):
+        load_agent(str(tmp_path / "ppo.zip"), env=env, algo="sac")
