@@ -85,3 +85,21 @@ def test_continuing_with_a_group_method_on_a_stock_env_is_refused(tmp_path, defa
         load_agent(str(tmp_path / "ppo.zip"), env=stock_env, algo="grpo")
     with pytest.raises(ValueError, match="Unknown algorithm 'sac'"):
         load_agent(str(tmp_path / "ppo.zip"), env=env, algo="sac")
+
+
+@pytest.mark.slow
+def test_compare_script_writes_the_plot_and_the_table(tmp_path, default_model_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import compare
+
+    table = compare.main(["--algos", "ppo", "rloo", "--seeds", "0", "1", "--total-tokens", "1024", "--n-envs", "8",
+                          "--eval-episodes", "16", "--output", str(tmp_path), "--tensorboard-log", str(tmp_path / "tb")])
+    png = (tmp_path / "comparison.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    rows = [line for line in table.splitlines() if line.startswith("| ppo") or line.startswith("| rloo")]
+    assert len(rows) == 2 and all("| 2 |" in row and "±" in row for row in rows)
+    assert (tmp_path / "comparison.md").read_text().count("|") > 20
+    assert len(list((tmp_path / "tb").iterdir())) == 4  # one TensorBoard run per (algorithm, seed)

@@ -1,0 +1,118 @@
+"""Compare algorithms (and seeds) on one task for the same budget of generated tokens."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3.common.callbacks import BaseCallback
+
+from agents.envs import make_text_vec_env
+from agents.evaluation import evaluate_agent
+from agents.registry import make_agent
+
+
+class LearningCurve(BaseCallback):
+    """(generated tokens, task score, KL) after every rollout, as the KL callback logged them."""
+
+    def __init__(self):
+        super().__init__()
+        self.points: list[tuple[int, float, float]] = []
+
+    def _on_step(self) -> bool:
+        return True
+
+    def _on_rollout_end(self) -> None:
+        logged = self.model.logger.name_to_value
+        if "rollout/task_score" in logged:
+            self.points.append((self.model.num_timesteps, logged["rollout/task_score"], logged.get("rollout/kl", 0.0)))
+
+
+@dataclass
+class RunResult:
+    algo: str
+    seed: int
+    task_score_before: float
+    task_score: float
+    kl: float
+    tokens_per_second: float
+    curve: list[tuple[int, float, float]] = field(default_factory=list)
+
+
+def run_comparison(
+    env_id: str,
+    algos: list[str],
+    seeds: list[int],
+    total_tokens: int,
+    n_envs: int = 16,
+    eval_episodes: int = 64,
+    tensorboard_log: str | None = None,
+    algo_kwargs: dict[str, dict[str, Any]] | None = None,
+) -> list[RunResult]:
+    """Train every (algorithm, seed) for ``total_tokens`` generated tokens; evaluate each
+    before and after on the same held-out-seeded episodes."""
+    results = []
+    for algo in algos:
+        for seed in seeds:
+            env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed)
+            eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=10_000 + seed)
+            agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, kl_target=4.0,
+                               **(algo_kwargs or {}).get(algo, {}))
+            before = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
+            curve = LearningCurve()
+            start = time.perf_counter()
+            agent.learn(total_tokens, callback=curve, tb_log_name=f"{algo}_seed{seed}")
+            seconds = time.perf_counter() - start
+            after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
+            results.append(RunResult(algo, seed, before.task_score, after.task_score, after.kl,
+                                     agent.num_timesteps / seconds, curve.points))
+    return results
+
+
+def markdown_table(results: list[RunResult]) -> str:
+    """One row per algorithm: means over seeds (and the spread when there are several)."""
+    import numpy as np
+
+    lines = ["| algorithm | seeds | task score before | task score after | KL to reference | tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for algo in dict.fromkeys(r.algo for r in results):
+        runs = [r for r in results if r.algo == algo]
+
+        def cell(values: list[float], fmt: str) -> str:
+            text = format(float(np.mean(values)), fmt)
+            return text + (f" ± {float(np.std(values)):{fmt[1:]}}" if len(values) > 1 else "")
+
+        lines.append(
+            f"| {algo} | {len(runs)} | {cell([r.task_score_before for r in runs], '+.3f')} | "
+            f"{cell([r.task_score for r in runs], '+.3f')} | {cell([r.kl for r in runs], '.2f')} | "
+            f"{cell([r.tokens_per_second for r in runs], '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[RunResult], path: str | Path, title: str) -> None:
+    """Task score and KL against generated tokens, one colour per algorithm, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (score_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {algo: f"C{i}" for i, algo in enumerate(dict.fromkeys(r.algo for r in results))}
+    for run in results:
+        if not run.curve:
+            continue
+        tokens, scores, kls = zip(*run.curve)
+        label = run.algo if run.seed == min(r.seed for r in results if r.algo == run.algo) else None
+        score_axis.plot(tokens, scores, color=colours[run.algo], label=label, alpha=0.8)
+        kl_axis.plot(tokens, kls, color=colours[run.algo], label=label, alpha=0.8)
+    score_axis.set(xlabel="generated tokens", ylabel="mean task score (rollout)", title=title)
+    kl_axis.set(xlabel="generated tokens", ylabel="KL to reference (nats / episode)", title="KL")
+    score_axis.legend()
+    score_axis.grid(alpha=0.3)
+    kl_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
