@@ -1,6 +1,6 @@
 """Learning: SB3 algorithms for language models, the KL penalty, evaluation, the registry."""
 
-from agents.algorithms import LMA2C, LMPPO, LMTRPO
+from agents.algorithms import LMA2C, LMNLPO, LMPPO, LMTRPO
 from agents.group_methods import LMGRPO, LMRLOO
 from agents.registry import ALGORITHMS, load_agent, make_agent
 from agents.envs import make_text_vec_env
@@ -15,6 +15,7 @@ __all__ = [
     "LMTRPO",
     "LMRLOO",
     "LMGRPO",
+    "LMNLPO",
     "make_agent",
     "load_agent",
     "make_text_vec_env",

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sb3_contrib import TRPO
+from sb3_contrib import TRPO, MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.vec_env import VecEnv
 
@@ -27,6 +27,7 @@ from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KLPenaltyCallback
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies import LMActorCriticPolicy
+from policies.masked import TopPMaskedLMPolicy
 
 PPO_DEFAULTS: dict[str, Any] = dict(
     learning_rate=2e-4,
@@ -72,10 +73,11 @@ class LMAgentMixin(FastRolloutMixin):
     defaults: dict[str, Any] = {}
     kl_in_reward = True  # the KL penalty goes into the rewards (False: the algorithm's loss has it)
     default_kl_coef = 0.05
+    default_policy_class: type = LMActorCriticPolicy
 
     def __init__(
         self,
-        policy: Any = LMActorCriticPolicy,
+        policy: Any = None,
         env: VecEnv | str | None = None,
         kl_coef: float | None = None,
         kl_target: float | None = None,
@@ -88,6 +90,7 @@ class LMAgentMixin(FastRolloutMixin):
         # An instance attribute, so that save() stores it and load_agent() finds the class.
         self.algorithm_name = type(self).algorithm_name
         kwargs = {**self.defaults, **kwargs}
+        policy = policy or self.default_policy_class
         if fast:  # the fast path is a choice of rollout buffer; SB3's own otherwise
             kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
         super().__init__(policy, env, **kwargs)
@@ -127,3 +130,36 @@ class LMTRPO(LMAgentMixin, TRPO):
     algorithm_name = "trpo"
     defaults = TRPO_DEFAULTS
     policy_defaults = {"attn_implementation": "eager"}
+
+
+class LMNLPO(LMAgentMixin, MaskablePPO):
+    """NLPO: PPO restricted to the top-p tokens of a periodically refreshed masking policy.
+
+    Built on sb3-contrib's ``MaskablePPO`` (its update and masked distributions) with
+    ``policies.masked.TopPMaskedLMPolicy``. Masks come from the masking model, in the
+    rollout and again in the update, so none is stored (see that module).
+
+    :param mask_update_interval: rollouts between refreshes of the masking policy
+        (RL4LMs' ``update_mask_freq``).
+    """
+
+    algorithm_name = "nlpo"
+    defaults = PPO_DEFAULTS
+    default_policy_class = TopPMaskedLMPolicy
+
+    def __init__(self, policy: Any = None, env: VecEnv | str | None = None, mask_update_interval: int = 5,
+                 fast: bool = True, **kwargs: Any):
+        if not fast:
+            raise ValueError("NLPO computes its masks from the masking model on the fast path only: use fast=True")
+        if mask_update_interval < 1:
+            raise ValueError(f"mask_update_interval must be at least 1, got {mask_update_interval}")
+        self.mask_update_interval = mask_update_interval
+        self.rollouts_since_mask_update = 0
+        super().__init__(policy, env, fast=fast, **kwargs)
+
+    def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int, use_masking: bool = True) -> bool:
+        if self.rollouts_since_mask_update % self.mask_update_interval == 0:
+            self.policy.refresh_mask_model()
+            self.rollouts_since_mask_update = 0
+        self.rollouts_since_mask_update += 1
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)

@@ -39,7 +39,7 @@ class FastRolloutMixin:
         decoder = getattr(self, "_decoder", None)
         if decoder is None or decoder.policy is not self.policy or decoder.slots.n_slots != n_envs:
             width = self.observation_space["input_ids"].shape[0]
-            decoder = self._decoder = PolicyRolloutDecoder(self.policy, n_envs, width)
+            decoder = self._decoder = self.policy.rollout_decoder(n_envs, width)
         return decoder
 
     def _excluded_save_params(self) -> list[str]:

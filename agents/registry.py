@@ -8,9 +8,9 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.algorithms import LMA2C, LMPPO, LMTRPO
+from agents.algorithms import LMA2C, LMNLPO, LMPPO, LMTRPO
 from agents.group_methods import LMGRPO, LMRLOO
-from policies import LMActorCriticPolicy
+from policies.lm_policy import LMPolicyMixin
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "ppo": LMPPO,
@@ -18,6 +18,7 @@ ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "trpo": LMTRPO,
     "rloo": LMRLOO,
     "grpo": LMGRPO,
+    "nlpo": LMNLPO,
 }
 
 
@@ -59,7 +60,7 @@ def make_agent(
                 "policy_kwargs={'model_name_or_path': <name or path>}."
             )
         policy_kwargs["model_name_or_path"] = reference
-    return cls(LMActorCriticPolicy, env, policy_kwargs=policy_kwargs, **kwargs)
+    return cls(env=env, policy_kwargs=policy_kwargs, **kwargs)
 
 
 def load_agent(path: str, env: VecEnv | None = None, algo: str | None = None, **kwargs: Any) -> BaseAlgorithm:
@@ -83,10 +84,16 @@ def load_agent(path: str, env: VecEnv | None = None, algo: str | None = None, **
     target = algorithm_class(algo)
     if env is None:
         raise ValueError(f"Continuing {name} as {algo} needs the environment to train on: pass env=...")
-    if not issubclass(data["policy_class"], LMActorCriticPolicy):
-        raise ValueError(f"{path} holds a {data['policy_class'].__name__}, not an LMActorCriticPolicy")
+    if not issubclass(data["policy_class"], LMPolicyMixin):
+        raise ValueError(f"{path} holds a {data['policy_class'].__name__}, not a textenv LM policy")
     policy_kwargs = {**data.get("policy_kwargs", {}), **kwargs.pop("policy_kwargs", {})}
     policy_kwargs.update(getattr(target, "policy_defaults", {}))
     agent = make_agent(algo, env, policy_kwargs=policy_kwargs, **kwargs)
-    agent.policy.load_state_dict(params["policy"])
+    # A masking policy's copy (NLPO) exists on one side only: it is refreshed from the weights.
+    missing, unexpected = agent.policy.load_state_dict(params["policy"], strict=False)
+    stray = [key for key in [*missing, *unexpected] if not key.startswith("mask_lm.")]
+    if stray:
+        raise ValueError(f"{path}'s policy does not fit a {algo} agent: {stray[:5]}")
+    if hasattr(agent.policy, "refresh_mask_model"):
+        agent.policy.refresh_mask_model()
     return agent

@@ -35,6 +35,7 @@ class SequenceRolloutSamples(NamedTuple):
     advantages: torch.Tensor
     returns: torch.Tensor
     ref_log_prob: torch.Tensor
+    action_masks: None = None  # MaskablePPO asks; masking policies recompute masks instead
 
 
 class SequenceRolloutBuffer(RolloutBuffer):

@@ -47,15 +47,10 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask * columns).argmax(dim=-1)
 
 
-class LMActorCriticPolicy(ActorCriticPolicy):
-    """Actor-critic over token ids for any ``AutoModelForCausalLM``.
-
-    :param model_name_or_path: ``"default"`` (the embedded model), a name, or a path
-        loadable by ``AutoModelForCausalLM.from_pretrained``.
-    :param value_head_init_std: std of the value head's initial weights (bias 0):
-        small, so early value estimates do not swamp the advantages.
-    :param attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``).
-    """
+class LMPolicyMixin:
+    """The LM actor-critic on top of an SB3 policy base class: ``ActorCriticPolicy``
+    (``LMActorCriticPolicy``) or sb3-contrib's ``MaskableActorCriticPolicy``
+    (``policies.masked.TopPMaskedLMPolicy``). Arguments: see ``LMActorCriticPolicy``."""
 
     def __init__(
         self,
@@ -68,13 +63,13 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         **kwargs: Any,
     ):
         if not isinstance(action_space, spaces.Discrete):
-            raise TypeError("LMActorCriticPolicy needs a Discrete action space of token ids")
+            raise TypeError(f"{type(self).__name__} needs a Discrete action space of token ids")
         if not isinstance(observation_space, spaces.Dict) or not {
             "input_ids",
             "attention_mask",
         } <= set(observation_space.spaces):
             raise TypeError(
-                "LMActorCriticPolicy needs Dict observations with 'input_ids' and "
+                f"{type(self).__name__} needs Dict observations with 'input_ids' and "
                 "'attention_mask' (as produced by textenv.TextGenEnv)"
             )
         self.model_name_or_path = str(model_name_or_path)
@@ -123,15 +118,20 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     # -- the two heads on one body ---------------------------------------------
 
-    def body_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Final hidden states of the LM body at every column: ``(batch, width, hidden)``."""
-        return self.lm.base_model(
+    def body_hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Final hidden states of the LM body (``lm``, default the policy's) at every column:
+        ``(batch, width, hidden)``."""
+        return (lm or self.lm).base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions_from_mask(attention_mask),
         ).last_hidden_state
 
-    def last_hidden_state(self, obs: dict[str, torch.Tensor] | TokenSequences) -> torch.Tensor:
+    def last_hidden_state(
+        self, obs: dict[str, torch.Tensor] | TokenSequences, lm: torch.nn.Module | None = None
+    ) -> torch.Tensor:
         """Hidden state at the last token of each evaluated state: ``(n_states, hidden)``.
 
         For observations (SB3's path) that is one state per row; for
@@ -139,10 +139,10 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         """
         if isinstance(obs, TokenSequences):
             sequences = obs.trimmed()
-            hidden = self.body_hidden_states(sequences.input_ids, sequences.attention_mask)
+            hidden = self.body_hidden_states(sequences.input_ids, sequences.attention_mask, lm)
             return hidden[sequences.token_rows, sequences.token_columns]
         input_ids, attention_mask = unpack_observation(obs)
-        hidden = self.body_hidden_states(input_ids, attention_mask)
+        hidden = self.body_hidden_states(input_ids, attention_mask, lm)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, last_token_index(attention_mask)]
 
@@ -177,3 +177,20 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.value(self.last_hidden_state(obs))
+
+    def rollout_decoder(self, n_envs: int, width: int):
+        """The KV-cached sampler the fast rollout uses for this policy."""
+        from policies.decoding import PolicyRolloutDecoder
+
+        return PolicyRolloutDecoder(self, n_envs, width)
+
+
+class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
+    """Actor-critic over token ids for any ``AutoModelForCausalLM``.
+
+    :param model_name_or_path: ``"default"`` (the embedded model), a name, or a path
+        loadable by ``AutoModelForCausalLM.from_pretrained``.
+    :param value_head_init_std: std of the value head's initial weights (bias 0):
+        small, so early value estimates do not swamp the advantages.
+    :param attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``).
+    """

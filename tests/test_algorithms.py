@@ -13,11 +13,11 @@ from agents.group_methods import LMGRPO, LMRLOO
 TASK = "textenv/PositiveSentiment-v0"
 # Tokens of training per algorithm for a clear rise of the VADER score (TRPO's
 # natural-gradient step is slow on CPU, but moves far per update).
-BUDGETS = {"ppo": 16384, "a2c": 16384, "trpo": 4096, "rloo": 16384, "grpo": 16384}
+BUDGETS = {"ppo": 16384, "a2c": 16384, "trpo": 4096, "rloo": 16384, "grpo": 16384, "nlpo": 16384}
 
 
 def test_registry_names_every_algorithm():
-    assert set(ALGORITHMS) == {"ppo", "a2c", "trpo", "rloo", "grpo"}
+    assert set(ALGORITHMS) == {"ppo", "a2c", "trpo", "rloo", "grpo", "nlpo"}
 
 
 def test_group_advantages():
@@ -103,3 +103,44 @@ def test_compare_script_writes_the_plot_and_the_table(tmp_path, default_model_pa
     assert len(rows) == 2 and all("| 2 |" in row and "±" in row for row in rows)
     assert (tmp_path / "comparison.md").read_text().count("|") > 20
     assert len(list((tmp_path / "tb").iterdir())) == 4  # one TensorBoard run per (algorithm, seed)
+
+
+def test_top_p_mask_keeps_the_smallest_nucleus():
+    from policies.masked import top_p_mask
+
+    logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.97, 0.01, 0.01, 0.01]]))
+    assert top_p_mask(logits, 0.7).tolist() == [[True, False, True, False], [True, False, False, False]]
+    assert top_p_mask(logits, 0.81).tolist()[0] == [True, False, True, True]
+
+
+def test_nlpo_recomputes_the_rollout_masks_in_the_update_and_stores_none(default_model_path):
+    from agents import KLPenaltyCallback
+
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    agent = make_agent("nlpo", env, n_steps=12, seed=0, policy_kwargs={"top_p": 0.8})
+    _, callback = agent._setup_learn(48, callback=[KLPenaltyCallback()])
+    callback.on_training_start(locals(), globals())
+    assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
+    buffer = agent.rollout_buffer
+    vocab = env.action_space.n
+    assert not any(isinstance(v, np.ndarray) and vocab in v.shape for v in vars(buffer).values())
+    (batch,) = list(buffer.get(None))
+    assert batch.action_masks is None
+    with torch.no_grad():
+        _, log_prob, _ = agent.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
+        masks = agent.policy.action_masks_for(batch.observations)
+    np.testing.assert_allclose(log_prob.numpy(), batch.old_log_prob.numpy(), atol=1e-5)
+    assert masks.gather(1, batch.actions.long()).all()  # every sampled token was inside its nucleus
+    assert (masks.sum(-1) < vocab // 2).all()  # and the nucleus is a small part of the vocabulary
+
+
+def test_nlpo_masking_policy_is_refreshed_every_interval(default_model_path):
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    agent = make_agent("nlpo", env, n_steps=8, batch_size=32, mask_update_interval=2, learning_rate=1e-3)
+    agent.learn(3 * 32)  # rollouts 1 and 3 refresh; updates after 1 and 2 move the policy
+    first_weight = next(agent.policy.lm.parameters())
+    mask_weight = next(agent.policy.mask_lm.parameters())
+    assert not torch.equal(first_weight, mask_weight)  # updated after the last refresh
+    agent.policy.refresh_mask_model()
+    assert torch.equal(next(agent.policy.lm.parameters()), next(agent.policy.mask_lm.parameters()))
+    assert agent.rollouts_since_mask_update == 1

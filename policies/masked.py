@@ -1,0 +1,94 @@
+"""``TopPMaskedLMPolicy``: the LM actor-critic restricted to a top-p set of tokens (NLPO).
+
+NLPO (Ramamurthy et al., 2023, "Is Reinforcement Learning (Not) for Natural
+Language Processing?") masks, at every step, the tokens outside the top-p nucleus
+of a *masking policy*: a copy of the policy refreshed every few rollouts. The
+agent then explores and learns only among plausible tokens.
+
+Masks are never stored: the masking model is frozen between refreshes, so the
+update recomputes each state's mask from it (one extra forward per sequence),
+instead of keeping a vocabulary-sized array per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistribution
+from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
+
+from policies.lm_policy import LMPolicyMixin
+from policies.sequences import TokenSequences
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean ``(n, V)``: the smallest set of most likely tokens whose mass reaches ``top_p``
+    (the most likely token is always in it)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
+    """:param top_p: nucleus mass of the masking policy that stays allowed (RL4LMs: 0.9)."""
+
+    def __init__(self, *args: Any, top_p: float = 0.9, **kwargs: Any):
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p = top_p
+        super().__init__(*args, **kwargs)
+
+    def _build(self, lr_schedule) -> None:
+        super()._build(lr_schedule)  # the optimizer is made before the masking copy exists
+        self.mask_lm = copy.deepcopy(self.lm).requires_grad_(False).eval()
+
+    def refresh_mask_model(self) -> None:
+        """The masking policy becomes a copy of the current policy."""
+        self.mask_lm.load_state_dict(self.lm.state_dict())
+
+    def set_training_mode(self, mode: bool) -> None:
+        super().set_training_mode(mode)
+        self.mask_lm.eval()
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {**super()._get_constructor_parameters(), "top_p": self.top_p}
+
+    @torch.no_grad()
+    def action_masks_for(self, obs: dict[str, torch.Tensor] | TokenSequences) -> torch.Tensor:
+        return top_p_mask(self.action_logits(self.last_hidden_state(obs, lm=self.mask_lm)), self.top_p)
+
+    def _masked_distribution(self, obs, hidden: torch.Tensor, action_masks) -> MaskableCategoricalDistribution:
+        distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
+        distribution.apply_masking(self.action_masks_for(obs) if action_masks is None else action_masks)
+        return distribution
+
+    def forward(self, obs, deterministic: bool = False, action_masks=None):
+        hidden = self.last_hidden_state(obs)
+        distribution = self._masked_distribution(obs, hidden, action_masks)
+        actions = distribution.get_actions(deterministic=deterministic)
+        return actions, self.value(hidden), distribution.log_prob(actions)
+
+    def evaluate_actions(self, obs, actions: torch.Tensor, action_masks=None):
+        """Masks are recomputed from the masking model when not given (``action_masks=None``,
+        as the sequence buffer yields). The taken action is always allowed: the rollout
+        drew it from its state's nucleus, and a token at the nucleus' edge can fall out of
+        the recomputed one by float rounding (cached decode vs full pass), which would
+        turn its log-prob into -1e8 and its ratio into 0 (seen, and it led to NaNs)."""
+        if action_masks is None:
+            action_masks = self.action_masks_for(obs)
+            action_masks.scatter_(1, actions.long().reshape(-1, 1), True)
+        hidden = self.last_hidden_state(obs)
+        distribution = self._masked_distribution(obs, hidden, action_masks)
+        return self.value(hidden), distribution.log_prob(actions), distribution.entropy()
+
+    def get_distribution(self, obs, action_masks=None) -> MaskableCategoricalDistribution:
+        return self._masked_distribution(obs, self.last_hidden_state(obs), action_masks)
+
+    def rollout_decoder(self, n_envs: int, width: int):
+        from policies.decoding import TopPMaskedRolloutDecoder
+
+        return TopPMaskedRolloutDecoder(self, n_envs, width)
