@@ -84,14 +84,7 @@ class FastRolloutMixin:
             rollout_buffer.add_step(
                 actions, rewards, self._last_episode_starts, values, log_probs, state_columns, ref_log_probs
             )
-            finished = np.flatnonzero(dones)
-            if len(finished):
-                terminal = [infos[i]["terminal_observation"] for i in finished]
-                rollout_buffer.end_segments(
-                    finished,
-                    torch.as_tensor(np.stack([t["input_ids"] for t in terminal])).long(),
-                    torch.as_tensor(np.stack([t["attention_mask"] for t in terminal])).long(),
-                )
+            rollout_buffer.end_finished_episodes(dones, infos)
             input_ids, attention_mask = observation_tensors(new_obs, self.device)
             new_episode = torch.as_tensor(dones, device=self.device).bool()
             logits, values = decoder.advance(actions, input_ids, attention_mask, new_episode)

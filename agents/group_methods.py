@@ -91,14 +91,7 @@ class GroupRolloutMixin(LMAgentMixin):
             ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
             rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns, ref_log_probs)
             episode_starts = np.zeros(env.num_envs, dtype=np.float32)
-            finished = np.flatnonzero(dones)
-            if len(finished):
-                terminal = [infos[i]["terminal_observation"] for i in finished]
-                rollout_buffer.end_segments(
-                    finished,
-                    torch.as_tensor(np.stack([t["input_ids"] for t in terminal])).long(),
-                    torch.as_tensor(np.stack([t["attention_mask"] for t in terminal])).long(),
-                )
+            rollout_buffer.end_finished_episodes(dones, infos)
             if not bool(env.active.any()):
                 break
             input_ids, attention_mask = observation_tensors(new_obs, self.device)

@@ -60,7 +60,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
 
     def add(self, *args, **kwargs) -> None:
         raise TypeError(
-            "SequenceRolloutBuffer is filled by the fast rollout (add_step/end_segments); "
+            "SequenceRolloutBuffer is filled by the fast rollout (add_step, end_finished_episodes); "
             "the stock SB3 rollout needs a RolloutBuffer (pass fast=False to the agent)."
         )
 
@@ -85,11 +85,14 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.pos += 1
         self.full = self.pos == self.buffer_size
 
-    def end_segments(self, env_indices: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        """Episodes of ``env_indices`` ended at the last added step; rows are their final
-        observations (``(len(env_indices), width)``)."""
-        for row, env in enumerate(env_indices):
-            self._close_segment(int(env), input_ids[row], attention_mask[row])
+    def end_finished_episodes(self, dones: np.ndarray, infos: list[dict]) -> None:
+        """Close the segments of the episodes that ended at the last added step; their
+        final observations are the VecEnv's ``terminal_observation``s."""
+        for env in np.flatnonzero(dones):
+            final = infos[env]["terminal_observation"]
+            self._close_segment(
+                int(env), torch.as_tensor(final["input_ids"]).long(), torch.as_tensor(final["attention_mask"]).long()
+            )
 
     def close_open_segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         """At the rollout's end: episodes still running form segments cut at the boundary;

@@ -13,7 +13,6 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import textenv
 from textenv import TextGenEnv
-from textenv.models import load_frozen_lm
 
 from conftest import PROMPTS
 
