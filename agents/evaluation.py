@@ -40,6 +40,12 @@ def evaluate_agent(
     short episodes are not over-represented, and a fixed ``seed`` gives the same
     prompts to every agent evaluated on an env built the same way.
     """
+    if not getattr(env, "autoreset", True):
+        raise ValueError(
+            "This environment is in group mode (finished episodes wait for the next reset), "
+            "as a RLOO/GRPO agent's training env is. Fix: evaluate on a separate env from "
+            "agents.make_text_vec_env."
+        )
     policy = model.policy
     policy.set_training_mode(False)
     quota = -(-n_episodes // env.num_envs)  # ceil

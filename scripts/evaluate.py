@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     else:
         print(f"note: no held-out prompts known for {args.env}; evaluating on its own prompts", file=sys.stderr)
     env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
-    agent = load_agent(args.agent, env=env)
+    agent = load_agent(args.agent)  # only its policy is used: the env stays as built here
     results = compare_with_reference(agent, env, n_episodes=args.episodes, seed=args.seed)
     print(format_report(results))
     if args.json:

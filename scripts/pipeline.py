@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     for reward_name, reward in (("learned reward", str(out / "reward_model")), ("rule (VADER)", "vader")):
         env = make_text_vec_env("textenv/TextGen-v0", n_envs=16, seed=args.seed,
                                 env_kwargs=dict(prompts=heldout, reward=reward, **task))
-        results = compare_with_reference(load_agent(str(out / "agent.zip"), env=env), env,
+        results = compare_with_reference(load_agent(str(out / "agent.zip")), env,
                                          n_episodes=args.eval_episodes, seed=args.seed)
         print(f"\n### scored by the {reward_name}\n\n{format_report(results, n_samples=3)}")
         reports[reward_name] = report_json(results)
