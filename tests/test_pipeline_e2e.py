@@ -37,3 +37,17 @@ def test_ppo_raises_arithmetic_accuracy(tmp_path):
     ])
     assert 0.1 < summary["task_score_before"] < 0.6  # the SFT stage made it partly right
     assert summary["task_score_after"] > summary["task_score_before"] + 0.08
+
+
+@pytest.mark.slow
+def test_short_positive_task_teaches_the_agent_to_stop_early(tmp_path):
+    from agents import evaluate_agent, make_agent, make_text_vec_env
+
+    env = make_text_vec_env("textenv/ShortPositive-v0", n_envs=16, seed=0)
+    eval_env = make_text_vec_env("textenv/ShortPositive-v0", n_envs=16, seed=99)
+    agent = make_agent("ppo", env, seed=0, kl_target=4.0)
+    before = evaluate_agent(agent, eval_env, 128, seed=0)
+    agent.learn(16384)
+    after = evaluate_agent(agent, eval_env, 128, seed=0)
+    assert after.task_score > before.task_score + 0.2
+    assert after.episode_length < before.episode_length - 2  # it learned to end with EOS sooner
