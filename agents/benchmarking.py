@@ -265,16 +265,24 @@ def bare_generate(policy, reference, value_head, input_ids, attention_mask, new_
     return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(ref_logps, 1), torch.stack(values, 1)
 
 
-def measure_bare_decode(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
-    policy, reference, value_head = _bare_models(model_path, device)
-    _, input_ids, attention_mask = _prompt_batch(workload, model_path, prompts, device)
-    bare_generate(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)  # warm-up
+def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.device, iterations: int) -> Measurement:
+    """One untimed warm-up call (allocations, caches), then ``iterations`` timed calls."""
+    run()
     synchronize(device)
     start = time.perf_counter()
     for _ in range(iterations):
-        bare_generate(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
+        run()
     synchronize(device)
     return Measurement(time.perf_counter() - start, workload.tokens_per_iteration * iterations)
+
+
+def measure_bare_decode(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+    policy, reference, value_head = _bare_models(model_path, device)
+    _, input_ids, attention_mask = _prompt_batch(workload, model_path, prompts, device)
+    return time_iterations(
+        lambda: bare_generate(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens),
+        workload, device, iterations,
+    )
 
 
 def _sequence_logprobs_values(policy, value_head, sequences, mask, n_prompt: int):
@@ -323,13 +331,7 @@ def measure_bare_update(workload: Workload, model_path: Path, prompts: list[str]
         _bare_ppo_epochs(policy, value_head, optimizer, sequences, mask, workload.max_prompt_len, old_logp,
                          advantages, returns, workload.n_epochs, workload.minibatches)
 
-    run()  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        run()
-    synchronize(device)
-    return Measurement(time.perf_counter() - start, workload.tokens_per_iteration * iterations)
+    return time_iterations(run, workload, device, iterations)
 
 
 def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
@@ -364,13 +366,7 @@ def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], d
         _bare_ppo_epochs(policy, value_head, optimizer, sequences, mask, n_prompt, old_logp, advantages, returns,
                          workload.n_epochs, workload.minibatches)
 
-    iteration()  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iterations):
-        iteration()
-    synchronize(device)
-    return Measurement(time.perf_counter() - start, workload.tokens_per_iteration * iterations)
+    return time_iterations(iteration, workload, device, iterations)
 
 
 def measure_sampling(vocab_size: int, n_rows: int, device: torch.device, repeats: int = 200) -> dict[str, float]:

@@ -37,7 +37,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import evaluate
     import sft
     import train
     import train_reward_model
@@ -85,7 +84,6 @@ def main(argv=None) -> dict:
     }
     (out / "summary.json").write_text(json.dumps({"summary": summary, "reports": reports}, indent=2))
     print("\n" + json.dumps(summary, indent=2))
-    del evaluate
     return summary
 
 
