@@ -9,6 +9,10 @@
   agent so that ``model.save`` stores its state and ``load`` restores it;
 - ``learn`` puts the ``KLPenaltyCallback`` first in the callback chain, so every
   stored reward carries the per-token KL penalty;
+- ``advantage_normalization``: advantages are standardised once over the whole
+  rollout (``"rollout"``, as TRL and OpenRLHF do), not per minibatch as SB3 does
+  (``"minibatch"``): a minibatch of whole sequences holds only a few episodes, and
+  with a score at the last token the best of any three episodes always looks good;
 - defaults suited to token-level RL (``gamma=1``: the score arrives at the last
   token and must reach the first undiscounted; small learning rate for a
   pretrained body).
@@ -16,7 +20,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from sb3_contrib import TRPO, MaskablePPO
 from stable_baselines3 import A2C, PPO
@@ -25,7 +29,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KLPenaltyCallback
-from agents.sequence_buffer import SequenceRolloutBuffer
+from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_advantages
 from policies import LMActorCriticPolicy
 from policies.masked import TopPMaskedLMPolicy
 
@@ -66,11 +70,28 @@ TRPO_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+AdvantageNormalization = Literal["rollout", "minibatch", "none"]
+ADVANTAGE_NORMALIZATIONS = ("rollout", "minibatch", "none")
+# SB3 keywords that textenv agents replace with their own, and what replaces them.
+REPLACED_KEYWORDS = {
+    "normalize_advantage": "advantage_normalization='minibatch' for SB3's behaviour ('rollout', the "
+    "default, standardises over the whole rollout; 'none' not at all)",
+}
+
+
+def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
+    """A clear error for an SB3 keyword that a textenv agent replaces (``REPLACED_KEYWORDS``)."""
+    for key in kwargs:
+        if key in REPLACED_KEYWORDS:
+            raise ValueError(f"textenv agents do not take SB3's {key}. Fix: pass {REPLACED_KEYWORDS[key]}.")
+
+
 class LMAgentMixin(FastRolloutMixin):
     """What every textenv agent adds to its SB3 algorithm (see the module doc)."""
 
     algorithm_name: str
     defaults: dict[str, Any] = {}
+    default_advantage_normalization: AdvantageNormalization = "rollout"
     kl_in_reward = True  # the KL penalty goes into the rewards (False: the algorithm's loss has it)
     default_kl_coef = 0.05
     default_policy_class: type = LMActorCriticPolicy
@@ -83,17 +104,40 @@ class LMAgentMixin(FastRolloutMixin):
         kl_target: float | None = None,
         kl_horizon: int = 10_000,
         fast: bool = True,
+        advantage_normalization: AdvantageNormalization | None = None,
         **kwargs: Any,
     ):
         kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
         self.kl_controller = make_kl_controller(kl_coef, kl_target, kl_horizon)
         # An instance attribute, so that save() stores it and load_agent() finds the class.
         self.algorithm_name = type(self).algorithm_name
+        refuse_replaced_keywords(kwargs)
         kwargs = {**self.defaults, **kwargs}
+        if advantage_normalization is None:
+            advantage_normalization = self.default_advantage_normalization
+        if advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
+            raise ValueError(
+                f"advantage_normalization must be one of {ADVANTAGE_NORMALIZATIONS}, got {advantage_normalization!r}"
+            )
+        self.advantage_normalization = advantage_normalization
+        # SB3's own switch standardises each minibatch; the rollout-wide one is ours.
+        kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         policy = policy or self.default_policy_class
         if fast:  # the fast path is a choice of rollout buffer; SB3's own otherwise
             kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
         super().__init__(policy, env, **kwargs)
+
+    def collect_rollouts(self, env: VecEnv, callback: Any, rollout_buffer: Any, n_rollout_steps: int, **kwargs: Any) -> bool:
+        """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation."""
+        if not super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps):
+            return False
+        self._normalize_advantages(rollout_buffer)
+        return True
+
+    def _normalize_advantages(self, rollout_buffer: Any) -> None:
+        """With ``advantage_normalization="rollout"``: standardise over the whole rollout."""
+        if self.advantage_normalization == "rollout":
+            normalize_rollout_advantages(rollout_buffer)
 
     def learn(self, total_timesteps: int, callback: Any = None, **kwargs: Any):
         # A rollout of an LM is expensive: log every one (SB3's A2C default is every 100th).
@@ -115,6 +159,7 @@ class LMA2C(LMAgentMixin, A2C):
 
     algorithm_name = "a2c"
     defaults = A2C_DEFAULTS
+    default_advantage_normalization = "none"  # SB3's A2C default: raw advantages
 
 
 class LMTRPO(LMAgentMixin, TRPO):

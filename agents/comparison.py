@@ -52,23 +52,33 @@ def run_comparison(
     algo_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> list[RunResult]:
     """Train every (algorithm, seed) for ``total_tokens`` generated tokens; evaluate each
-    before and after on the same held-out-seeded episodes."""
+    before and after on the same held-out-seeded episodes.
+
+    An entry of ``algos`` is an algorithm name, or ``LABEL:NAME`` for a variant of it
+    (e.g. ``ppo-minibatch:ppo``) whose arguments are ``algo_kwargs[LABEL]``."""
     results = []
-    for algo in algos:
+    for entry in algos:
+        label, algo = split_variant(entry)
         for seed in seeds:
             env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed)
             eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=10_000 + seed)
             agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, kl_target=4.0,
-                               **(algo_kwargs or {}).get(algo, {}))
+                               **(algo_kwargs or {}).get(label, {}))
             before = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             curve = LearningCurve()
             start = time.perf_counter()
-            agent.learn(total_tokens, callback=curve, tb_log_name=f"{algo}_seed{seed}")
+            agent.learn(total_tokens, callback=curve, tb_log_name=f"{label}_seed{seed}")
             seconds = time.perf_counter() - start
             after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
-            results.append(RunResult(algo, seed, before.task_score, after.task_score, after.kl,
+            results.append(RunResult(label, seed, before.task_score, after.task_score, after.kl,
                                      agent.num_timesteps / seconds, curve.points))
     return results
+
+
+def split_variant(entry: str) -> tuple[str, str]:
+    """``"ppo"`` -> ``("ppo", "ppo")``; ``"ppo-minibatch:ppo"`` -> ``("ppo-minibatch", "ppo")``."""
+    label, _, algo = entry.rpartition(":")
+    return (label or algo), algo
 
 
 def markdown_table(results: list[RunResult]) -> str:

@@ -42,6 +42,10 @@ class FastRolloutMixin:
             decoder = self._decoder = self.policy.rollout_decoder(n_envs, width)
         return decoder
 
+    def _sample_actions(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per episode from ``softmax(logits)`` (exact inverse-CDF sampling)."""
+        return sample_tokens(logits)
+
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_decoder"]
 
@@ -67,7 +71,7 @@ class FastRolloutMixin:
         n_steps = 0
         while n_steps < n_rollout_steps:
             with torch.no_grad():
-                actions = sample_tokens(logits)
+                actions = self._sample_actions(logits)
                 log_probs = torch.log_softmax(logits, dim=-1).gather(1, actions[:, None])[:, 0]
             state_columns = last_token_index(attention_mask)
             new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())

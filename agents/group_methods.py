@@ -26,26 +26,26 @@ import torch
 from stable_baselines3 import PPO
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
 from agents.fast_rollout import observation_tensors
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies.lm_policy import last_token_index
-from policies.sampling import sample_tokens
 from textenv.vector import BatchedTextGenVecEnv
 
 GROUP_DEFAULTS: dict[str, Any] = {
     **PPO_DEFAULTS,
     "vf_coef": 0.0,  # no critic: the group is the baseline
-    "normalize_advantage": False,  # advantages are already relative to the group
     "n_epochs": 2,
 }
 
 
 class GroupRolloutMixin(LMAgentMixin):
-    """One rollout = one complete episode in every slot, k slots per prompt."""
+    """One rollout = one complete episode in every slot, k slots per prompt; a
+    critic-free clipped update (the value head is neither trained nor logged)."""
+
+    default_advantage_normalization = "none"  # advantages are already relative to the group
 
     def __init__(self, policy: Any = None, env: VecEnv | None = None, group_size: int = 4, **kwargs: Any):
         if group_size < 2:
@@ -78,7 +78,7 @@ class GroupRolloutMixin(LMAgentMixin):
         for _ in range(n_rollout_steps):
             active = env.active.clone()
             with torch.no_grad():
-                actions = sample_tokens(logits)
+                actions = self._sample_actions(logits)
                 # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
                 log_probs = torch.log_softmax(logits, -1).gather(1, actions[:, None])[:, 0] * active
             state_columns = last_token_index(attention_mask)
@@ -98,6 +98,7 @@ class GroupRolloutMixin(LMAgentMixin):
             logits, values = decoder.advance(actions, input_ids, attention_mask, torch.zeros_like(active))
         rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
         self._set_group_advantages(rollout_buffer)
+        self._normalize_advantages(rollout_buffer)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -111,7 +112,65 @@ class GroupRolloutMixin(LMAgentMixin):
         buffer.advantages[:] = 0.0
         for env, first, last in buffer.segment_spans:
             buffer.advantages[first : last + 1, env] = advantages[env]
-        buffer.returns[:] = buffer.advantages  # unused (no critic), kept finite for logging
+        buffer.returns[:] = buffer.advantages  # unused: there is no critic to regress onto returns
+
+    def kl_loss(self, log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor | None:
+        """The KL term of the loss, or ``None`` where the KL is in the reward (RLOO)."""
+        return None
+
+    def train(self) -> None:
+        """PPO's clipped surrogate on the group advantages, ``n_epochs`` over the rollout,
+        plus ``beta * kl_loss`` where the method puts the KL into the loss. No value loss:
+        there is no critic."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        beta = self.kl_controller.value
+        pg_losses, kl_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
+        continue_training = True
+        for _ in range(self.n_epochs):
+            for batch in self.rollout_buffer.get(self.batch_size):
+                actions = batch.actions.long().flatten()
+                _, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
+                advantages = batch.advantages
+                if self.normalize_advantage and len(advantages) > 1:  # advantage_normalization="minibatch"
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                ratio = torch.exp(log_prob - batch.old_log_prob)
+                surrogate = torch.min(
+                    advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+                )
+                policy_loss = -surrogate.mean()
+                entropy_loss = -entropy.mean()
+                loss = policy_loss + self.ent_coef * entropy_loss
+                kl_loss = self.kl_loss(log_prob, batch.ref_log_prob)
+                if kl_loss is not None:
+                    loss = loss + beta * kl_loss
+                    kl_losses.append(kl_loss.item())
+                with torch.no_grad():  # Schulman's estimator of KL(old || new), as SB3's PPO logs it
+                    log_ratio = log_prob - batch.old_log_prob
+                    approx_kls.append(torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item())
+                if self.target_kl is not None and approx_kls[-1] > 1.5 * self.target_kl:
+                    continue_training = False  # SB3's early stop, before this minibatch's step
+                    break
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+                pg_losses.append(policy_loss.item())
+                entropy_losses.append(entropy_loss.item())
+                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
+            self._n_updates += 1
+            if not continue_training:
+                break
+        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
+        if kl_losses:
+            self.logger.record("train/kl_loss", np.mean(kl_losses))
+        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
+        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
+        self.logger.record("train/approx_kl", np.mean(approx_kls))
+        self.logger.record("train/loss", loss.item())
+        self.logger.record("train/clip_range", clip_range)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
     @staticmethod
     def group_advantages(returns: np.ndarray) -> np.ndarray:
@@ -137,7 +196,7 @@ class LMGRPO(GroupRolloutMixin, PPO):
 
     algorithm_name = "grpo"
     defaults = GROUP_DEFAULTS
-    kl_in_reward = False  # GRPO puts the KL into the loss (see ``train``)
+    kl_in_reward = False  # GRPO puts the KL into the loss (see ``kl_loss``)
     default_kl_coef = 0.3  # per-token k3 KL in the loss: 0.05 let the KL run to ~14 nats/episode here
 
     @staticmethod
@@ -146,45 +205,8 @@ class LMGRPO(GroupRolloutMixin, PPO):
         std = returns.std(axis=1, ddof=1, keepdims=True)
         return (returns - mean) / (std + 1e-4)
 
-    def train(self) -> None:
-        """Clipped surrogate on group advantages plus ``beta * k3 KL`` per token, n_epochs."""
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
-        clip_range = self.clip_range(self._current_progress_remaining)
-        beta = self.kl_controller.value
-        pg_losses, kl_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
-        for _ in range(self.n_epochs):
-            for batch in self.rollout_buffer.get(self.batch_size):
-                actions = batch.actions.long().flatten()
-                _, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
-                ratio = torch.exp(log_prob - batch.old_log_prob)
-                surrogate = torch.min(
-                    batch.advantages * ratio, batch.advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-                )
-                policy_loss = -surrogate.mean()
-                log_ratio_ref = batch.ref_log_prob - log_prob
-                kl_loss = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).mean()  # k3 estimator of KL(pi || ref)
-                entropy_loss = -entropy.mean()
-                loss = policy_loss + beta * kl_loss + self.ent_coef * entropy_loss
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
-                with torch.no_grad():
-                    log_ratio = log_prob - batch.old_log_prob
-                    approx_kls.append(torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item())
-                pg_losses.append(policy_loss.item())
-                kl_losses.append(kl_loss.item())
-                entropy_losses.append(entropy_loss.item())
-                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
-            self._n_updates += 1
-        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
-        self.logger.record("train/kl_loss", np.mean(kl_losses))
-        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
-        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
-        self.logger.record("train/approx_kl", np.mean(approx_kls))
-        self.logger.record("train/loss", loss.item())
-        self.logger.record("train/explained_variance", explained_variance(
-            self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()))
-        self.logger.record("train/clip_range", clip_range)
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+    def kl_loss(self, log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
+        """The "k3" estimator of KL(pi || ref) per token, ``exp(ref - logp) - (ref - logp) - 1``,
+        averaged over the minibatch's tokens."""
+        log_ratio_ref = ref_log_prob - log_prob
+        return (torch.exp(log_ratio_ref) - log_ratio_ref - 1).mean()

@@ -1,11 +1,17 @@
 """The KL coefficient ``beta``: fixed, or adapted toward a target KL.
 
-The adaptive rule is the proportional controller of Ziegler et al. (2019), as
-used by InstructGPT and TRL: with ``e = clip(KL / target - 1, -0.2, 0.2)``,
-``beta <- beta * (1 + e * n_steps / horizon)`` after every rollout, where ``KL``
-is the mean per-episode KL (summed over tokens) and ``n_steps`` the number of
-tokens in that rollout. Controllers are plain objects, so ``model.save`` pickles
-their state with the agent.
+The adaptive rule is the proportional controller of Ziegler et al. (2019,
+"Fine-Tuning Language Models from Human Preferences", and their
+``lm-human-preferences`` code), as used by InstructGPT and TRL: with
+``e = clip(KL / target - 1, -0.2, 0.2)``, after every rollout
+
+    beta <- beta * (1 + e * n_episodes / horizon)
+
+where ``KL`` is the mean per-episode KL (summed over tokens) and ``n_episodes`` the
+number of episodes that rollout finished: the horizon is counted in episodes
+(Ziegler et al.'s batch of rollouts), not tokens, so ``horizon`` episodes at a
+clipped error move beta by about ``exp(0.2)``. Controllers are plain objects, so
+``model.save`` pickles their state with the agent.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 class FixedKLController:
     value: float
 
-    def update(self, observed_kl: float, n_steps: int) -> None:
+    def update(self, observed_kl: float, n_episodes: int) -> None:
         """A fixed coefficient ignores the observed KL."""
 
 
@@ -25,15 +31,18 @@ class FixedKLController:
 class AdaptiveKLController:
     value: float
     target: float
-    horizon: int = 10_000
+    horizon: int = 10_000  # in episodes
 
     def __post_init__(self) -> None:
         if self.target <= 0:
             raise ValueError(f"target KL must be positive, got {self.target}")
+        if self.horizon <= 0:
+            raise ValueError(f"the KL controller's horizon (episodes) must be positive, got {self.horizon}")
 
-    def update(self, observed_kl: float, n_steps: int) -> None:
+    def update(self, observed_kl: float, n_episodes: int) -> None:
+        """One step of the controller after a rollout that finished ``n_episodes`` episodes."""
         proportional_error = min(max(observed_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= 1.0 + proportional_error * n_episodes / self.horizon
 
 
 KLController = FixedKLController | AdaptiveKLController

@@ -11,7 +11,8 @@ edits that step's rewards in place::
 
 so everything SB3 computes afterwards (returns, GAE, ``ep_info``) sees the
 penalised reward. It also logs the task score, the KL and ``beta`` per rollout,
-text samples for TensorBoard, and feeds the KL to the coefficient controller.
+text samples for TensorBoard, and feeds the mean per-episode KL and the number of
+episodes finished in the rollout to the coefficient controller.
 
 Generation budget: an episode cut at ``max_new_tokens`` is over for good (its
 completion is scored and nothing follows), so SB3 must not bootstrap it with
@@ -49,7 +50,6 @@ class KLPenaltyCallback(BaseCallback):
         self._rollout_scores: list[float] = []
         self._rollout_kls: list[float] = []
         self._rollout_samples: list[tuple[str, str, float]] = []
-        self._rollout_tokens = 0
 
     def _on_step(self) -> bool:
         rewards: np.ndarray = self.locals["rewards"]
@@ -70,7 +70,6 @@ class KLPenaltyCallback(BaseCallback):
         if self.add_to_reward:
             rewards += (-beta * token_kl).astype(rewards.dtype)
         self._episode_kl += token_kl
-        self._rollout_tokens += len(infos)
 
         for env_index in np.flatnonzero(dones):
             info = infos[env_index]
@@ -90,7 +89,7 @@ class KLPenaltyCallback(BaseCallback):
             mean_kl = float(np.mean(self._rollout_kls))
             self.logger.record("rollout/kl", mean_kl)
             self.logger.record("rollout/kl_penalty", -controller.value * mean_kl)
-            controller.update(mean_kl, self._rollout_tokens)
+            controller.update(mean_kl, n_episodes=len(self._rollout_kls))  # Ziegler et al. count episodes
         if self._rollout_scores:
             self.logger.record("rollout/task_score", float(np.mean(self._rollout_scores)))
         if self._rollout_samples:

@@ -24,6 +24,16 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from policies.sequences import TokenSequences
 
 
+def normalize_rollout_advantages(buffer: RolloutBuffer) -> None:
+    """Standardise the advantages of every token of the rollout, in place, before any
+    minibatch is drawn (SB3's convention: unbiased std, ``+ 1e-8``). Returns are left as
+    they are: the critic still regresses onto the unnormalised returns."""
+    valid = buffer.token_mask() if isinstance(buffer, SequenceRolloutBuffer) else np.ones_like(buffer.advantages, bool)
+    advantages = buffer.advantages[valid]
+    if advantages.size > 1:
+        buffer.advantages[valid] = (advantages - advantages.mean()) / (advantages.std(ddof=1) + 1e-8)
+
+
 class SequenceRolloutSamples(NamedTuple):
     """SB3's ``RolloutBufferSamples`` fields, plus the reference's log-prob of each action
     (for methods with the KL in the loss, e.g. GRPO)."""
@@ -110,32 +120,52 @@ class SequenceRolloutBuffer(RolloutBuffer):
     def get(self, batch_size: int | None = None) -> Generator[SequenceRolloutSamples, None, None]:
         """Minibatches of whole segments, shuffled, each of at least ``batch_size`` tokens
         (except the last); ``None``: everything at once."""
+        for segments in self.minibatch_segments(batch_size):
+            yield self._get_samples(segments)
+
+    def minibatch_segments(self, batch_size: int | None = None) -> Generator[np.ndarray, None, None]:
+        """The segment indices of each minibatch ``get`` yields (one shuffle of all segments)."""
         assert self.full, "the rollout is not complete"
-        n_segments = len(self.segment_spans)
-        if not self.generator_ready:
-            # Flat (step * n_envs + env) index of every token of every segment.
-            self._segment_tokens = [
-                np.arange(first, last + 1) * self.n_envs + env for env, first, last in self.segment_spans
-            ]
-            self._all_ids = torch.stack(self.segment_ids).to(self.device)
-            self._all_masks = torch.stack(self.segment_masks).to(self.device)
-            self.generator_ready = True
-        order = np.random.permutation(n_segments)
+        self._prepare_segments()
         if batch_size is None:
             batch_size = self.buffer_size * self.n_envs
         batch: list[int] = []
         n_tokens = 0
-        for segment in order:
+        for segment in np.random.permutation(len(self.segment_spans)):
             batch.append(int(segment))
             n_tokens += len(self._segment_tokens[segment])
             if n_tokens >= batch_size:
-                yield self._get_samples(np.array(batch))
+                yield np.array(batch)
                 batch, n_tokens = [], 0
         if batch:
-            yield self._get_samples(np.array(batch))
+            yield np.array(batch)
+
+    def token_mask(self) -> np.ndarray:
+        """``(n_steps, n_envs)``: which entries hold a token of some segment (a group
+        rollout leaves the steps after an episode's end empty)."""
+        mask = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
+        for env, first, last in self.segment_spans:
+            mask[first : last + 1, env] = True
+        return mask
+
+    def segment_token_indices(self, segments: np.ndarray) -> np.ndarray:
+        """Flat ``step * n_envs + env`` indices of every token of ``segments``, in order."""
+        self._prepare_segments()
+        return np.concatenate([self._segment_tokens[s] for s in segments])
+
+    def _prepare_segments(self) -> None:
+        if self.generator_ready:
+            return
+        # Flat (step * n_envs + env) index of every token of every segment.
+        self._segment_tokens = [
+            np.arange(first, last + 1) * self.n_envs + env for env, first, last in self.segment_spans
+        ]
+        self._all_ids = torch.stack(self.segment_ids).to(self.device)
+        self._all_masks = torch.stack(self.segment_masks).to(self.device)
+        self.generator_ready = True
 
     def _get_samples(self, segments: np.ndarray, env=None) -> SequenceRolloutSamples:
-        flat = np.concatenate([self._segment_tokens[s] for s in segments])
+        flat = self.segment_token_indices(segments)
         rows = np.concatenate([np.full(len(self._segment_tokens[s]), i) for i, s in enumerate(segments)])
         index = torch.as_tensor(segments, device=self.device)
         observations = TokenSequences(

@@ -88,7 +88,7 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
     def _masked(self, logits: torch.Tensor, mask_hidden: torch.Tensor) -> torch.Tensor:
         from policies.masked import top_p_mask
 
-        allowed = top_p_mask(self.policy.action_logits(mask_hidden), self.policy.top_p)
+        allowed = top_p_mask(self.policy.mask_logits(mask_hidden), self.policy.top_p)
         return logits.masked_fill(~allowed, float("-inf"))
 
     @torch.no_grad()

@@ -21,6 +21,7 @@ from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
 from policies.lm_policy import LMPolicyMixin
 from policies.sequences import TokenSequences
+from textenv.slot_decoding import lm_logits
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -57,9 +58,17 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
     def _get_constructor_parameters(self) -> dict[str, Any]:
         return {**super()._get_constructor_parameters(), "top_p": self.top_p}
 
+    def mask_logits(self, mask_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the masking model: its own (frozen) head on its own hidden states.
+
+        Never ``action_logits``: that is the live, trainable head, so masks made with it
+        would drift during the epochs of one update and between refreshes."""
+        return lm_logits(self.mask_lm, mask_hidden)
+
     @torch.no_grad()
     def action_masks_for(self, obs: dict[str, torch.Tensor] | TokenSequences) -> torch.Tensor:
-        return top_p_mask(self.action_logits(self.last_hidden_state(obs, lm=self.mask_lm)), self.top_p)
+        """The top-p set of the masking model in every evaluated state: ``(n_states, V)``."""
+        return top_p_mask(self.mask_logits(self.last_hidden_state(obs, lm=self.mask_lm)), self.top_p)
 
     def _masked_distribution(self, obs, hidden: torch.Tensor, action_masks) -> MaskableCategoricalDistribution:
         distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
@@ -74,13 +83,8 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
 
     def evaluate_actions(self, obs, actions: torch.Tensor, action_masks=None):
         """Masks are recomputed from the masking model when not given (``action_masks=None``,
-        as the sequence buffer yields). The taken action is always allowed: the rollout
-        drew it from its state's nucleus, and a token at the nucleus' edge can fall out of
-        the recomputed one by float rounding (cached decode vs full pass), which would
-        turn its log-prob into -1e8 and its ratio into 0 (seen, and it led to NaNs)."""
-        if action_masks is None:
-            action_masks = self.action_masks_for(obs)
-            action_masks.scatter_(1, actions.long().reshape(-1, 1), True)
+        as the sequence buffer yields). The masking model is frozen between refreshes, so
+        they equal the masks the rollout sampled under (``tests/test_algorithms.py``)."""
         hidden = self.last_hidden_state(obs)
         distribution = self._masked_distribution(obs, hidden, action_masks)
         return self.value(hidden), distribution.log_prob(actions), distribution.entropy()

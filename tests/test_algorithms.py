@@ -120,25 +120,72 @@ def test_top_p_mask_keeps_the_smallest_nucleus():
     assert top_p_mask(logits, 0.81).tolist()[0] == [True, False, True, True]
 
 
-def test_nlpo_recomputes_the_rollout_masks_in_the_update_and_stores_none(default_model_path):
+def collect_nlpo_rollout_with_its_masks(agent) -> torch.Tensor:
+    """Run one NLPO rollout; returns the masks it sampled under, ``(n_steps * n_envs, V)``
+    in the buffer's flat ``step * n_envs + env`` order."""
     from agents import KLPenaltyCallback
 
-    env = make_text_vec_env(TASK, n_envs=4, seed=0)
-    agent = make_agent("nlpo", env, n_steps=12, seed=0, policy_kwargs={"top_p": 0.8})
-    _, callback = agent._setup_learn(48, callback=[KLPenaltyCallback()])
+    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback()])
     callback.on_training_start(locals(), globals())
+    decoder = agent._rollout_decoder(agent.env.num_envs)
+    sampled_under, mask_logits = [], decoder._masked
+
+    def recording_masked(logits, mask_hidden):
+        masked = mask_logits(logits, mask_hidden)
+        sampled_under.append(torch.isfinite(masked))
+        return masked
+
+    decoder._masked = recording_masked
     assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
+    del decoder._masked
+    # One mask per state before each step; the last one belongs to the next rollout.
+    return torch.stack(sampled_under[: agent.n_steps]).flatten(0, 1)
+
+
+def test_nlpo_recomputes_the_rollout_masks_in_the_update_and_stores_none(default_model_path):
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    agent = make_agent("nlpo", env, n_steps=12, seed=0, learning_rate=1e-3, policy_kwargs={"top_p": 0.8})
+    agent.learn(48)  # one update: the live policy now differs from the masking policy
+    assert not torch.equal(agent.policy.lm.lm_head.weight, agent.policy.mask_lm.lm_head.weight)
+    rollout_masks = collect_nlpo_rollout_with_its_masks(agent)  # no refresh: same masking model
     buffer = agent.rollout_buffer
     vocab = env.action_space.n
     assert not any(isinstance(v, np.ndarray) and vocab in v.shape for v in vars(buffer).values())
-    (batch,) = list(buffer.get(None))
+    segments = np.arange(len(buffer.segment_spans))
+    batch = buffer._get_samples(segments)
     assert batch.action_masks is None
     with torch.no_grad():
         _, log_prob, _ = agent.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
         masks = agent.policy.action_masks_for(batch.observations)
+    assert torch.equal(masks, rollout_masks[buffer.segment_token_indices(segments)])  # the very same masks
     np.testing.assert_allclose(log_prob.numpy(), batch.old_log_prob.numpy(), atol=1e-5)
     assert masks.gather(1, batch.actions.long()).all()  # every sampled token was inside its nucleus
     assert (masks.sum(-1) < vocab // 2).all()  # and the nucleus is a small part of the vocabulary
+
+
+def test_nlpo_masks_do_not_move_with_the_live_policy(default_model_path):
+    """The masks are the masking model's alone: perturbing the trainable policy (body and
+    LM head) between the rollout and the update changes none of them."""
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    agent = make_agent("nlpo", env, n_steps=8, seed=0, policy_kwargs={"top_p": 0.9})
+    rollout_masks = collect_nlpo_rollout_with_its_masks(agent)
+    buffer = agent.rollout_buffer
+    segments = np.arange(len(buffer.segment_spans))
+    observations = buffer._get_samples(segments).observations
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for parameter in agent.policy.lm.parameters():
+            parameter.mul_(1 + 0.5 * torch.randn_like(parameter))
+        masks = agent.policy.action_masks_for(observations)
+        live_masks = top_p_mask_of_live_policy(agent.policy, observations)
+    assert not torch.equal(live_masks, masks)  # the perturbation does move the live policy's nucleus
+    assert torch.equal(masks, rollout_masks[buffer.segment_token_indices(segments)])
+
+
+def top_p_mask_of_live_policy(policy, observations) -> torch.Tensor:
+    from policies.masked import top_p_mask
+
+    return top_p_mask(policy.action_logits(policy.last_hidden_state(observations)), policy.top_p)
 
 
 def test_nlpo_masking_policy_is_refreshed_every_interval(default_model_path):
@@ -151,3 +198,16 @@ def test_nlpo_masking_policy_is_refreshed_every_interval(default_model_path):
     agent.policy.refresh_mask_model()
     assert torch.equal(next(agent.policy.lm.parameters()), next(agent.policy.mask_lm.parameters()))
     assert agent.rollouts_since_mask_update == 1
+
+
+@pytest.mark.parametrize("algo", ["rloo", "grpo"])
+def test_critic_free_methods_log_no_critic_metrics(default_model_path, algo):
+    env = make_text_vec_env(TASK, n_envs=4, seed=0)
+    agent = make_agent(algo, env, group_size=2, seed=0)
+    value_head = agent.policy.value_head.weight.detach().clone()
+    agent.learn(2 * 4 * env.max_new_tokens)
+    logged = set(agent.logger.name_to_value)  # the last update's records
+    assert {"train/policy_gradient_loss", "train/clip_fraction", "train/approx_kl"} <= logged
+    assert not logged & {"train/value_loss", "train/explained_variance"}, logged
+    assert ("train/kl_loss" in logged) == (algo == "grpo")  # GRPO's KL is in the loss, RLOO's in the reward
+    assert torch.equal(agent.policy.value_head.weight, value_head)  # no critic is trained

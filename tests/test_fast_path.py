@@ -1,9 +1,13 @@
 """Proof of equivalence: the fast path computes exactly what SB3's stock path computes.
 
-One fixed rollout (collected by the fast path: KV-cached decoding, batched env) is
-replayed through SB3's own DictRolloutBuffer and per-transition policy calls.
-Per-token log-probs, values, advantages, returns, losses and the parameters
-after one update must agree within 1e-5.
+SB3's own stock path collects a rollout with its own ``collect_rollouts`` (one
+full forward per step, ``DummyVecEnv`` of single envs, a ``DictRolloutBuffer``).
+The fast path (KV-cached decoding, the batched env, the sequence buffer) then
+collects a rollout from the same start, taking the very same actions (its sampler
+replays the stock path's tokens; sampling itself is tested in test_sampling.py).
+Every state, per-token log-prob, value, reward, advantage and return must agree,
+and so must the losses and the parameters after an update of several epochs of
+several minibatches, drawn as the same sets of tokens on both sides (1e-5).
 """
 
 from __future__ import annotations
@@ -13,11 +17,9 @@ import pytest
 import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.utils import obs_as_tensor
 
 from agents import KLPenaltyCallback, make_agent, make_text_vec_env
 from agents.sequence_buffer import SequenceRolloutBuffer
-from policies.sampling import sample_tokens
 
 N_ENVS, N_STEPS, MAX_PROMPT_LEN, MAX_NEW_TOKENS = 3, 10, 12, 4
 LOSS_TAGS = ("train/policy_gradient_loss", "train/value_loss", "train/entropy_loss", "train/loss",
@@ -35,88 +37,89 @@ class RecordStates(BaseCallback):
         return True
 
 
-def setup_collection(model, callbacks):
-    """What ``learn`` does before its first rollout."""
-    _, callback = model._setup_learn(N_STEPS * N_ENVS, callback=callbacks)
+class ScriptedDictRolloutBuffer(DictRolloutBuffer):
+    """SB3's stock buffer, drawing the minibatches it is given (``partitions``: one list of
+    flat ``step * n_envs + env`` index arrays per call of ``get``) instead of its own."""
+
+    partitions: list[list[np.ndarray]]
+
+    def get(self, batch_size=None):
+        if not self.generator_ready:
+            next(super().get(None))  # SB3 flattens its arrays (env-major) on the first draw
+        for indices in self.partitions.pop(0):
+            steps, envs = np.divmod(indices, self.n_envs)
+            yield self._get_samples(envs * self.buffer_size + steps)
+
+
+def collect(model, callbacks) -> None:
+    """What ``learn`` does before its first rollout, then one rollout."""
+    _, callback = model._setup_learn(N_STEPS * N_ENVS, callback=[KLPenaltyCallback(), *callbacks])
     callback.on_training_start(locals(), globals())
-    return callback
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, N_STEPS)
 
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
-def test_fast_path_equals_stock_path_on_the_same_rollout(default_model_path, algo):
+def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
     env_kwargs = dict(prompts=["The film was", "This phone is", "I bought the charger last week. The battery"],
                       model="default", reward="vader", max_prompt_len=MAX_PROMPT_LEN, max_new_tokens=MAX_NEW_TOKENS)
-    env = make_text_vec_env("textenv/TextGen-v0", n_envs=N_ENVS, seed=3, env_kwargs=env_kwargs)
-    # One minibatch and one epoch, so both paths average over the same tokens; SGD so that
-    # parameter differences are gradient differences (Adam's first step would amplify the
-    # float noise of near-zero gradients to full learning-rate steps).
+    fast_env = make_text_vec_env("textenv/TextGen-v0", n_envs=N_ENVS, seed=3, env_kwargs=env_kwargs)
+    stock_env = make_text_vec_env("textenv/TextGen-v0", n_envs=N_ENVS, seed=3, env_kwargs=env_kwargs, batched=False)
+    # SGD, so that parameter differences are gradient differences (Adam's first step would
+    # amplify the float noise of near-zero gradients to full learning-rate steps).
     hyper = dict(n_steps=N_STEPS, seed=0, kl_coef=0.2, learning_rate=0.1,
                  policy_kwargs=dict(model_name_or_path="default", optimizer_class=torch.optim.SGD))
-    if algo == "ppo":
-        hyper.update(batch_size=N_STEPS * N_ENVS, n_epochs=1)
-    fast = make_agent(algo, env, fast=True, **hyper)
-    stock = make_agent(algo, env, fast=False, **hyper)
+    if algo == "ppo":  # several epochs of several minibatches
+        hyper.update(batch_size=8, n_epochs=2)
+    fast = make_agent(algo, fast_env, fast=True, **hyper)
+    stock = make_agent(algo, stock_env, fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer, **hyper)
     with torch.no_grad():  # a policy that differs from the reference, so KL terms are non-zero
         torch.manual_seed(0)
         for parameter in fast.policy.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
     stock.policy.load_state_dict(fast.policy.state_dict())
     assert isinstance(fast.rollout_buffer, SequenceRolloutBuffer)
-    assert type(stock.rollout_buffer) is DictRolloutBuffer
+    assert type(stock.rollout_buffer) is ScriptedDictRolloutBuffer
 
-    # 1. The fast path collects the rollout.
-    recorder = RecordStates()
-    callback = setup_collection(fast, [KLPenaltyCallback(), recorder])
-    assert fast.collect_rollouts(fast.env, callback, fast.rollout_buffer, N_STEPS)
+    # 1. SB3's own rollout: full forward per step, Categorical sampling, its own buffer.
+    stock_states = RecordStates()
+    collect(stock, [stock_states])
+    stock_buffer = stock.rollout_buffer
+    stock_actions = torch.as_tensor(stock_buffer.actions[..., 0]).long()
+
+    # 2. The fast rollout from the same start, taking the same actions.
+    replay = iter(stock_actions)
+    fast._sample_actions = lambda logits: next(replay)
+    fast_states = RecordStates()
+    collect(fast, [fast_states])
     buffer = fast.rollout_buffer
     assert len(buffer.segment_spans) > N_ENVS  # episodes ended and restarted inside the rollout
+    for step, (stock_state, fast_state) in enumerate(zip(stock_states.states, fast_states.states)):
+        for key in stock_state:
+            np.testing.assert_array_equal(fast_state[key], stock_state[key], err_msg=f"{key} at step {step}")
+    np.testing.assert_array_equal(buffer.actions, stock_buffer.actions)
+    np.testing.assert_array_equal(buffer.episode_starts, stock_buffer.episode_starts)
+    for name in ("log_probs", "values", "rewards", "advantages", "returns"):
+        np.testing.assert_allclose(getattr(buffer, name), getattr(stock_buffer, name), atol=1e-5, err_msg=name)
 
-    # 2. The stock path evaluates the same states one transition at a time.
-    setup_collection(stock, [])
-    stock_buffer = stock.rollout_buffer
-    stock_buffer.reset()
-    actions = torch.as_tensor(buffer.actions[..., 0]).long()
-    stock_entropy = np.zeros((N_STEPS, N_ENVS), dtype=np.float32)
-    with torch.no_grad():
-        for step, state in enumerate(recorder.states):
-            values, log_prob, entropy = stock.policy.evaluate_actions(obs_as_tensor(state, "cpu"), actions[step])
-            np.testing.assert_allclose(log_prob.numpy(), buffer.log_probs[step], atol=1e-5)
-            np.testing.assert_allclose(values.flatten().numpy(), buffer.values[step], atol=1e-5)
-            stock_entropy[step] = entropy.numpy()
-            stock_buffer.add(state, buffer.actions[step], buffer.rewards[step], buffer.episode_starts[step], values, log_prob)
-        last_values = stock.policy.predict_values(obs_as_tensor(fast._last_obs, "cpu"))
-    stock_buffer.compute_returns_and_advantage(last_values=last_values, dones=fast._last_episode_starts)
-    np.testing.assert_allclose(stock_buffer.advantages, buffer.advantages, atol=1e-5)
-    np.testing.assert_allclose(stock_buffer.returns, buffer.returns, atol=1e-5)
-
-    # 3. The update's evaluation (gradients on): one forward per sequence, every token of
-    #    the rollout, against the per-transition values above.
-    list(buffer.get(None))  # prepares the segment index
-    all_segments = np.arange(len(buffer.segment_spans))
-    batch = buffer._get_samples(all_segments)
-    flat = np.concatenate([buffer._segment_tokens[s] for s in all_segments])
-    assert sorted(flat.tolist()) == list(range(N_STEPS * N_ENVS))  # every token exactly once
-    values, log_prob, entropy = fast.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
-    np.testing.assert_allclose(log_prob.detach().numpy(), buffer.log_probs.reshape(-1)[flat], atol=1e-5)
-    np.testing.assert_allclose(values.detach().flatten().numpy(), buffer.values.reshape(-1)[flat], atol=1e-5)
-    np.testing.assert_allclose(entropy.detach().numpy(), stock_entropy.reshape(-1)[flat], atol=1e-5)
-
-    # 4. One update each: same losses, same parameters.
+    # 3. The same minibatches (sets of tokens, in order) on both sides, then one update each.
+    batch_size, n_epochs = (fast.batch_size, fast.n_epochs) if algo == "ppo" else (None, 1)
+    np.random.seed(11)
+    partitions = [[buffer.segment_token_indices(segments) for segments in buffer.minibatch_segments(batch_size)]
+                  for _ in range(n_epochs)]
+    for epoch in partitions:  # every token exactly once per epoch
+        assert sorted(np.concatenate(epoch).tolist()) == list(range(N_STEPS * N_ENVS))
+    if algo == "ppo":
+        assert all(len(epoch) >= 3 for epoch in partitions)
+    stock_buffer.partitions = [list(epoch) for epoch in partitions]
+    before = [p.detach().clone() for p in fast.policy.parameters()]
+    np.random.seed(11)  # the fast buffer draws the same shuffles again
     fast.train()
     stock.train()
+    assert stock_buffer.partitions == []  # the stock update drew exactly the scripted minibatches
     for tag in LOSS_TAGS:
         if tag in stock.logger.name_to_value:
             assert fast.logger.name_to_value[tag] == pytest.approx(stock.logger.name_to_value[tag], abs=1e-5), tag
     for (name, p_fast), p_stock in zip(fast.policy.named_parameters(), stock.policy.parameters()):
         torch.testing.assert_close(p_fast, p_stock, atol=1e-5, rtol=0, msg=name)
-    moved = sum((p - q).abs().max().item() for p, q in zip(fast.policy.parameters(), stock.policy.parameters()))
-    assert moved < 1e-4
-
-
-def test_inverse_cdf_sampling_draws_from_the_softmax():
-    torch.manual_seed(0)
-    logits = torch.tensor([[2.0, 0.0, -1.0, -30.0, 1.0]]).repeat(200_000, 1)
-    counts = torch.bincount(sample_tokens(logits), minlength=5).double() / logits.shape[0]
-    expected = torch.softmax(logits[0].double(), -1)
-    torch.testing.assert_close(counts, expected, atol=4e-3, rtol=0)
-    assert counts[3] == 0  # a token with probability ~1e-14 is (practically) never drawn
+    moved = max((p - q).abs().max().item() for p, q in zip(fast.policy.parameters(), before))
+    assert moved > 1e-3  # the update did change the weights that agree

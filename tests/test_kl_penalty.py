@@ -98,13 +98,56 @@ def test_stored_reward_equals_the_kl_formula_plus_the_terminal_score(default_mod
     assert checked_terminal >= 2 * env.num_envs
 
 
-def test_adaptive_controller_moves_beta_toward_the_target():
+def ziegler_update(beta: float, kl: float, target: float, n_episodes: int, horizon: int) -> float:
+    """Ziegler et al. (2019): e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon,
+    with n the number of episodes of the batch."""
+    error = float(np.clip(kl / target - 1.0, -0.2, 0.2))
+    return beta * (1.0 + error * n_episodes / horizon)
+
+
+@pytest.mark.parametrize("kl, n_episodes", [(4.0, 100), (1.8, 100), (2.1, 37), (0.0, 64)])
+def test_adaptive_controller_follows_ziegler_et_al(kl, n_episodes):
     controller = AdaptiveKLController(value=0.1, target=2.0, horizon=1000)
-    controller.update(observed_kl=4.0, n_steps=100)  # KL above target: beta grows, error clipped at 0.2
-    assert controller.value == pytest.approx(0.1 * (1 + 0.2 * 0.1))
-    controller = AdaptiveKLController(value=0.1, target=2.0, horizon=1000)
-    controller.update(observed_kl=1.8, n_steps=100)  # below target: beta shrinks
-    assert controller.value == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    controller.update(observed_kl=kl, n_episodes=n_episodes)
+    assert controller.value == pytest.approx(ziegler_update(0.1, kl, 2.0, n_episodes, 1000), rel=1e-12)
     fixed = FixedKLController(0.1)
-    fixed.update(observed_kl=100.0, n_steps=100)
+    fixed.update(observed_kl=100.0, n_episodes=100)
     assert fixed.value == 0.1
+
+
+class RolloutKLRecorder(BaseCallback):
+    """Per rollout: beta before the controller's update, the logged mean KL, episodes finished."""
+
+    def _on_training_start(self) -> None:
+        self.rollouts: list[tuple[float, float, int]] = []
+
+    def _on_rollout_start(self) -> None:
+        self.episodes = 0
+
+    def _on_step(self) -> bool:
+        self.episodes += int(np.sum(self.locals["dones"]))
+        return True
+
+    def _on_rollout_end(self) -> None:  # runs after the KL callback's: the controller has updated
+        logged = self.model.logger.name_to_value
+        self.rollouts.append((logged["train/kl_coef"], logged["rollout/kl"], self.episodes))
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["stock-path", "fast-path"])
+def test_kl_controller_counts_episodes_not_tokens(default_model_path, fast):
+    from conftest import PROMPTS
+
+    env = make_text_vec_env(
+        "textenv/TextGen-v0", n_envs=2, seed=1, batched=fast,
+        env_kwargs=dict(prompts=PROMPTS, model="default", max_prompt_len=MAX_PROMPT_LEN, max_new_tokens=MAX_NEW_TOKENS),
+    )
+    model = make_agent("ppo", env, seed=0, kl_coef=0.1, kl_target=0.5, kl_horizon=50, n_steps=12, batch_size=24, fast=fast)
+    recorder = RolloutKLRecorder()
+    model.learn(2 * 12 * env.num_envs, callback=recorder)
+    beta = 0.1
+    for beta_before, kl, episodes in recorder.rollouts:
+        assert beta_before == pytest.approx(beta)
+        assert 0 < episodes < 12 * env.num_envs  # episodes, far fewer than the rollout's tokens
+        beta = ziegler_update(beta, kl, 0.5, episodes, 50)
+    assert model.kl_controller.value == pytest.approx(beta, rel=1e-9)
+    assert model.kl_controller.value != pytest.approx(0.1)  # the controller did move

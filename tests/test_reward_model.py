@@ -17,7 +17,7 @@ from textenv.reward_training import (
     ensure_learned_sentiment_reward_model,
     pairwise_accuracy,
 )
-from textenv.rewards import VaderSentimentReward
+from textenv.rewards import RewardModelReward, VaderSentimentReward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import train_reward_model  # noqa: E402
@@ -57,17 +57,20 @@ def test_reward_source_standardises_scores_with_the_recorded_statistics():
     assert expected[0] > expected[1]
 
 
-def test_reward_model_script_from_a_small_config(tmp_path):
+def test_reward_model_script_from_a_small_config_learns_the_rule(tmp_path):
     data = tmp_path / "prefs.jsonl"
-    save_preference_pairs(builtin_preference_pairs(120, seed=3), data)
-    assert len(load_preference_pairs(data)) == 120
+    save_preference_pairs(builtin_preference_pairs(240, seed=3), data)
+    assert len(load_preference_pairs(data)) == 240
     summary = train_reward_model.main([
         "--data", str(data), "--from-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}',
-        "--output", str(tmp_path / "rm"), "--steps", "5", "--tensorboard-log", "", "--quiet",
+        "--output", str(tmp_path / "rm"), "--steps", "120", "--tensorboard-log", "", "--quiet",
     ])
-    assert 0.0 <= summary["heldout_accuracy_after"] <= 1.0
-    scores = make_reward(str(tmp_path / "rm"))(["a"], [" b"])
-    assert np.isfinite(scores).all()
+    # A fresh 1-layer model starts near chance and learns the pairs' rule on held-out pairs.
+    assert summary["heldout_accuracy_after"] >= 0.75
+    assert summary["heldout_accuracy_after"] > summary["heldout_accuracy_before"] + 0.1
+    reward = make_reward(str(tmp_path / "rm"))
+    scores = reward(["The film was", "The film was"], [" wonderful and fun.", " awful and boring."])
+    assert scores[0] > scores[1]  # the saved folder scores as it learned
 
 
 def test_preference_file_without_rejected_is_refused(tmp_path):
@@ -75,3 +78,26 @@ def test_preference_file_without_rejected_is_refused(tmp_path):
     bad.write_text('{"prompt": "x", "chosen": "y"}\n')
     with pytest.raises(ValueError, match="lacks \\['rejected'\\]"):
         load_preference_pairs(bad)
+
+
+def test_reward_model_truncates_long_texts_on_the_left_keeping_the_completion():
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = ensure_learned_sentiment_reward_model(progress=False)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    users_tokenizer = AutoTokenizer.from_pretrained(path)
+    reward = RewardModelReward(str(path), tokenizer=users_tokenizer, max_length=8, normalize=False)
+    prompt, completion = "The film was long, loud and the seats were hard, but", " the ending was wonderful."
+    ids = users_tokenizer(prompt + completion)["input_ids"]
+    assert len(ids) > 16
+
+    def raw(token_ids: list[int]) -> float:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([token_ids])).logits[0, 0].item()
+
+    # Alone and in a padded batch with a short text: the score of the last 8 tokens.
+    scores = reward([prompt, "Bad"], [completion, "."])
+    assert scores[0] == pytest.approx(raw(ids[-8:]), abs=1e-4)
+    assert abs(scores[0] - raw(ids[:8])) > 1e-3
+    assert reward([prompt], [completion])[0] == pytest.approx(scores[0], abs=1e-4)
+    assert users_tokenizer.truncation_side == "right"  # the caller's tokenizer is left alone

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 
 import textenv  # noqa: F401
@@ -15,6 +16,7 @@ from agents import make_agent, make_text_vec_env
 from agents.evaluation import distinct_n
 from textenv.arithmetic import exact_match_reward
 from textenv.registration import HELDOUT_PROMPTS, short_positive_reward
+from textenv.rewards import VaderSentimentReward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import evaluate  # noqa: E402
@@ -51,12 +53,15 @@ def test_evaluate_script_reports_every_metric_for_a_saved_agent(tmp_path, defaul
     report = evaluate.main([str(tmp_path / "agent.zip"), "--episodes", "16", "--n-envs", "4",
                             "--json", str(tmp_path / "report.json")])
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    vader = VaderSentimentReward()
     for name in ("reference", "agent"):
         metrics = report[name]
-        assert -1.0 <= metrics["task_score"] <= 1.0
+        assert len(metrics["samples"]) == 16  # every evaluated episode, so the mean can be checked
+        prompts, completions, scores = zip(*metrics["samples"])
+        np.testing.assert_allclose(scores, vader(list(prompts), list(completions)), atol=1e-9)
+        assert metrics["task_score"] == pytest.approx(float(np.mean(scores)), abs=1e-9)
         assert metrics["perplexity"] > 1.0 and math.isfinite(metrics["perplexity"])
         assert 0.0 < metrics["distinct_1"] <= 1.0 and 0.0 < metrics["distinct_2"] <= 1.0
-        assert len(metrics["samples"]) == 16
     assert report["reference"]["kl"] == pytest.approx(0.0, abs=1e-3)  # the reference against itself
     heldout = set(HELDOUT_PROMPTS["textenv/PositiveSentiment-v0"]())
     assert all(prompt in heldout for prompt, _, _ in report["agent"]["samples"])
