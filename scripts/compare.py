@@ -16,21 +16,56 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cli import (  # noqa: E402  (after the path set-up)
+    algorithm_name, check_algorithm_kwargs, env_id, json_object, non_negative_int, positive_int,
+)
+
+
+def algorithm_entry(text: str) -> str:
+    """An algorithm name, or ``LABEL:NAME`` for a variant of it (see ``run_comparison``)."""
+    from agents.comparison import split_variant
+
+    algorithm_name(split_variant(text)[1])
+    return text
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="textenv/PositiveSentiment-v0")
-    parser.add_argument("--algos", nargs="+", default=["ppo", "a2c", "trpo", "rloo", "grpo"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--total-tokens", type=int, default=16384, help="generated tokens per run")
-    parser.add_argument("--n-envs", type=int, default=16)
-    parser.add_argument("--eval-episodes", type=int, default=64)
-    parser.add_argument("--algo-kwargs", default="{}", metavar="JSON",
+    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0")
+    parser.add_argument("--algos", nargs="+", type=algorithm_entry, default=["ppo", "a2c", "trpo", "rloo", "grpo"],
+                        help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry")
+    parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0])
+    parser.add_argument("--total-tokens", type=positive_int, default=16384, help="generated tokens per run")
+    parser.add_argument("--n-envs", type=positive_int, default=16)
+    parser.add_argument("--eval-episodes", type=positive_int, default=64)
+    parser.add_argument("--algo-kwargs", type=json_object('{"trpo": {"cg_max_steps": 5}}'), default="{}",
+                        metavar="JSON",
                         help="per-algorithm arguments, e.g. '{\"trpo\": {\"cg_max_steps\": 5}}'")
     parser.add_argument("--output", default="runs/compare", help="folder for the plot and the table")
     parser.add_argument("--tensorboard-log", default="runs/compare/tb")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here, before any model loads: every run's arguments, not just the first run's.
+    from agents.comparison import split_variant
+
+    runs = dict(split_variant(entry) for entry in args.algos)  # label -> algorithm
+    if len(runs) < len(args.algos):
+        parser.error(f"argument --algos: a label appears twice in {args.algos}. Fix: give each variant its own "
+                     "label, e.g. ppo ppo-small:ppo.")
+    example = '\'{"ppo": {"n_epochs": 2}}\''
+    for label, kwargs in args.algo_kwargs.items():
+        if label not in runs:
+            parser.error(f"argument --algo-kwargs: {label!r} is not one of --algos {list(runs)}. Fix: key the "
+                         f"arguments by an algorithm (or LABEL) that runs, e.g. {example}.")
+        if not isinstance(kwargs, dict):
+            parser.error(f"argument --algo-kwargs: the arguments for {label!r} must be a JSON object, got "
+                         f"{json.dumps(kwargs)}. Fix: e.g. {example}.")
+    set_by_script = {"seed": "--seeds", "tensorboard_log": "--tensorboard-log",
+                     "kl_target": "scripts/train.py --target-kl (compare runs every algorithm at kl_target=4)"}
+    for label, algo in runs.items():
+        check_algorithm_kwargs(parser, algo, args.algo_kwargs.get(label, {}), args.n_envs, set_by_script)
+    return args
 
 
 def main(argv=None) -> str:
@@ -41,7 +76,7 @@ def main(argv=None) -> str:
     from agents.comparison import markdown_table, plot_curves, run_comparison
 
     results = run_comparison(args.env, args.algos, args.seeds, args.total_tokens, args.n_envs,
-                             args.eval_episodes, args.tensorboard_log or None, json.loads(args.algo_kwargs))
+                             args.eval_episodes, args.tensorboard_log or None, args.algo_kwargs)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)

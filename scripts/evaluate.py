@@ -14,25 +14,32 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cli import (  # noqa: E402  (after the path set-up)
+    agent_zip, check_env_kwargs, env_id, existing_file, json_object, non_negative_int, positive_int,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("agent", help="a .zip saved by scripts/train.py (or model.save)")
-    parser.add_argument("--env", default="textenv/PositiveSentiment-v0", help="registered environment id")
-    parser.add_argument("--env-kwargs", default="{}", help="JSON of extra environment arguments (e.g. the model)")
-    parser.add_argument("--prompts", default=None,
+    parser.add_argument("agent", type=agent_zip, help="a .zip saved by scripts/train.py (or model.save)")
+    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
+                        help="registered environment id, or module:id to import the module that registers it")
+    parser.add_argument("--env-kwargs", type=json_object('{"model": "out/sft"}'), default="{}", metavar="JSON",
+                        help="JSON of extra environment arguments (e.g. the model)")
+    parser.add_argument("--prompts", type=existing_file, default=None,
                         help="held-out prompts (.txt/.jsonl); default: the built-in task's held-out prompts")
-    parser.add_argument("--episodes", type=int, default=128)
-    parser.add_argument("--n-envs", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=positive_int, default=128)
+    parser.add_argument("--n-envs", type=positive_int, default=16)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_env_kwargs(parser, "--env-kwargs", args.env, args.env_kwargs)  # before the env loads its models
+    return args
 
 
 def main(argv=None) -> dict:
-    import json
-
     args = parse_args(argv)
     import transformers
 
@@ -41,7 +48,7 @@ def main(argv=None) -> dict:
     from agents.evaluation import compare_with_reference, format_report, report_json, save_report_json
     from textenv.registration import HELDOUT_PROMPTS
 
-    env_kwargs = json.loads(args.env_kwargs)
+    env_kwargs = dict(args.env_kwargs)
     if args.prompts:
         env_kwargs["prompts"] = args.prompts
     elif args.env in HELDOUT_PROMPTS:

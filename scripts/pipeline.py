@@ -21,17 +21,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _cli import non_negative_float, non_negative_int, positive_int  # noqa: E402  (after the path set-up)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/pipeline")
-    parser.add_argument("--sft-steps", type=int, default=600)
-    parser.add_argument("--rm-steps", type=int, default=400)
-    parser.add_argument("--ppo-timesteps", type=int, default=24_576)
-    parser.add_argument("--kl-coef", type=float, default=0.05, help="initial KL coefficient beta")
-    parser.add_argument("--target-kl", type=float, default=4.0)
-    parser.add_argument("--eval-episodes", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft-steps", type=positive_int, default=600)
+    parser.add_argument("--rm-steps", type=positive_int, default=400)
+    parser.add_argument("--ppo-timesteps", type=positive_int, default=24_576)
+    parser.add_argument("--kl-coef", type=non_negative_float, default=0.05, help="initial KL coefficient beta")
+    parser.add_argument("--target-kl", type=non_negative_float, default=4.0)
+    parser.add_argument("--eval-episodes", type=positive_int, default=128)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     return parser.parse_args(argv)
 
 

@@ -19,20 +19,26 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cli import (  # noqa: E402  (after the path set-up)
+    existing_file, fraction, non_negative_int, positive_float, positive_int,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="causal LM name or path to start from")
-    parser.add_argument("--data", default=None, help=".txt or .jsonl corpus (default: the built-in demonstrations, "
+    parser.add_argument("--data", type=existing_file, default=None,
+                        help=".txt or .jsonl corpus (default: the built-in demonstrations, "
                         "reviews that VADER rates positive)")
     parser.add_argument("--output", required=True, help="folder to save the fine-tuned model and tokenizer")
-    parser.add_argument("--heldout-fraction", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-fraction", type=fraction, default=0.05)
+    parser.add_argument("--steps", type=positive_int, default=500)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--learning-rate", type=positive_float, default=1e-4)
+    parser.add_argument("--max-length", type=positive_int, default=64)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/sft", help="TensorBoard folder ('' to disable)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)

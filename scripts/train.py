@@ -15,30 +15,47 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cli import (  # noqa: E402  (after the path set-up)
+    algorithm_name, check_algorithm_kwargs, device, env_id, json_object, non_negative_float, non_negative_int,
+    positive_float, positive_int,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", default="textenv/PositiveSentiment-v0", help="registered environment id")
-    parser.add_argument("--algo", default="ppo", help="algorithm name (see agents.ALGORITHMS)")
+    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
+                        help="registered environment id, or module:id to import the module that registers it")
+    parser.add_argument("--algo", type=algorithm_name, default="ppo", help="algorithm name (see agents.ALGORITHMS)")
     parser.add_argument("--model", default=None, help="policy and reference model: name or path (default: the env's)")
-    parser.add_argument("--total-timesteps", type=int, default=24_576, help="generated tokens to train on")
-    parser.add_argument("--n-envs", type=int, default=16, help="parallel episodes")
-    parser.add_argument("--kl-coef", type=float, default=None,
+    parser.add_argument("--total-timesteps", type=positive_int, default=24_576, help="generated tokens to train on")
+    parser.add_argument("--n-envs", type=positive_int, default=16, help="parallel episodes")
+    parser.add_argument("--kl-coef", type=non_negative_float, default=None,
                         help="KL coefficient beta (initial value if adaptive); default: the algorithm's (0.05; GRPO 0.3)")
-    parser.add_argument("--target-kl", type=float, default=4.0,
+    parser.add_argument("--target-kl", type=non_negative_float, default=4.0,
                         help="target per-episode KL for the adaptive beta controller; 0 keeps beta fixed")
-    parser.add_argument("--learning-rate", type=float, default=None, help="override the algorithm's default")
-    parser.add_argument("--group-size", type=int, default=None, help="rloo/grpo: completions per prompt (default 4)")
-    parser.add_argument("--algo-kwargs", default="{}", metavar="JSON",
+    parser.add_argument("--learning-rate", type=positive_float, default=None, help="override the algorithm's default")
+    parser.add_argument("--group-size", type=positive_int, default=None,
+                        help="rloo/grpo: completions per prompt (default 4)")
+    parser.add_argument("--algo-kwargs", type=json_object('{"n_epochs": 2}'), default="{}", metavar="JSON",
                         help='more algorithm arguments, e.g. \'{"n_epochs": 2, "clip_range": 0.1}\'')
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-episodes", type=int, default=128, help="episodes for the before/after score")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--eval-episodes", type=positive_int, default=128, help="episodes for the before/after score")
     parser.add_argument("--tensorboard-log", default="runs", help="TensorBoard folder ('' to disable)")
     parser.add_argument("--save-path", default=None, help="where to save the agent (.zip)")
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--device", type=device, default="auto", help="'auto', 'cpu' or 'cuda'")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # Checked here, before any model loads, as make_agent would check them after.
+    from agents.registry import algorithm_keywords
+
+    if args.group_size is not None and "group_size" not in algorithm_keywords(args.algo):
+        parser.error(f"argument --group-size: {args.algo} draws one completion per prompt. "
+                     "Fix: drop --group-size, or use --algo rloo or grpo.")
+    group = {} if args.group_size is None else {"group_size": args.group_size}
+    check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -68,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         agent_kwargs["learning_rate"] = args.learning_rate
     if args.group_size is not None:
         agent_kwargs["group_size"] = args.group_size
-    agent_kwargs.update(json.loads(args.algo_kwargs))
+    agent_kwargs.update(args.algo_kwargs)
     model = make_agent(args.algo, env, **agent_kwargs)
 
     before = evaluate_agent(model, eval_env, args.eval_episodes, seed=args.seed)

@@ -19,24 +19,34 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cli import (  # noqa: E402  (after the path set-up)
+    check_gpt2_config, existing_file, fraction, json_object, non_negative_int, positive_float, positive_int,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="classifier or causal LM name/path to start from")
-    parser.add_argument("--from-config", default=None, metavar="JSON",
+    parser.add_argument("--from-config", type=json_object('{"n_layer": 2, "n_embd": 64, "n_head": 2}'), default=None,
+                        metavar="JSON",
                         help='build a small new GPT-2 classifier instead, e.g. \'{"n_layer": 2, "n_embd": 64, "n_head": 2}\' '
                              "(the tokenizer comes from --model)")
-    parser.add_argument("--data", default=None, help="preference JSONL (default: the built-in pairs)")
+    parser.add_argument("--data", type=existing_file, default=None,
+                        help="preference JSONL (default: the built-in pairs)")
     parser.add_argument("--output", required=True)
-    parser.add_argument("--heldout-fraction", type=float, default=0.15)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--learning-rate", type=float, default=5e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-fraction", type=fraction, default=0.15)
+    parser.add_argument("--steps", type=positive_int, default=400)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--learning-rate", type=positive_float, default=5e-4)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/reward_model", help="TensorBoard folder ('' to disable)")
     parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.from_config is not None:  # before the tokenizer (and so the default model) loads
+        check_gpt2_config(parser, "--from-config", args.from_config, set_by_script={"num_labels", "pad_token_id"})
+    return args
 
 
 def main(argv=None) -> dict:
@@ -53,10 +63,10 @@ def main(argv=None) -> dict:
     random.Random(args.seed).shuffle(pairs)
     n_heldout = max(1, int(len(pairs) * args.heldout_fraction))
     tokenizer = load_tokenizer(args.model)
-    if args.from_config:
+    if args.from_config is not None:
         from transformers import GPT2Config, GPT2ForSequenceClassification
 
-        config = GPT2Config(**{"vocab_size": len(tokenizer), **json.loads(args.from_config)}, num_labels=1,
+        config = GPT2Config(**{"vocab_size": len(tokenizer), **args.from_config}, num_labels=1,
                             pad_token_id=tokenizer.pad_token_id)
         model = GPT2ForSequenceClassification(config)
     else:

@@ -1,0 +1,267 @@
+"""Argument checks shared by the scripts: bad input becomes a usage error.
+
+Every check here runs while the arguments are parsed, before any model is
+loaded or built, and reports through argparse (``prog: error: ...``, exit code
+2, no traceback) with one line that names the fix. The ``type=`` functions raise
+``argparse.ArgumentTypeError``; the checks of several arguments together take
+the parser and call ``parser.error``.
+
+It lives beside the scripts rather than in the library because it speaks
+argparse; the library's own checks (``agents.registry.check_algorithm_kwargs``)
+do the work where there is one. Heavy imports (gymnasium, torch, the agents)
+happen inside the checks that need them, so ``--help`` and a bad number stay
+instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import json
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+TEXT_ENTRY_POINT = "textenv.env:TextGenEnv"
+
+
+def positive_int(text: str) -> int:
+    """A count (steps, episodes, parallel envs): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer. Fix: pass a whole number >= 1.")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """A seed: a whole number >= 0 (NumPy refuses negative seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer. Fix: pass a whole number >= 0.")
+    return value
+
+
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None  # no nan, no inf
+
+
+def positive_float(text: str) -> float:
+    """A learning rate: a finite number > 0."""
+    value = _float(text)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number. Fix: pass a number > 0, e.g. 1e-4.")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A KL coefficient or target: a finite number >= 0."""
+    value = _float(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative number. Fix: pass a number >= 0.")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A held-out share: strictly between 0 and 1, so both parts are non-empty."""
+    value = _float(text)
+    if value is None or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction. Fix: pass a number between 0 and 1, e.g. 0.1.")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """A path that must name a file now, rather than after the models have loaded."""
+    if not Path(text).expanduser().is_file():
+        raise argparse.ArgumentTypeError(
+            f"no such file: {text!r}. Fix: check the path (relative paths start from {Path.cwd()})."
+        )
+    return text
+
+
+def agent_zip(text: str) -> str:
+    """An agent saved by ``model.save``: a zip file (SB3 adds a missing ``.zip``)."""
+    path = Path(text).expanduser()
+    if not path.is_file() and Path(f"{path}.zip").is_file():
+        path = Path(f"{path}.zip")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(
+            f"no such agent file: {text!r}. Fix: pass the .zip that scripts/train.py saved "
+            "(by default runs/<env>-<algo>-seed<seed>.zip)."
+        )
+    if not zipfile.is_zipfile(path):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a saved agent (not a zip file). Fix: pass the .zip that scripts/train.py "
+            "or model.save wrote; a model folder goes to --env-kwargs '{\"model\": ...}' instead."
+        )
+    return text
+
+
+def json_object(example: str) -> Callable[[str], dict[str, Any]]:
+    """A ``type=`` for a JSON object argument; ``example`` shows a valid one in the error."""
+
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(
+                f"not valid JSON ({error.msg} at column {error.colno}) in {text!r}. "
+                f"Fix: write a JSON object with double-quoted keys, in single shell quotes, e.g. '{example}'."
+            ) from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is JSON but not an object. Fix: write a JSON object, e.g. '{example}'."
+            )
+        return value
+
+    parse.__name__ = "json_object"
+    return parse
+
+
+def _text_env_ids() -> list[str]:
+    import gymnasium as gym
+
+    from textenv.env import TextGenEnv
+
+    return sorted(
+        env_id for env_id, spec in gym.registry.items() if spec.entry_point in (TEXT_ENTRY_POINT, TextGenEnv)
+    )
+
+
+def env_id(text: str) -> str:
+    """A registered environment id, or ``module:id`` whose module registers it on import.
+
+    Importing ``textenv`` registers the built-in ids without loading any model, so
+    the registry answers now. Returns the plain id.
+    """
+    import importlib
+
+    import gymnasium as gym
+
+    import textenv  # noqa: F401  (registers the textenv/... ids)
+
+    module, _, plain_id = text.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise argparse.ArgumentTypeError(
+                f"cannot import {module!r} to register {plain_id!r} ({error}). "
+                "Fix: pass module:id with a module importable from here (on PYTHONPATH)."
+            ) from None
+    try:
+        gym.spec(plain_id)
+    except gym.error.Error:
+        registered = _text_env_ids()
+        close = difflib.get_close_matches(plain_id, registered, n=1)
+        hint = f"did you mean {close[0]!r}? Otherwise use" if close else "use"
+        raise argparse.ArgumentTypeError(
+            f"unknown environment id {plain_id!r}. Fix: {hint} a registered id such as "
+            "textenv/PositiveSentiment-v0, or register yours with textenv.register_task in a module "
+            f"and pass --env your_module:{plain_id} (registered: {', '.join(registered)})."
+        ) from None
+    return plain_id
+
+
+def algorithm_name(text: str) -> str:
+    """A name in ``agents.ALGORITHMS`` (any case), returned in lower case."""
+    from agents.registry import algorithm_class
+
+    try:
+        algorithm_class(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text.lower()
+
+
+def device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...: parsed by torch, CUDA only where there is a GPU."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device. Fix: pass auto, cpu or cuda.") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible here. Fix: pass --device cpu (or auto).")
+    return text
+
+
+def check_algorithm_kwargs(
+    parser: argparse.ArgumentParser,
+    algo: str,
+    kwargs: dict[str, Any],
+    n_envs: int | None = None,
+    set_by_script: dict[str, str] | None = None,
+) -> None:
+    """Refuse ``--algo-kwargs`` that the algorithm would reject, or that clash with what
+    the script passes itself (``set_by_script``: keyword -> the option to use instead)."""
+    from agents.registry import check_algorithm_kwargs as check
+
+    set_by_script = {"env": "--env", **(set_by_script or {})}
+    for key in kwargs:
+        if key in set_by_script:
+            parser.error(f"argument --algo-kwargs: {key!r} is set by this script. Fix: use {set_by_script[key]}.")
+    try:
+        check(algo, kwargs, n_envs=n_envs)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def check_env_kwargs(parser: argparse.ArgumentParser, option: str, env_id: str, kwargs: dict[str, Any]) -> None:
+    """Refuse keywords that a text task's constructor would reject (checked for ``TextGenEnv`` ids)."""
+    import gymnasium as gym
+
+    from textenv.env import TextGenEnv
+    from textenv.task import TextTask
+
+    if gym.spec(env_id).entry_point not in (TEXT_ENTRY_POINT, TextGenEnv):
+        return
+    known = [name for name in inspect.signature(TextTask.__init__).parameters if name != "self"] + ["render_mode"]
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? Otherwise use" if close else "use"
+            parser.error(f"argument {option}: unknown environment argument {key!r}. "
+                         f"Fix: {hint} one of {', '.join(known)}.")
+
+
+def check_gpt2_config(
+    parser: argparse.ArgumentParser, option: str, config: dict[str, Any], set_by_script: set[str]
+) -> None:
+    """Refuse a GPT-2 config that would fail (or silently ignore a typo) when the model is built."""
+    from transformers import GPT2Config
+
+    known = [name for name in inspect.signature(GPT2Config.__init__).parameters if name != "self"]
+    known += list(GPT2Config.attribute_map)
+    for key in config:
+        if key in set_by_script:
+            parser.error(f"argument {option}: {key!r} is set by this script. Fix: leave it out.")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            parser.error(f"argument {option}: unknown GPT-2 config key {key!r}{hint}. Fix: use GPT2Config's "
+                         "names, e.g. n_layer, n_embd, n_head, n_positions.")
+    try:
+        built = GPT2Config(**config)
+        n_embd, n_head = int(built.n_embd), int(built.n_head)
+        valid = n_embd > 0 and n_head > 0 and n_embd % n_head == 0 and int(built.n_layer) > 0
+    except Exception as error:  # transformers validates fields with its own error classes
+        reason = " ".join(str(error).split())
+        parser.error(f"argument {option}: invalid GPT-2 config ({reason}). Fix: give whole numbers, e.g. "
+                     '\'{"n_layer": 2, "n_embd": 64, "n_head": 2}\'.')
+    if not valid:
+        parser.error(f"argument {option}: n_embd={n_embd} must be a positive multiple of n_head={n_head}, "
+                     "and n_layer >= 1. Fix: e.g. '{\"n_layer\": 2, \"n_embd\": 64, \"n_head\": 2}'.")

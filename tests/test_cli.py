@@ -1,0 +1,176 @@
+"""Bad command-line input is a usage error (exit 2, one line naming the fix, no
+traceback) before any model is loaded or built; and the algorithm keyword check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from agents import ALGORITHMS
+from agents.algorithms import A2C_DEFAULTS, PPO_DEFAULTS, TRPO_DEFAULTS
+from agents.group_methods import GROUP_DEFAULTS
+from agents.registry import algorithm_keywords, check_algorithm_kwargs, make_agent
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="module")
+def saved_agent(tmp_path_factory) -> Path:
+    """A zip file where an agent would be: enough for the arguments to get past the file check."""
+    path = tmp_path_factory.mktemp("agent") / "agent.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("data", "{}")
+    return path
+
+
+def run_script(script: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
+    """The script as a user runs it, with textenv's model cache pointed at ``home``."""
+    env = {**os.environ, "TEXTENV_HOME": str(home)}
+    return subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, script: str, expected: str, home: Path) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    error_line = result.stderr.strip().splitlines()[-1]
+    assert error_line.startswith(f"{script}: error: "), result.stderr
+    assert expected in error_line, error_line
+    assert not home.exists() or not any(home.iterdir()), "a model was built or cached"
+
+
+BAD_TRAIN_ARGUMENTS = [
+    (["--env", "nope/Nope-v0"],
+     "unknown environment id 'nope/Nope-v0'. Fix: use a registered id such as textenv/PositiveSentiment-v0, "
+     "or register yours with textenv.register_task"),
+    (["--env", "textenv/PositiveSentiment-v1"], "did you mean 'textenv/PositiveSentiment-v0'?"),
+    (["--algo-kwargs", "{bad"], "argument --algo-kwargs: not valid JSON"),
+    (["--algo-kwargs", "[2]"], "argument --algo-kwargs: '[2]' is JSON but not an object. Fix: write a JSON object"),
+    (["--algo-kwargs", '{"n_epoch": 2}'],
+     "Unknown keyword argument for algorithm 'ppo': 'n_epoch' (did you mean 'n_epochs'?). Fix:"),
+    (["--algo-kwargs", '{"normalize_advantage": true}'],
+     "textenv agents do not take SB3's normalize_advantage. Fix: pass advantage_normalization='minibatch'"),
+    (["--total-timesteps", "-5"],
+     "argument --total-timesteps: '-5' is not a positive integer. Fix: pass a whole number >= 1"),
+    (["--n-envs", "0"], "argument --n-envs: '0' is not a positive integer"),
+    (["--algo", "dqn"], "argument --algo: Unknown algorithm 'dqn'. Fix: use one of"),
+    (["--algo", "grpo", "--n-envs", "6"], "grpo's group_size=4 must divide n_envs=6"),
+    (["--group-size", "4"], "argument --group-size: ppo draws one completion per prompt. Fix: drop --group-size"),
+]
+
+
+@pytest.mark.parametrize("args, expected", BAD_TRAIN_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_TRAIN_ARGUMENTS])
+def test_train_refuses_bad_arguments_before_loading_a_model(tmp_path, args, expected):
+    home = tmp_path / "textenv-home"
+    assert_usage_error(run_script("train.py", args, home), "train.py", expected, home)
+
+
+BAD_OTHER_ARGUMENTS = [
+    ("compare.py", ["--algos", "ppo", "dqn"], "argument --algos: Unknown algorithm 'dqn'"),
+    ("compare.py", ["--algo-kwargs", '{"n_epochs": 2}'],
+     "argument --algo-kwargs: 'n_epochs' is not one of --algos"),
+    ("compare.py", ["--algos", "trpo", "--algo-kwargs", '{"trpo": {"cg_max_step": 5}}'],
+     "did you mean 'cg_max_steps'?"),
+    ("compare.py", ["--algos", "ppo", "big:ppo", "--algo-kwargs", '{"big": {"n_epoch": 8}}'],
+     "did you mean 'n_epochs'?"),
+    ("compare.py", ["--algos", "ppo", "fast:dqn"], "argument --algos: Unknown algorithm 'dqn'"),
+    ("compare.py", ["--seeds", "0", "-1"], "argument --seeds: '-1' is not a non-negative integer"),
+    ("evaluate.py", ["no/such/agent.zip"], "argument agent: no such agent file: 'no/such/agent.zip'. Fix:"),
+    ("evaluate.py", ["{agent}", "--env", "nope/Nope-v0"], "argument --env: unknown environment id 'nope/Nope-v0'"),
+    ("evaluate.py", ["{agent}", "--env-kwargs", "{bad"], "argument --env-kwargs: not valid JSON"),
+    ("evaluate.py", ["{agent}", "--env-kwargs", '{"max_new_token": 4}'], "did you mean 'max_new_tokens'?"),
+    ("evaluate.py", ["{agent}", "--episodes", "0"], "argument --episodes: '0' is not a positive integer"),
+    ("sft.py", ["--output", "{tmp}/sft", "--data", "no/such/corpus.txt"], "argument --data: no such file"),
+    ("sft.py", ["--output", "{tmp}/sft", "--steps", "0"], "argument --steps: '0' is not a positive integer"),
+    ("train_reward_model.py", ["--output", "{tmp}/rm", "--from-config", "{bad"],
+     "argument --from-config: not valid JSON"),
+    ("train_reward_model.py", ["--output", "{tmp}/rm", "--from-config", '{"n_layers": 2}'],
+     "unknown GPT-2 config key 'n_layers' (did you mean 'n_layer'?)"),
+    ("train_reward_model.py", ["--output", "{tmp}/rm", "--heldout-fraction", "1.5"],
+     "argument --heldout-fraction: '1.5' is not a fraction"),
+    ("pipeline.py", ["--output", "{tmp}/pipeline", "--ppo-timesteps", "0"],
+     "argument --ppo-timesteps: '0' is not a positive integer"),
+]
+
+
+@pytest.mark.parametrize("script, args, expected", BAD_OTHER_ARGUMENTS,
+                         ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_OTHER_ARGUMENTS])
+def test_every_script_refuses_bad_arguments_before_loading_a_model(tmp_path, saved_agent, script, args, expected):
+    home = tmp_path / "textenv-home"
+    args = [arg.replace("{agent}", str(saved_agent)).replace("{tmp}", str(tmp_path)) for arg in args]
+    assert_usage_error(run_script(script, args, home), script, expected, home)
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "rm").exists()
+
+
+def test_good_arguments_parse_to_checked_values(saved_agent):
+    import compare
+    import evaluate
+    import train
+    import train_reward_model
+
+    args = train.parse_args(["--algo", "GRPO", "--n-envs", "8", "--group-size", "8",
+                             "--algo-kwargs", '{"n_epochs": 1, "kl_horizon": 500}'])
+    assert (args.algo, args.group_size, args.algo_kwargs) == ("grpo", 8, {"n_epochs": 1, "kl_horizon": 500})
+    assert train.parse_args([]).algo_kwargs == {}
+    args = compare.parse_args(["--algos", "ppo", "nlpo", "ppo-small:ppo", "--algo-kwargs",
+                               '{"nlpo": {"mask_update_interval": 2}, "ppo-small": {"batch_size": 32}}'])
+    assert args.algo_kwargs == {"nlpo": {"mask_update_interval": 2}, "ppo-small": {"batch_size": 32}}
+    args = evaluate.parse_args([str(saved_agent)[: -len(".zip")], "--env-kwargs", '{"max_new_tokens": 4}'])
+    assert args.env_kwargs == {"max_new_tokens": 4}
+    config = '{"n_layer": 1, "n_embd": 32, "n_head": 2}'
+    args = train_reward_model.parse_args(["--output", "rm", "--from-config", config])
+    assert args.from_config == {"n_layer": 1, "n_embd": 32, "n_head": 2}
+
+
+REAL_KEYWORDS = {
+    "ppo": PPO_DEFAULTS,
+    "a2c": A2C_DEFAULTS,
+    "trpo": TRPO_DEFAULTS,
+    "rloo": {**GROUP_DEFAULTS, "group_size": 4},
+    "grpo": {**GROUP_DEFAULTS, "group_size": 8},
+    "nlpo": {**PPO_DEFAULTS, "mask_update_interval": 2},
+}
+COMMON = dict(kl_coef=0.1, kl_target=4.0, kl_horizon=1000, fast=True, seed=0, device="cpu", verbose=0,
+              tensorboard_log=None, learning_rate=1e-4, policy_kwargs={})
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_every_real_keyword_of_each_algorithm_passes(name):
+    assert set(REAL_KEYWORDS) == set(ALGORITHMS)
+    check_algorithm_kwargs(name, {**COMMON, **REAL_KEYWORDS[name]}, n_envs=16)
+    assert set(REAL_KEYWORDS[name]) | set(COMMON) <= algorithm_keywords(name)
+
+
+def test_keyword_walk_stops_at_the_first_init_without_kwargs():
+    assert "group_size" in algorithm_keywords("grpo") and "group_size" not in algorithm_keywords("ppo")
+    assert "mask_update_interval" in algorithm_keywords("nlpo")
+    assert "batch_size" not in algorithm_keywords("a2c")  # PPO's, not A2C's
+    # OnPolicyAlgorithm's own parameters are fixed by PPO.__init__, which takes no **kwargs.
+    assert "supported_action_spaces" not in algorithm_keywords("ppo")
+
+
+def test_a_typo_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"'n_epoch' \(did you mean 'n_epochs'\?\)\. Fix: use keywords that ppo"):
+        check_algorithm_kwargs("ppo", {"n_epoch": 2})
+    with pytest.raises(ValueError, match="'batch_size'"):
+        check_algorithm_kwargs("a2c", {"batch_size": 64})
+
+
+def test_group_size_must_divide_the_parallel_episodes():
+    with pytest.raises(ValueError, match="group_size=3 must divide n_envs=16 .*Fix: use n_envs a multiple of 3"):
+        check_algorithm_kwargs("rloo", {"group_size": 3}, n_envs=16)
+    with pytest.raises(ValueError, match="integer >= 2"):
+        check_algorithm_kwargs("grpo", {"group_size": 1})
+    with pytest.raises(ValueError, match="must divide n_envs=6"):  # the default group of 4
+        check_algorithm_kwargs("grpo", {}, n_envs=6)
+
+
+def test_make_agent_checks_keywords_before_building_anything():
+    with pytest.raises(ValueError, match="did you mean 'n_epochs'"):
+        make_agent("ppo", None, n_epoch=2)  # no environment needed: refused first
