@@ -1,25 +1,35 @@
-"""Throughput of the framework against bare PyTorch loops doing the same work.
+"""Throughput of the framework against the tightest honest bare PyTorch loops.
 
 Every figure is generated tokens per second, measured in this process on this
-machine, so ratios compare like with like:
+machine, so ratios compare like with like. The bare loops (the "floor") do the
+work of one framework PPO iteration and nothing more; a ratio below 1 is what
+the framework's generality (Gymnasium env, SB3 buffers and callbacks) costs.
 
-- rollout: the agent's ``collect_rollouts`` (policy + reference + env, scoring
-  excluded) against a bare KV-cached decode loop of the same two models;
-- update: the agent's ``train`` (n_epochs over the rollout) against bare
-  forward + backward + AdamW passes over the same token sequences, split into the
-  same number of minibatches;
+- rollout: the agent's ``collect_rollouts`` (policy decode, env steps, reference
+  log-probs, GAE; task scoring excluded) against ``bare_rollout``: a KV-cached policy
+  decode that yields each sampled token's log-prob and value, then one
+  teacher-forced reference pass over the finished sequences;
+- update: the agent's ``train`` against ``bare_ppo_update``: the same n_epochs x
+  minibatches of forward + backward + clip_grad_norm + AdamW over the rollout's
+  sequences (whole sequences per minibatch, one teacher-forced pass each);
 - end to end: full iterations (rollout, scoring, update) of the fast path, of
-  SB3's stock path with the same policy, and of a bare PyTorch PPO loop
-  (KV-cached sampling, one teacher-forced pass each for reference and old
-  log-probs, n_epochs of forward, backward and AdamW over the whole batch).
+  SB3's stock path with the same policy, and of the tight bare PPO loop
+  (``measure_bare_ppo``): ``bare_rollout``, VADER on the decoded texts, per-token
+  rewards ``-0.05 * (logp - ref_logp)`` plus the score on the last token, GAE
+  (gamma 1, lambda 0.95), ``bare_ppo_update``. The decode's log-probs and values
+  are used as the old log-probs and values, not recomputed (a test checks they
+  equal a teacher-forced recomputation).
 
 Workloads use randomly initialised GPT-2 models and a word-level tokenizer built
 here (no downloads); prompts are 8-16 random words, and the tokenizer has no EOS
-token, so every episode runs its full ``new_tokens``.
+token, so every episode runs its full ``new_tokens``. ``Workload.iterations`` is
+the default number of timed iterations: 16,384 generated tokens per variant on S
+and L, 8,192 on M (seconds per variant on a 2-core CPU, except SB3's stock path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import random
 import resource
@@ -43,6 +53,7 @@ class Workload:
     prompt_tokens: tuple[int, int] = (8, 16)
     n_epochs: int = 4
     minibatches: int = 4
+    iterations: int = 1  # default number of timed iterations
 
     @property
     def max_prompt_len(self) -> int:
@@ -54,9 +65,9 @@ class Workload:
 
 
 WORKLOADS = {
-    "S": Workload("S", n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_envs=16, new_tokens=32),
-    "M": Workload("M", n_layer=4, n_embd=256, n_head=4, vocab_size=8000, n_envs=32, new_tokens=64),
-    "L": Workload("L", n_layer=12, n_embd=768, n_head=12, vocab_size=50_000, n_envs=64, new_tokens=128),
+    "S": Workload("S", n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_envs=16, new_tokens=32, iterations=32),
+    "M": Workload("M", n_layer=4, n_embd=256, n_head=4, vocab_size=8000, n_envs=32, new_tokens=64, iterations=4),
+    "L": Workload("L", n_layer=12, n_embd=768, n_head=12, vocab_size=50_000, n_envs=64, new_tokens=128, iterations=2),
     # A seconds-long workload for smoke tests of the benchmark itself.
     "tiny": Workload("tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_envs=4, new_tokens=6, minibatches=2),
 }
@@ -137,10 +148,6 @@ class Measurement:
     tokens: int
     parts: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds
-
 
 # -- the framework ------------------------------------------------------------------------
 
@@ -212,19 +219,26 @@ def measure_framework(
     return Measurement(total, workload.tokens_per_iteration * iterations, parts)
 
 
-# -- bare PyTorch loops --------------------------------------------------------------------
+# -- the tight floor: bare PyTorch loops ---------------------------------------------------
+#
+# The same work as one framework iteration and nothing more: each quantity is computed once.
+# The decode's log-probs and values serve as the old log-probs and values (a test checks
+# they equal a teacher-forced recomputation); the reference scores the finished sequences
+# in one teacher-forced pass; LM and value heads run only where a token is predicted.
 
 
-def _bare_models(model_path: Path, device: torch.device):
+def bare_models(model_path: Path, device: torch.device) -> tuple[Any, Any, torch.nn.Linear]:
+    """Policy LM, frozen reference LM (both loaded from ``model_path``) and a linear value head."""
     from textenv.models import load_causal_lm
 
     policy = load_causal_lm(str(model_path), device)
     reference = load_causal_lm(str(model_path), device).requires_grad_(False)
-    value_head = torch.nn.Linear(policy.config.n_embd, 1).to(device)
+    value_head = torch.nn.Linear(policy.get_output_embeddings().in_features, 1).to(device)
     return policy, reference, value_head
 
 
-def _prompt_batch(workload: Workload, model_path: Path, prompts: list[str], device: torch.device):
+def prompt_batch(workload: Workload, model_path: Path, prompts: list[str], device: torch.device):
+    """The tokenizer and one left-padded batch of ``n_envs`` prompts, ``max_prompt_len`` wide."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -234,35 +248,149 @@ def _prompt_batch(workload: Workload, model_path: Path, prompts: list[str], devi
     return tokenizer, batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
 
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (the first real token is position 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each of ``tokens`` under ``logits`` (in float32)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]
+
+
 @torch.no_grad()
-def bare_generate(policy, reference, value_head, input_ids, attention_mask, new_tokens: int):
-    """KV-cached sampling of ``new_tokens`` for every row, with the policy's and the
-    reference's log-prob of each sampled token and the policy's value."""
+def decode_with_logprobs_values(
+    policy: Any, value_head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KV-cached sampling of ``new_tokens`` tokens per row. Returns the tokens and, for each,
+    the policy's log-prob of it and the value of the state it was sampled in (``(n, new_tokens)``).
+
+    One body pass over the prompts, then one per sampled token; both heads read only the
+    newest hidden state. The last token ends the episode (the text is scored there), so
+    nothing is decoded after it.
+    """
     from policies.sampling import sample_tokens
     from transformers import DynamicCache
 
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    caches = [DynamicCache(config=policy.config), DynamicCache(config=reference.config)]
-    mask = attention_mask
-    policy_out = policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=caches[0],
-                        use_cache=True, output_hidden_states=True)
-    ref_out = reference(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=caches[1], use_cache=True)
-    tokens, logps, ref_logps, values = [], [], [], []
-    position = positions[:, -1:]
-    for _ in range(new_tokens):
-        logits = policy_out.logits[:, -1].float()
+    body, lm_head = policy.base_model, policy.get_output_embeddings()
+    cache = DynamicCache(config=policy.config)
+    mask, positions = attention_mask, positions_of(attention_mask)
+    hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                  use_cache=True).last_hidden_state[:, -1]
+    tokens, logps, values = [], [], []
+    for t in range(new_tokens):
+        logits = lm_head(hidden).float()
         action = sample_tokens(logits)
-        logps.append(torch.log_softmax(logits, -1).gather(1, action[:, None])[:, 0])
-        ref_logps.append(torch.log_softmax(ref_out.logits[:, -1].float(), -1).gather(1, action[:, None])[:, 0])
-        values.append(value_head(policy_out.hidden_states[-1][:, -1]).flatten())
         tokens.append(action)
+        logps.append(token_logprobs(logits, action))
+        values.append(value_head(hidden.float())[:, 0])
+        if t == new_tokens - 1:
+            break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        position = position + 1
-        step_ids = action[:, None]
-        policy_out = policy(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=caches[0],
-                            use_cache=True, output_hidden_states=True)
-        ref_out = reference(input_ids=step_ids, attention_mask=mask, position_ids=position, cache=caches[1], use_cache=True)
-    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(ref_logps, 1), torch.stack(values, 1)
+        positions = positions[:, -1:] + 1
+        hidden = body(input_ids=action[:, None], attention_mask=mask, position_ids=positions, cache=cache,
+                      use_cache=True).last_hidden_state[:, -1]
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(values, 1)
+
+
+def teacher_forced_hidden(model: Any, sequences: torch.Tensor, mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """One body pass over whole sequences; the final hidden states of the states in which
+    the generated tokens were sampled (columns ``n_prompt - 1 .. W - 2``): ``(n, T, hidden)``.
+    The last column predicts nothing, so it is left out of the pass."""
+    hidden = model.base_model(input_ids=sequences[:, :-1], attention_mask=mask[:, :-1],
+                              position_ids=positions_of(mask)[:, :-1]).last_hidden_state
+    return hidden[:, n_prompt - 1 :]
+
+
+@torch.no_grad()
+def reference_logprobs(reference: Any, sequences: torch.Tensor, mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """The reference's log-prob of every generated token, in one teacher-forced pass."""
+    hidden = teacher_forced_hidden(reference, sequences, mask, n_prompt)
+    return token_logprobs(reference.get_output_embeddings()(hidden), sequences[:, n_prompt:])
+
+
+def evaluate_tokens(
+    policy: Any, value_head: torch.nn.Linear, sequences: torch.Tensor, mask: torch.Tensor, n_prompt: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The update's forward pass: log-probs, values and entropies of every generated token
+    of ``sequences`` (``(n, T)`` each), one teacher-forced pass."""
+    hidden = teacher_forced_hidden(policy, sequences, mask, n_prompt)
+    logp_all = torch.log_softmax(policy.get_output_embeddings()(hidden).float(), dim=-1)
+    logp = logp_all.gather(-1, sequences[:, n_prompt:, None])[..., 0]
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, value_head(hidden.float())[..., 0], entropy
+
+
+@dataclass
+class BareRollout:
+    """One rollout: ``n`` sequences of ``n_prompt`` prompt columns + ``T`` generated tokens."""
+
+    sequences: torch.Tensor  # (n, n_prompt + T) token ids
+    mask: torch.Tensor  # (n, n_prompt + T) attention mask
+    logp: torch.Tensor  # (n, T) policy log-prob of each generated token (the "old" log-probs)
+    values: torch.Tensor  # (n, T) value of the state each token was sampled in
+    ref_logp: torch.Tensor  # (n, T) reference log-prob of each generated token
+
+
+def bare_rollout(
+    policy: Any, reference: Any, value_head: torch.nn.Linear, input_ids: torch.Tensor,
+    attention_mask: torch.Tensor, new_tokens: int,
+) -> BareRollout:
+    """The rollout floor: KV-cached policy decode with log-probs and values, then one
+    teacher-forced reference pass over the finished sequences."""
+    tokens, logp, values = decode_with_logprobs_values(policy, value_head, input_ids, attention_mask, new_tokens)
+    sequences = torch.cat([input_ids, tokens], 1)
+    mask = torch.cat([attention_mask, torch.ones_like(tokens)], 1)
+    ref_logp = reference_logprobs(reference, sequences, mask, input_ids.shape[1])
+    return BareRollout(sequences, mask, logp, values, ref_logp)
+
+
+def kl_penalty_rewards(logp: torch.Tensor, ref_logp: torch.Tensor, scores: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token reward: ``-kl_coef * (logp - ref_logp)``, plus the score on the last token."""
+    rewards = -kl_coef * (logp - ref_logp)
+    rewards[:, -1] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns with gamma = 1; the episode ends after the last token (value 0)."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
+        delta = rewards[:, t] + next_value - values[:, t]
+        last = delta + gae_lambda * last
+        advantages[:, t] = last
+    return advantages, advantages + values
+
+
+def bare_ppo_update(
+    policy: Any, value_head: torch.nn.Linear, optimizer: torch.optim.Optimizer, rollout: BareRollout,
+    advantages: torch.Tensor, returns: torch.Tensor, n_epochs: int, minibatches: int,
+    clip_range: float = 0.2, vf_coef: float = 0.5, ent_coef: float = 0.0, max_grad_norm: float = 1.0,
+) -> None:
+    """``n_epochs`` passes over the rollout in ``minibatches`` minibatches of whole sequences:
+    forward, clipped PPO loss (+ value and entropy terms, as SB3), backward,
+    clip_grad_norm, AdamW step. Advantages come standardised over the rollout."""
+    n_prompt = rollout.sequences.shape[1] - rollout.logp.shape[1]
+    parameters = [*policy.parameters(), *value_head.parameters()]
+    for _ in range(n_epochs):
+        for index in torch.randperm(rollout.sequences.shape[0]).chunk(minibatches):
+            logp, values, entropy = evaluate_tokens(policy, value_head, rollout.sequences[index],
+                                                    rollout.mask[index], n_prompt)
+            adv = advantages[index]
+            ratio = torch.exp(logp - rollout.logp[index])
+            policy_loss = -torch.min(adv * ratio, adv * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+            value_loss = ((returns[index] - values) ** 2).mean()
+            loss = policy_loss + vf_coef * value_loss - ent_coef * entropy.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+            optimizer.step()
+
+
+def make_optimizer(policy: Any, value_head: torch.nn.Linear) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([*policy.parameters(), *value_head.parameters()], lr=2e-4)
 
 
 def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.device, iterations: int) -> Measurement:
@@ -276,95 +404,55 @@ def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.de
     return Measurement(time.perf_counter() - start, workload.tokens_per_iteration * iterations)
 
 
-def measure_bare_decode(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
-    policy, reference, value_head = _bare_models(model_path, device)
-    _, input_ids, attention_mask = _prompt_batch(workload, model_path, prompts, device)
+def measure_bare_rollout(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+    """The rollout floor (``bare_rollout``): KV-cached policy decode with log-probs and values,
+    one teacher-forced reference pass. Compared with the fast path's rollout phase."""
+    policy, reference, value_head = bare_models(model_path, device)
+    _, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
     return time_iterations(
-        lambda: bare_generate(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens),
+        lambda: bare_rollout(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens),
         workload, device, iterations,
     )
 
 
-def _sequence_logprobs_values(policy, value_head, sequences, mask, n_prompt: int):
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = policy(input_ids=sequences, attention_mask=mask, position_ids=positions, output_hidden_states=True)
-    logits = out.logits[:, n_prompt - 1 : -1].float()
-    logp_all = torch.log_softmax(logits, -1)
-    actions = sequences[:, n_prompt:]
-    logp = logp_all.gather(2, actions[..., None])[..., 0]
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    values = value_head(out.hidden_states[-1][:, n_prompt - 1 : -1]).squeeze(-1)
-    return logp, values, entropy
-
-
-def _bare_ppo_epochs(policy, value_head, optimizer, sequences, mask, n_prompt, old_logp, advantages, returns,
-                     n_epochs: int, minibatches: int) -> None:
-    """Clipped PPO loss with value and entropy terms, forward + backward + AdamW."""
-    rows = sequences.shape[0]
-    for _ in range(n_epochs):
-        for index in torch.randperm(rows).chunk(minibatches):
-            logp, values, entropy = _sequence_logprobs_values(policy, value_head, sequences[index], mask[index], n_prompt)
-            adv = advantages[index]
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            ratio = torch.exp(logp - old_logp[index])
-            policy_loss = -torch.min(adv * ratio, adv * ratio.clamp(0.8, 1.2)).mean()
-            loss = policy_loss + 0.5 * ((values - returns[index]) ** 2).mean() - 0.0 * entropy.mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            optimizer.step()
-
-
 def measure_bare_update(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
-    """n_epochs of forward + backward + AdamW over one rollout's sequences, in the same
-    number of minibatches as the framework."""
-    policy, reference, value_head = _bare_models(model_path, device)
-    _, input_ids, attention_mask = _prompt_batch(workload, model_path, prompts, device)
-    tokens, old_logp, _, old_values = bare_generate(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
-    sequences = torch.cat([input_ids, tokens], 1)
-    mask = torch.cat([attention_mask, torch.ones_like(tokens)], 1)
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_head.parameters()], lr=1e-5)
-    advantages = torch.randn_like(old_logp)
-    returns = old_values + advantages
-
-    def run() -> None:
-        _bare_ppo_epochs(policy, value_head, optimizer, sequences, mask, workload.max_prompt_len, old_logp,
-                         advantages, returns, workload.n_epochs, workload.minibatches)
-
-    return time_iterations(run, workload, device, iterations)
+    """The update floor (``bare_ppo_update``): n_epochs x minibatches of forward + backward
+    + clip_grad_norm + AdamW over one rollout's sequences. Compared with the fast path's update."""
+    policy, reference, value_head = bare_models(model_path, device)
+    _, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
+    rollout = bare_rollout(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
+    optimizer = make_optimizer(policy, value_head)
+    advantages = torch.randn_like(rollout.logp)
+    returns = rollout.values + advantages
+    return time_iterations(
+        lambda: bare_ppo_update(policy, value_head, optimizer, rollout, advantages, returns,
+                                workload.n_epochs, workload.minibatches),
+        workload, device, iterations,
+    )
 
 
 def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
-    """The same work as one framework iteration, written as one plain PyTorch loop."""
+    """The end-to-end floor: one framework PPO iteration's work as one plain PyTorch loop."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
-    policy, reference, value_head = _bare_models(model_path, device)
-    tokenizer, input_ids, attention_mask = _prompt_batch(workload, model_path, prompts, device)
-    optimizer = torch.optim.AdamW([*policy.parameters(), *value_head.parameters()], lr=1e-5)
-    n_prompt = workload.max_prompt_len
+    policy, reference, value_head = bare_models(model_path, device)
+    tokenizer, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
+    optimizer = make_optimizer(policy, value_head)
 
     def iteration() -> None:
-        with torch.no_grad():
-            tokens, _, _, _ = bare_generate(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
-            sequences = torch.cat([input_ids, tokens], 1)
-            mask = torch.cat([attention_mask, torch.ones_like(tokens)], 1)
-            old_logp, old_values, _ = _sequence_logprobs_values(policy, value_head, sequences, mask, n_prompt)
-            ref_logp, _, _ = _sequence_logprobs_values(reference, value_head, sequences, mask, n_prompt)
-            texts = tokenizer.batch_decode(sequences, skip_special_tokens=True)
-            scores = torch.tensor([analyzer.polarity_scores(t)["compound"] for t in texts], device=old_logp.device)
-            rewards = -0.05 * (old_logp - ref_logp)
-            rewards[:, -1] += scores
-            advantages = torch.zeros_like(rewards)  # GAE, gamma = 1, lambda = 0.95
-            last = torch.zeros_like(rewards[:, 0])
-            for t in reversed(range(rewards.shape[1])):
-                next_value = old_values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(last)
-                delta = rewards[:, t] + next_value - old_values[:, t]
-                last = delta + 0.95 * last
-                advantages[:, t] = last
-            returns = advantages + old_values
-        _bare_ppo_epochs(policy, value_head, optimizer, sequences, mask, n_prompt, old_logp, advantages, returns,
-                         workload.n_epochs, workload.minibatches)
+        # 1. Rollout: decode with old log-probs and values, one reference pass.
+        rollout = bare_rollout(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
+        # 2. Score: VADER on the decoded texts (prompt + completion, as the framework's "vader").
+        texts = tokenizer.batch_decode(rollout.sequences, skip_special_tokens=True)
+        scores = torch.tensor([analyzer.polarity_scores(t)["compound"] for t in texts], device=device)
+        # 3. Rewards with the per-token KL penalty, GAE, advantages standardised over the rollout.
+        rewards = kl_penalty_rewards(rollout.logp, rollout.ref_logp, scores, kl_coef=0.05)
+        advantages, returns = gae(rewards, rollout.values, gae_lambda=0.95)
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        # 4. Update: n_epochs x minibatches of forward + backward + AdamW.
+        bare_ppo_update(policy, value_head, optimizer, rollout, advantages, returns,
+                        workload.n_epochs, workload.minibatches)
 
     return time_iterations(iteration, workload, device, iterations)
 
@@ -393,15 +481,21 @@ def measure_sampling(vocab_size: int, n_rows: int, device: torch.device, repeats
 # -- one measurement per child process (its own peak memory) -----------------------------------
 
 MEASUREMENTS: dict[str, Callable[..., Measurement]] = {
-    "bare_decode": measure_bare_decode,
+    "bare_rollout": measure_bare_rollout,
     "bare_update": measure_bare_update,
     "bare_ppo": measure_bare_ppo,
 }
 
 
-def run_measurement(kind: str, workload_name: str, folder: str, device: str, iterations: int, autocast: bool) -> dict[str, Any]:
-    """Entry point of a child process: returns the measurement and the process's peak memory."""
+def run_measurement(
+    kind: str, workload_name: str, folder: str, device: str, iterations: int, autocast: bool, threads: int | None = None
+) -> dict[str, Any]:
+    """Entry point of a child process: returns the measurement and the process's peak memory.
+    ``kind``: a key of ``MEASUREMENTS``, ``"fast"`` or ``"stock"``."""
     import transformers
+
+    if threads is not None:
+        torch.set_num_threads(threads)
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -411,7 +505,7 @@ def run_measurement(kind: str, workload_name: str, folder: str, device: str, ite
     gc.collect()
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else _NullContext()
+    context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:
         if kind in MEASUREMENTS:
             result = MEASUREMENTS[kind](workload, model_path, prompts, torch_device, iterations)
@@ -420,10 +514,3 @@ def run_measurement(kind: str, workload_name: str, folder: str, device: str, ite
     return {"seconds": result.seconds, "tokens": result.tokens, "parts": result.parts,
             "peak_mb": peak_memory_mb(torch_device)}
 
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

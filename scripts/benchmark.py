@@ -1,25 +1,47 @@
-"""Benchmark the fast path against bare PyTorch loops and SB3's stock path.
+"""Benchmark the fast path against the tight bare PyTorch floor and SB3's stock path.
 
-    python scripts/benchmark.py                  # workloads S and M on CPU (minutes)
-    python scripts/benchmark.py --workloads S    # just S
+    python scripts/benchmark.py --workloads S --skip-stock    # about a minute on a 2-core CPU
+    python scripts/benchmark.py                               # S and M, stock included (~15 min, see below)
+    python scripts/benchmark.py --workloads S --repeats 3     # median of 3 runs, with the spread
     python scripts/benchmark.py --device cuda --autocast --workloads M L
 
 Prints one Markdown table; every figure is measured in this run, each variant
-in its own child process (so peak memory is that variant's own). See
-``agents/benchmarking.py`` for what each figure measures.
+(and each repeat) in its own child process, so peak memory is that variant's
+own. The "floor" is a tight bare PyTorch loop doing the work of one PPO
+iteration and nothing more; see ``agents/benchmarking.py`` for what each
+figure measures.
+
+Timing: by default every variant times 32 iterations on S (16,384 generated
+tokens), 4 on M (8,192) and 2 on L (16,384), after one untimed warm-up
+iteration; that is seconds per variant on a 2-core CPU. SB3's stock path gets the
+same iterations, and it is slow: on a 2-core CPU about 2.6 s per S iteration
+(~1.5 min) and about 3 min per M iteration (~12 min). ``--skip-stock`` leaves it out, ``--stock-iterations``
+shortens it. Shared machines are noisy (+-20% between runs): use ``--repeats``
+and compare medians; tok/s rows are medians over repeats, ratio rows the median
+of the per-repeat ratios with their min-max. The load average is printed: when
+other work oversubscribes the cores, torch's threads stall each other (tens of
+times slower on small models) and the figures mean nothing; ``--threads 1``
+suffers less.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = ("bare_decode", "bare_update", "bare_ppo", "fast", "stock")
+VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
+
+ROLLOUT_FLOOR = "tight bare rollout (KV-cached policy decode with log-probs+values, one teacher-forced reference pass)"
+UPDATE_FLOOR = "bare update (same epochs x minibatches of forward + backward + clip_grad_norm + AdamW)"
+PPO_FLOOR = ("tight bare PyTorch PPO loop (KV-cached decode with log-probs+values, "
+             "one teacher-forced reference pass, same update)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,68 +49,106 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", default=["S", "M"], help="names from agents.benchmarking.WORKLOADS")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (CUDA)")
-    parser.add_argument("--iterations", type=int, default=3, help="timed PPO iterations per variant")
-    parser.add_argument("--stock-iterations", type=int, default=1, help="timed iterations of the (slow) stock path")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="timed PPO iterations per variant (default: the workload's, 16,384 tokens: S 32, M 8)")
+    parser.add_argument("--stock-iterations", type=int, default=None,
+                        help="timed iterations of SB3's stock path (default: same as --iterations; "
+                             "~2.6 s per S iteration, ~3 min per M iteration on a 2-core CPU)")
     parser.add_argument("--skip-stock", action="store_true", help="leave out SB3's stock path")
-    return parser.parse_args(argv)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every variant this many times (each in its own process); report medians "
+                             "and the min-max of each ratio")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per child process (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
 
 
-def measure_all(args: argparse.Namespace) -> dict[str, dict[str, dict]]:
+def iterations_for(args: argparse.Namespace, workload: str, variant: str) -> int:
+    """Timed iterations of ``variant`` on ``workload``: the stock path gets as many as the others."""
+    from agents.benchmarking import WORKLOADS
+
+    iterations = args.iterations if args.iterations is not None else WORKLOADS[workload].iterations
+    if variant == "stock" and args.stock_iterations is not None:
+        return args.stock_iterations
+    return iterations
+
+
+def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
+    """``results[workload][variant]``: one measurement per repeat. Repeats go round all variants
+    in turn, so slow drifts of the machine's load spread over every variant alike."""
     from agents.benchmarking import run_measurement
 
     context = multiprocessing.get_context("spawn")
-    results: dict[str, dict[str, dict]] = {}
+    variants = [v for v in VARIANTS if not (v == "stock" and args.skip_stock)]
+    results: dict[str, dict[str, list[dict]]] = {w: {v: [] for v in variants} for w in args.workloads}
     for workload in args.workloads:
-        results[workload] = {}
-        for variant in VARIANTS:
-            if variant == "stock" and args.skip_stock:
-                continue
-            iterations = args.stock_iterations if variant == "stock" else args.iterations
-            with tempfile.TemporaryDirectory() as folder, context.Pool(1) as pool:
-                results[workload][variant] = pool.apply(
-                    run_measurement, (variant, workload, folder, args.device, iterations, args.autocast)
-                )
-            print(f"  measured {workload}/{variant}", file=sys.stderr, flush=True)
+        for repeat in range(args.repeats):
+            for variant in variants:
+                iterations = iterations_for(args, workload, variant)
+                with tempfile.TemporaryDirectory() as folder, context.Pool(1) as pool:
+                    result = pool.apply(run_measurement, (variant, workload, folder, args.device, iterations,
+                                                          args.autocast, args.threads))
+                results[workload][variant].append(result)
+                print(f"  measured {workload}/{variant} ({iterations} iterations, repeat {repeat + 1}/{args.repeats}): "
+                      f"{result['tokens'] / result['seconds']:,.0f} tok/s, load average {os.getloadavg()[0]:.1f}",
+                      file=sys.stderr, flush=True)
     return results
 
 
-def format_table(results: dict[str, dict[str, dict]]) -> str:
+def tokens_per_second(result: dict, part: str | None = None) -> float:
+    seconds = result["parts"][part] if part else result["seconds"]
+    return result["tokens"] / seconds
+
+
+def median_tps(runs: list[dict], part: str | None = None) -> float:
+    return statistics.median(tokens_per_second(r, part) for r in runs)
+
+
+def ratios(numerator: list[dict], denominator: list[dict], part: str | None = None) -> list[float]:
+    """One ratio per repeat: repeat i of the fast path over repeat i of the other variant."""
+    return [tokens_per_second(a, part) / tokens_per_second(b) for a, b in zip(numerator, denominator)]
+
+
+def format_ratio(values: list[float], digits: int = 2, suffix: str = "") -> str:
+    text = f"**{statistics.median(values):.{digits}f}{suffix}**"
+    if len(values) > 1:
+        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return text
+
+
+def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
+    """One Markdown table, a column per workload; "n/a" where a variant was not measured."""
     workloads = list(results)
-
-    def tps(result: dict, part: str | None = None) -> float:
-        seconds = result["parts"][part] if part else result["seconds"]
-        return result["tokens"] / seconds
-
     rows: list[tuple[str, list[str]]] = []
 
-    def add(label: str, values: list[str]) -> None:
-        rows.append((label, values))
-
-    def per_workload(fn) -> list[str]:
-        out = []
+    def add(label: str, fn) -> None:
+        values = []
         for w in workloads:
             try:
-                out.append(fn(results[w]))
+                values.append(fn(results[w]))
             except KeyError:
-                out.append("n/a")
-        return out
+                values.append("n/a")
+        rows.append((label, values))
 
-    add("rollout tok/s: fast path (scoring excluded)", per_workload(lambda r: f"{tps(r['fast'], 'rollout'):,.0f}"))
-    add("rollout tok/s: bare KV-cached decode (policy + ref)", per_workload(lambda r: f"{tps(r['bare_decode']):,.0f}"))
-    add("**rollout ratio** (target >= 0.8)", per_workload(lambda r: f"**{tps(r['fast'], 'rollout') / tps(r['bare_decode']):.2f}**"))
-    add("update tok/s: fast path", per_workload(lambda r: f"{tps(r['fast'], 'update'):,.0f}"))
-    add("update tok/s: bare forward + backward + AdamW", per_workload(lambda r: f"{tps(r['bare_update']):,.0f}"))
-    add("**update ratio** (target >= 0.8)", per_workload(lambda r: f"**{tps(r['fast'], 'update') / tps(r['bare_update']):.2f}**"))
-    add("end-to-end tok/s: fast path", per_workload(lambda r: f"{tps(r['fast']):,.0f}"))
-    add("end-to-end tok/s: SB3 stock path", per_workload(lambda r: f"{tps(r['stock']):,.1f}"))
-    add("end-to-end tok/s: bare PyTorch PPO loop", per_workload(lambda r: f"{tps(r['bare_ppo']):,.0f}"))
-    add("**fast / stock**", per_workload(lambda r: f"**{tps(r['fast']) / tps(r['stock']):.1f}x**"))
-    add("**fast / bare loop** (target >= 0.8)", per_workload(lambda r: f"**{tps(r['fast']) / tps(r['bare_ppo']):.2f}**"))
+    add("rollout tok/s: fast path (scoring excluded)", lambda r: f"{median_tps(r['fast'], 'rollout'):,.0f}")
+    add(f"rollout tok/s: {ROLLOUT_FLOOR}", lambda r: f"{median_tps(r['bare_rollout']):,.0f}")
+    add("**rollout: fast / tight floor**", lambda r: format_ratio(ratios(r["fast"], r["bare_rollout"], "rollout")))
+    add("update tok/s: fast path", lambda r: f"{median_tps(r['fast'], 'update'):,.0f}")
+    add(f"update tok/s: {UPDATE_FLOOR}", lambda r: f"{median_tps(r['bare_update']):,.0f}")
+    add("**update: fast / bare update**", lambda r: format_ratio(ratios(r["fast"], r["bare_update"], "update")))
+    add("end-to-end tok/s: fast path", lambda r: f"{median_tps(r['fast']):,.0f}")
+    add("end-to-end tok/s: SB3 stock path (same policy; no KV cache, per-transition update)",
+        lambda r: f"{median_tps(r['stock']):,.1f}")
+    add(f"end-to-end tok/s: {PPO_FLOOR}", lambda r: f"{median_tps(r['bare_ppo']):,.0f}")
+    add("**end to end: fast / stock**", lambda r: format_ratio(ratios(r["fast"], r["stock"]), 1, "x"))
+    add("**end to end: fast / tight floor**", lambda r: format_ratio(ratios(r["fast"], r["bare_ppo"])))
     for part in ("rollout", "scoring", "update"):
         add(f"share of a fast iteration: {part}",
-            per_workload(lambda r, p=part: f"{100 * r['fast']['parts'][p] / r['fast']['seconds']:.0f}%"))
-    for variant in ("fast", "stock", "bare_ppo"):
-        add(f"peak memory MB: {variant}", per_workload(lambda r, v=variant: f"{r[v]['peak_mb']:,.0f}"))
+            lambda r, p=part: f"{statistics.median(100 * x['parts'][p] / x['seconds'] for x in r['fast']):.0f}%")
+    for variant, name in (("fast", "fast path"), ("stock", "stock path"), ("bare_ppo", "tight floor")):
+        add(f"peak memory MB: {name}", lambda r, v=variant: f"{max(x['peak_mb'] for x in r[v]):,.0f}")
     header = "| figure | " + " | ".join(workloads) + " |"
     lines = [header, "|---|" + "---|" * len(workloads)]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
@@ -101,15 +161,25 @@ def main(argv=None) -> str:
 
     from agents.benchmarking import WORKLOADS, measure_sampling
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     results = measure_all(args)
+    load_after = os.getloadavg()[0]
     table = format_table(results)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nDevice: {name}; torch {torch.__version__}; autocast bf16: {args.autocast}")
+    print(f"\nDevice: {name}; torch {torch.__version__}; autocast bf16: {args.autocast}; "
+          f"repeats: {args.repeats} (tok/s: medians; ratios: median (min-max) over repeats)")
+    # Other work on the machine skews every figure (threads oversubscribed): say how busy it was.
+    print(f"Load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} CPUs")
     for w in args.workloads:
         spec = WORKLOADS[w]
+        iterations = {v: iterations_for(args, w, v) for v in ("fast", "stock")}
+        stock = "skipped" if args.skip_stock else f"{iterations['stock']}"
         print(f"Workload {w}: {spec.n_layer} layers, {spec.n_embd} dims, vocab {spec.vocab_size}, "
-              f"{spec.n_envs} episodes x {spec.new_tokens} new tokens, {spec.n_epochs} epochs, {spec.minibatches} minibatches")
+              f"{spec.n_envs} episodes x {spec.new_tokens} new tokens, {spec.n_epochs} epochs, "
+              f"{spec.minibatches} minibatches; timed iterations: {iterations['fast']} per variant, stock {stock}")
     print()
     print(table)
     sampling = measure_sampling(WORKLOADS[args.workloads[-1]].vocab_size, WORKLOADS[args.workloads[-1]].n_envs, device)
