@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="KL coefficient beta (initial value if adaptive); default: the algorithm's (0.05; GRPO 0.3)")
     parser.add_argument("--target-kl", type=non_negative_float, default=4.0,
                         help="target per-episode KL for the adaptive beta controller; 0 keeps beta fixed")
+    parser.add_argument("--kl-horizon", type=positive_int, default=10_000,
+                        help="episodes over which the adaptive controller moves beta by about exp(+-0.2) "
+                             "(Ziegler et al.'s horizon)")
     parser.add_argument("--learning-rate", type=positive_float, default=None, help="override the algorithm's default")
     parser.add_argument("--group-size", type=positive_int, default=None,
                         help="rloo/grpo: completions per prompt (default 4)")
@@ -76,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     agent_kwargs = dict(
         kl_coef=args.kl_coef,
         kl_target=args.target_kl or None,
+        kl_horizon=args.kl_horizon,
         seed=args.seed,
         device=device,
         tensorboard_log=args.tensorboard_log or None,

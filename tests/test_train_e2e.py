@@ -57,7 +57,7 @@ def test_a2c_trains_on_the_same_task(tmp_path, default_model_path):
         "--algo", "a2c",
         "--total-timesteps", "4096",
         "--n-envs", "8",
-        "--eval-episodes", "32",
+        "--eval-episodes", "64",
         "--kl-coef", "0.1",
         "--target-kl", "0",
         "--tensorboard-log", str(tmp_path / "runs"),
@@ -65,6 +65,8 @@ def test_a2c_trains_on_the_same_task(tmp_path, default_model_path):
         "--quiet",
     ])
     assert summary["algo"] == "a2c" and summary["kl_coef_final"] == 0.1
+    # Measured on a 2-core CPU: +0.235 -> +0.459 with seed 0; the margin leaves room for other machines.
+    assert summary["task_score_after"] > summary["task_score_before"] + 0.1
     assert summary["kl_after"] < 12.0
     events = read_tensorboard(summary["tensorboard_log"])
     assert EXPECTED_SCALARS <= set(events.Tags()["scalars"])
