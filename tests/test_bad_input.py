@@ -55,7 +55,19 @@ def test_tokenizer_without_pad_token(tiny_model_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     tokenizer.pad_token = None
-    with pytest.raises(ValueError, match="no pad token.*tokenizer.pad_token = tokenizer.eos_token"):
+    with pytest.warns(UserWarning, match=r"has no pad token.*pad := eos"):
+        env = TextGenEnv(PROMPTS, model=str(tiny_model_path), tokenizer=tokenizer)
+    assert env.task.pad_token_id == tokenizer.eos_token_id
+    assert tokenizer.pad_token is None  # the caller's object is left as it was
+
+
+def test_tokenizer_without_pad_or_eos_token(tiny_model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=r"no pad token and no EOS token.*Fix: .*add_special_tokens"):
         TextGenEnv(PROMPTS, model=str(tiny_model_path), tokenizer=tokenizer)
 
 

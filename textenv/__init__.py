@@ -7,6 +7,7 @@ from textenv.env import TextGenEnv
 from textenv.registration import register_builtin_tasks, register_task
 from textenv.rewards import (
     CallableReward,
+    RewardError,
     RewardModelReward,
     RewardSource,
     VaderSentimentReward,
@@ -19,6 +20,7 @@ __all__ = [
     "TextGenEnv",
     "register_task",
     "RewardSource",
+    "RewardError",
     "CallableReward",
     "VaderSentimentReward",
     "RewardModelReward",

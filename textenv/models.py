@@ -2,14 +2,17 @@
 
 Everything here goes through ``from_pretrained``, the same path for the embedded
 default model (``"default"``) as for any user checkpoint. Problems a user can fix
-(a path that does not exist, a tokenizer without a pad token, a tokenizer larger
-than the model's vocabulary) are reported here, before any long work starts.
+(a path that does not exist, a tokenizer with neither pad nor EOS token, a
+tokenizer larger than the model's vocabulary) are reported here, before any long
+work starts.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Union
 
@@ -77,7 +80,13 @@ def _load_error(kind: str, name: str, error: Exception) -> OSError:
 
 
 def load_tokenizer(spec: TokenizerSpec) -> PreTrainedTokenizerBase:
-    """A tokenizer that is ready for batched use: it must have a pad token."""
+    """A tokenizer that is ready for batched use: it has a pad token.
+
+    Many checkpoints (GPT-2, Llama) have none. Prompts are left-padded under an
+    attention mask, so the pad id is never attended: EOS pads, as elsewhere in the
+    ecosystem, with a one-line notice. A tokenizer object passed in is copied first,
+    never changed.
+    """
     if isinstance(spec, PreTrainedTokenizerBase):
         tokenizer = spec
         name = getattr(spec, "name_or_path", type(spec).__name__)
@@ -87,12 +96,25 @@ def load_tokenizer(spec: TokenizerSpec) -> PreTrainedTokenizerBase:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
             raise _load_error("tokenizer", name, error) from error
-    if tokenizer.pad_token_id is None:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer
+    if tokenizer.eos_token_id is None:
         raise ValueError(
-            f"The tokenizer {name!r} has no pad token, so prompts of different lengths "
-            "cannot be batched. Fix: set one before passing the tokenizer object, e.g. "
-            "`tokenizer.pad_token = tokenizer.eos_token`."
+            f"The tokenizer {name!r} has no pad token and no EOS token to pad with, so prompts "
+            "of different lengths cannot be batched. Fix: give it a pad token before passing the "
+            "tokenizer object, e.g. `tokenizer.add_special_tokens({'pad_token': '<pad>'})` with "
+            "`model.resize_token_embeddings(len(tokenizer))`, or `tokenizer.pad_token = <an "
+            "existing token>` (it is only ever masked out)."
         )
+    if tokenizer is spec:
+        tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    warnings.warn(
+        f"The tokenizer {name!r} has no pad token: padding with its EOS token "
+        f"{tokenizer.eos_token!r} (pad := eos; padding is masked out, never attended).",
+        UserWarning,
+        stacklevel=2,
+    )
     return tokenizer
 
 

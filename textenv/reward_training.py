@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from textenv.cache import cache_root, ensure_built
 from textenv.preferences import PreferencePair, builtin_preference_pairs
+from textenv.rewards import left_truncating
 
 LEARNED_SENTIMENT_RM_VERSION = "v2"  # v2: score normalisation recorded in the config
 
@@ -40,6 +41,7 @@ def pairwise_accuracy(
     batch_size: int = 64, max_length: int = 128,
 ) -> float:
     """Fraction of pairs where the model scores the chosen text above the rejected one."""
+    tokenizer = left_truncating(tokenizer)  # as the reward source scores: keep the completion
     model.eval()
     correct = 0
     for start in range(0, len(pairs), batch_size):
@@ -74,6 +76,7 @@ def train_reward_model(
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer = left_truncating(tokenizer)  # train on what the reward source will see
     torch.manual_seed(seed)
     rng = random.Random(seed)
     writer = None

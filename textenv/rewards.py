@@ -11,15 +11,39 @@ broken user reward fails loudly at the first episode, not as a NaN loss later.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from abc import ABC, abstractmethod
-from typing import Callable, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from textenv.models import TokenizerSpec
+
 ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+class RewardError(RuntimeError):
+    """A reward source raised while scoring; the message names the reward and the text.
+
+    The original exception is chained as ``__cause__`` (and shown in the traceback).
+    """
+
+
+#: How many pairs of a failed batch are re-scored one at a time to find the culprit.
+MAX_PAIRS_TO_RESCORE = 64
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    """``repr`` of ``text``, cut to ``limit`` characters (with its full length) if longer."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class RewardSource(ABC):
@@ -35,7 +59,10 @@ class RewardSource(ABC):
         prompts, completions = list(prompts), list(completions)
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        raw = self._score(prompts, completions)
+        try:
+            raw = self._score(prompts, completions)
+        except Exception as error:
+            raise self._scoring_error(error, prompts, completions) from error
         try:
             scores = np.asarray([float(s) for s in raw], dtype=np.float64)
         except (TypeError, ValueError) as error:
@@ -58,6 +85,44 @@ class RewardSource(ABC):
                 "return a finite float for every text (e.g. 0.0 where it cannot judge)."
             )
         return scores
+
+    def _scoring_error(self, error: Exception, prompts: list[str], completions: list[str]) -> RewardError:
+        """A ``RewardError`` naming the pair that makes ``_score`` raise.
+
+        Scores come in batches, so the first of (at most ``MAX_PAIRS_TO_RESCORE``)
+        pairs that fails when scored alone is named; if none does, the batch is.
+        """
+        culprit = self._first_failing_pair(prompts, completions)
+        where = (
+            f"while scoring prompt {_shorten(prompts[culprit])} with completion "
+            f"{_shorten(completions[culprit])}"
+            if culprit is not None
+            else f"on a batch of {len(prompts)} (prompt, completion) pairs; none of them fails "
+            f"alone (of the first {min(len(prompts), MAX_PAIRS_TO_RESCORE)} re-scored), the "
+            f"first: prompt {_shorten(prompts[0])} with completion {_shorten(completions[0])}"
+        )
+        fix = (
+            "make the reward handle every completion the policy can write (empty ones, any "
+            "characters; e.g. return 0.0 where it cannot judge)"
+            if culprit is not None
+            else "make the reward work on batches (every episode that ends on the same step "
+            "is scored in one call)"
+        )
+        raised = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        return RewardError(
+            f"The reward {self.name!r} raised {raised} {where}. Fix: {fix}; the original "
+            "error and its traceback are shown above."
+        )
+
+    def _first_failing_pair(self, prompts: list[str], completions: list[str]) -> int | None:
+        if len(prompts) == 1:
+            return 0
+        for i in range(min(len(prompts), MAX_PAIRS_TO_RESCORE)):
+            try:
+                self._score([prompts[i]], [completions[i]])
+            except Exception:
+                return i
+        return None
 
 
 class CallableReward(RewardSource):
@@ -96,6 +161,16 @@ class VaderSentimentReward(RewardSource):
         return [self._analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
+def left_truncating(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A tokenizer that cuts over-long texts at their *start*, keeping the completion a
+    reward model judges; a copy, so that the caller's object stays as it was."""
+    if tokenizer.truncation_side == "left":
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.truncation_side = "left"
+    return tokenizer
+
+
 class RewardModelReward(RewardSource):
     """An ``AutoModelForSequenceClassification`` reward model with its own tokenizer.
 
@@ -105,12 +180,15 @@ class RewardModelReward(RewardSource):
     ``textenv.reward_training`` records the mean and std of its scores on its
     training data (``config.reward_mean``/``reward_std``); scores are then
     standardised with them (``normalize=False`` gives raw logits).
+
+    Texts longer than ``max_length`` tokens lose their *start*: the completion, the
+    part being judged, is at the end.
     """
 
     def __init__(
         self,
         name_or_path: str | os.PathLike,
-        tokenizer: str | os.PathLike | None = None,
+        tokenizer: TokenizerSpec = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         max_length: int = 512,
@@ -131,7 +209,7 @@ class RewardModelReward(RewardSource):
                 "written by `save_pretrained` of a sequence-classification model."
             ) from error
         self.model.requires_grad_(False).eval().to(device)
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else path)
+        self.tokenizer = left_truncating(load_tokenizer(tokenizer if tokenizer is not None else path))
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         n_labels = self.model.config.num_labels
