@@ -3,7 +3,8 @@
 from agents.algorithms import LMA2C, LMNLPO, LMPPO, LMTRPO
 from agents.group_methods import LMGRPO, LMRLOO
 from agents.registry import ALGORITHMS, load_agent, make_agent
-from agents.envs import make_text_vec_env
+from agents.config import resolved_config
+from agents.envs import make_text_vec_env, resolve_env
 from agents.evaluation import EvaluationResult, evaluate_agent
 from agents.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
 from agents.kl_penalty import KLPenaltyCallback
@@ -19,6 +20,8 @@ __all__ = [
     "make_agent",
     "load_agent",
     "make_text_vec_env",
+    "resolve_env",
+    "resolved_config",
     "evaluate_agent",
     "EvaluationResult",
     "KLPenaltyCallback",

@@ -1,12 +1,21 @@
 """SB3 algorithms set up for language models.
 
+The class is the whole API: ``LMPPO(env=...)`` (or any agent class here) accepts what
+SB3 accepts as ``env`` (a ``VecEnv``, a Gymnasium env, an env id; see
+``agents.envs.resolve_env``) and starts its policy from the environment's reference
+model unless ``policy_kwargs["model_name_or_path"]`` says otherwise.
+``agents.make_agent("ppo", env, ...)`` is the same call by name. Whatever the user
+passes wins over the class's defaults (``defaults``, ``policy_defaults``).
+
 ``LMPPO``, ``LMA2C`` and ``LMTRPO`` are stock SB3 ``PPO``/``A2C`` and sb3-contrib's
-``TRPO`` with four additions (all in ``LMAgentMixin``):
+``TRPO`` with these additions (all in ``LMAgentMixin``):
 - the fast path (``fast=True``, the default): KV-cached rollouts
   (``agents.fast_rollout``) and an update that evaluates whole sequences
   (``agents.sequence_buffer``); ``fast=False`` is SB3's own per-transition path;
-- ``kl_controller``: the KL coefficient (fixed or adaptive), an attribute of the
-  agent so that ``model.save`` stores its state and ``load`` restores it;
+- ``kl_controller``: the KL coefficient, adapted toward ``kl_target`` (default
+  ``KL_DEFAULTS``: adaptive toward 4 nats per episode; ``kl_target=None`` keeps it
+  fixed), an attribute of the agent so that ``model.save`` stores its state and
+  ``load`` restores it;
 - ``learn`` puts the ``KLPenaltyCallback`` first in the callback chain, so every
   stored reward carries the per-token KL penalty;
 - ``advantage_normalization``: advantages are standardised once over the whole
@@ -15,7 +24,8 @@
   with a score at the last token the best of any three episodes always looks good;
 - defaults suited to token-level RL (``gamma=1``: the score arrives at the last
   token and must reach the first undiscounted; small learning rate for a
-  pretrained body).
+  pretrained body);
+- every ``learn`` writes the resolved configuration (``agents.config``) to TensorBoard.
 """
 
 from __future__ import annotations
@@ -24,14 +34,24 @@ from typing import Any, Literal
 
 from sb3_contrib import TRPO, MaskablePPO
 from stable_baselines3 import A2C, PPO
+from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents.config import log_config
+from agents.envs import resolve_env
 from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KLPenaltyCallback
 from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_advantages
 from policies import LMActorCriticPolicy
+from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
+
+# The KL penalty's defaults, one set for the Python API and the scripts (which pass
+# only what their user gives): beta adapted toward 4 nats of KL per episode, from
+# 0.05 (an algorithm may start elsewhere: ``default_kl_coef``, GRPO 0.3), moving by
+# about exp(+-0.2) per 10,000 episodes (Ziegler et al.'s horizon).
+KL_DEFAULTS: dict[str, Any] = dict(kl_coef=0.05, kl_target=4.0, kl_horizon=10_000)
 
 PPO_DEFAULTS: dict[str, Any] = dict(
     learning_rate=2e-4,
@@ -79,6 +99,25 @@ REPLACED_KEYWORDS = {
 }
 
 
+def reference_model_of(env: VecEnv) -> str:
+    """The name or path of the environment's reference model (where the policy starts),
+    or a ``ValueError`` naming the fix when the environment cannot say."""
+    try:
+        name = env.get_attr("model_name_or_path")[0]
+    except AttributeError:
+        raise ValueError(
+            "The environment does not say which model it scores with (no model_name_or_path), so the "
+            "policy cannot start from it. Fix: pass policy_kwargs={'model_name_or_path': <name or path>}."
+        ) from None
+    if not name:
+        raise ValueError(
+            "The environment's reference model was given as an instance, so the "
+            "policy cannot start from it by name. Fix: pass "
+            "policy_kwargs={'model_name_or_path': <name or path>}."
+        )
+    return str(name)
+
+
 def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
     """A clear error for an SB3 keyword that a textenv agent replaces (``REPLACED_KEYWORDS``)."""
     for key in kwargs:
@@ -87,22 +126,36 @@ def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
 
 
 class LMAgentMixin(FastRolloutMixin):
-    """What every textenv agent adds to its SB3 algorithm (see the module doc)."""
+    """What every textenv agent adds to its SB3 algorithm (see the module doc).
+
+    :param env: a ``VecEnv``, a Gymnasium env or an env id (``agents.envs.resolve_env``).
+    :param kl_coef: the KL coefficient beta (its initial value when adaptive); ``None``:
+        the algorithm's ``default_kl_coef`` (0.05; GRPO 0.3).
+    :param kl_target: the per-episode KL that the adaptive controller steers beta toward
+        (``KL_DEFAULTS``); ``None`` keeps beta fixed.
+    :param kl_horizon: the adaptive controller's horizon, in episodes (``KL_DEFAULTS``).
+    :param fast: the KV-cached rollout and whole-sequence update (``False``: SB3's own path).
+    :param advantage_normalization: ``"rollout"``, ``"minibatch"`` or ``"none"`` (module doc);
+        ``None``: the algorithm's default.
+    :param kwargs: the SB3 algorithm's own arguments, over the class's ``defaults``;
+        ``policy_kwargs`` over the class's ``policy_defaults``.
+    """
 
     algorithm_name: str
     defaults: dict[str, Any] = {}
+    policy_defaults: dict[str, Any] = {}  # under the user's policy_kwargs (TRPO: eager attention)
     default_advantage_normalization: AdvantageNormalization = "rollout"
     kl_in_reward = True  # the KL penalty goes into the rewards (False: the algorithm's loss has it)
-    default_kl_coef = 0.05
+    default_kl_coef = KL_DEFAULTS["kl_coef"]
     default_policy_class: type = LMActorCriticPolicy
 
     def __init__(
         self,
         policy: Any = None,
-        env: VecEnv | str | None = None,
+        env: GymEnv | str | None = None,
         kl_coef: float | None = None,
-        kl_target: float | None = None,
-        kl_horizon: int = 10_000,
+        kl_target: float | None = KL_DEFAULTS["kl_target"],
+        kl_horizon: int = KL_DEFAULTS["kl_horizon"],
         fast: bool = True,
         advantage_normalization: AdvantageNormalization | None = None,
         **kwargs: Any,
@@ -112,7 +165,6 @@ class LMAgentMixin(FastRolloutMixin):
         # An instance attribute, so that save() stores it and load_agent() finds the class.
         self.algorithm_name = type(self).algorithm_name
         refuse_replaced_keywords(kwargs)
-        kwargs = {**self.defaults, **kwargs}
         if advantage_normalization is None:
             advantage_normalization = self.default_advantage_normalization
         if advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
@@ -120,12 +172,39 @@ class LMAgentMixin(FastRolloutMixin):
                 f"advantage_normalization must be one of {ADVANTAGE_NORMALIZATIONS}, got {advantage_normalization!r}"
             )
         self.advantage_normalization = advantage_normalization
-        # SB3's own switch standardises each minibatch; the rollout-wide one is ours.
-        kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         policy = policy or self.default_policy_class
+        env = resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0))
+        if kwargs.get("_init_setup_model", True):  # (load() restores the saved policy_kwargs instead)
+            kwargs["policy_kwargs"] = self._resolve_policy_kwargs(policy, env, kwargs.get("policy_kwargs"))
+        kwargs = {**self.defaults, **kwargs}
         if fast:  # the fast path is a choice of rollout buffer; SB3's own otherwise
             kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
+        # What the constructor resolved, for agents.config.resolved_config (and saved with the agent).
+        self._init_kwargs = dict(
+            kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon, fast=fast,
+            advantage_normalization=advantage_normalization,
+            **{key: value for key, value in kwargs.items() if not key.startswith("_")},
+        )
+        # SB3's own switch standardises each minibatch; the rollout-wide one is ours.
+        kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
+
+    def _resolve_policy_kwargs(self, policy: Any, env: VecEnv | None, policy_kwargs: dict | None) -> dict[str, Any]:
+        """The user's ``policy_kwargs`` over the class's ``policy_defaults``; an LM policy
+        starts from the environment's reference model unless they name a model."""
+        if not (isinstance(policy, type) and issubclass(policy, LMPolicyMixin)):
+            return dict(policy_kwargs or {})  # not an LM policy: SB3's business
+        policy_kwargs = {**self.policy_defaults, **(policy_kwargs or {})}
+        if "model_name_or_path" not in policy_kwargs and env is not None:
+            policy_kwargs["model_name_or_path"] = reference_model_of(env)
+        return policy_kwargs
+
+    def _setup_learn(self, *args: Any, **kwargs: Any):
+        """SB3's set-up (it makes the logger), then the resolved configuration into it:
+        TensorBoard gets it at the run's first dump (``agents.config.log_config``)."""
+        result = super()._setup_learn(*args, **kwargs)  # type: ignore[misc]
+        log_config(self.logger, self, self.env)
+        return result
 
     def collect_rollouts(self, env: VecEnv, callback: Any, rollout_buffer: Any, n_rollout_steps: int, **kwargs: Any) -> bool:
         """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation."""
@@ -166,8 +245,9 @@ class LMTRPO(LMAgentMixin, TRPO):
     """TRPO (sb3-contrib) with the per-token KL penalty toward the reference model.
 
     The natural-gradient step needs Hessian-vector products, i.e. a double backward
-    through the LM: ``make_agent`` therefore loads the body with ``eager`` attention
-    (PyTorch's fused SDPA kernels have no second derivative). The shared body moves
+    through the LM: the agent therefore loads the body with ``eager`` attention
+    (PyTorch's fused SDPA kernels have no second derivative) unless the user's
+    ``policy_kwargs`` name another ``attn_implementation``. The shared body moves
     only with the trust-region step; the critic's updates touch the value head only
     (sb3-contrib drops their gradients on actor parameters).
     """

@@ -9,6 +9,7 @@ from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 
+from agents.config import resolved_config
 from agents.envs import make_text_vec_env
 from agents.evaluation import evaluate_agent
 from agents.registry import make_agent
@@ -39,6 +40,7 @@ class RunResult:
     kl: float
     tokens_per_second: float
     curve: list[tuple[int, float, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # agents.config.resolved_config
 
 
 def run_comparison(
@@ -52,7 +54,9 @@ def run_comparison(
     algo_kwargs: dict[str, dict[str, Any]] | None = None,
 ) -> list[RunResult]:
     """Train every (algorithm, seed) for ``total_tokens`` generated tokens; evaluate each
-    before and after on the same held-out-seeded episodes.
+    before and after on the same held-out-seeded episodes. Every run keeps its resolved
+    configuration (``RunResult.config``); the agents' defaults apply where
+    ``algo_kwargs`` say nothing (beta adapted toward 4 nats per episode).
 
     An entry of ``algos`` is an algorithm name, or ``LABEL:NAME`` for a variant of it
     (e.g. ``ppo-minibatch:ppo``) whose arguments are ``algo_kwargs[LABEL]``."""
@@ -62,8 +66,9 @@ def run_comparison(
         for seed in seeds:
             env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed)
             eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=10_000 + seed)
-            agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, kl_target=4.0,
+            agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log,
                                **(algo_kwargs or {}).get(label, {}))
+            config = resolved_config(agent, env)
             before = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             curve = LearningCurve()
             start = time.perf_counter()
@@ -71,7 +76,7 @@ def run_comparison(
             seconds = time.perf_counter() - start
             after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             results.append(RunResult(label, seed, before.task_score, after.task_score, after.kl,
-                                     agent.num_timesteps / seconds, curve.points))
+                                     agent.num_timesteps / seconds, curve.points, config))
     return results
 
 

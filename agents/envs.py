@@ -1,10 +1,11 @@
-"""Vectorised text environments for training."""
+"""Vectorised text environments for training, and what an agent accepts as its ``env``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import gymnasium as gym
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
@@ -12,10 +13,12 @@ import textenv  # noqa: F401  (registers the textenv/... ids)
 from textenv.env import TextGenEnv
 from textenv.vector import BatchedTextGenVecEnv
 
+DEFAULT_N_ENVS = 16  # parallel episodes; scripts/train.py and compare.py use this default too
+
 
 def make_text_vec_env(
     env_id: str,
-    n_envs: int = 8,
+    n_envs: int = DEFAULT_N_ENVS,
     seed: int = 0,
     env_kwargs: dict[str, Any] | None = None,
     batched: bool = True,
@@ -27,14 +30,38 @@ def make_text_vec_env(
     reference. ``batched=False``: SB3's ``DummyVecEnv`` of ``TextGenEnv``s, each
     with a ``Monitor`` (the stock path). Either way in-process: the reference model
     is loaded once and shared.
+
+    The arguments are kept on the returned env as ``make_args`` (id, ``n_envs``,
+    seed, ``batched``, ``env_kwargs``) so that ``agents.config.resolved_config``
+    can report how the environment was made.
     """
     if n_envs < 1:
         raise ValueError(f"n_envs must be at least 1, got {n_envs}")
     env_kwargs = dict(env_kwargs or {})
+    make_args = dict(env_id=env_id, n_envs=n_envs, seed=seed, batched=batched, env_kwargs=dict(env_kwargs))
     if batched and gym.spec(env_id).entry_point in ("textenv.env:TextGenEnv", TextGenEnv):
-        env = BatchedTextGenVecEnv.from_env_id(env_id, n_envs, **env_kwargs)
+        env: VecEnv = BatchedTextGenVecEnv.from_env_id(env_id, n_envs, **env_kwargs)
         env.seed(seed)
+    else:
+        make_args["batched"] = False
+        # SB3 asks for render_mode="rgb_array" unless told otherwise; text renders as "ansi".
+        env_kwargs = {"render_mode": "ansi", **env_kwargs}
+        env = make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=DummyVecEnv)
+    env.make_args = make_args  # type: ignore[attr-defined]
+    return env
+
+
+def resolve_env(env: VecEnv | gym.Env | str | None, seed: int | None = None, verbose: int = 0) -> VecEnv | None:
+    """What an agent accepts as ``env``, as a ``VecEnv`` (what SB3 accepts, text-aware):
+
+    - an env id (``"textenv/PositiveSentiment-v0"``): ``make_text_vec_env(id)``, the
+      batched env with its default ``n_envs`` (seeded with ``seed`` when given);
+    - a Gymnasium env (e.g. ``gym.make(id)``): wrapped as SB3 wraps one, a ``Monitor``
+      inside a one-env ``DummyVecEnv`` (``BaseAlgorithm._wrap_env``);
+    - a ``VecEnv``, or ``None``: as it is.
+    """
+    if isinstance(env, str):
+        return make_text_vec_env(env, seed=0 if seed is None else seed)
+    if env is None or isinstance(env, VecEnv):
         return env
-    # SB3 asks for render_mode="rgb_array" unless told otherwise; text renders as "ansi".
-    env_kwargs = {"render_mode": "ansi", **env_kwargs}
-    return make_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs, vec_env_cls=DummyVecEnv)
+    return BaseAlgorithm._wrap_env(env, verbose=verbose)

@@ -9,8 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
+
+from agents.fast_rollout import observation_tensors
+from policies.sampling import sample_tokens
 
 
 @dataclass
@@ -30,15 +32,33 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-@torch.no_grad()
-def evaluate_agent(
-    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
-) -> EvaluationResult:
-    """Sample ``n_episodes`` episodes with the agent's policy (stochastic, as in training).
+@dataclass
+class EvaluatedEpisode:
+    """One sampled episode, as ``evaluate_agent`` aggregates it."""
 
-    Each parallel env contributes the same number of episodes (its first ones), so
-    short episodes are not over-represented, and a fixed ``seed`` gives the same
-    prompts to every agent evaluated on an env built the same way.
+    number: int  # the episode's number in its slot (0, 1, ...)
+    slot: int  # the parallel env it ran in
+    prompt: str
+    completion: str
+    task_score: float
+    kl: float  # sum_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t))
+    ref_logprob: float  # sum_t log pi_ref(a_t|s_t)
+    length: int  # generated tokens
+
+
+@torch.no_grad()
+def sample_episodes(
+    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
+) -> list[EvaluatedEpisode]:
+    """The first ``ceil(n_episodes / n_envs)`` episodes of every parallel env, sampled with
+    the agent's policy (stochastic, as in training), ordered by (episode number, slot).
+
+    The same KV-cached step as the training rollout (``policies.decoding``): one decode
+    step per token for all envs, O(T) per episode, on the batched env or SB3's
+    ``DummyVecEnv`` alike. Tokens are drawn by the agent's ``_sample_actions`` where it
+    has one. Each env contributes the same number of episodes, so short episodes are not
+    over-represented, and a fixed ``seed`` gives the same prompts to every agent
+    evaluated on an env built the same way.
     """
     if not getattr(env, "autoreset", True):
         raise ValueError(
@@ -48,45 +68,64 @@ def evaluate_agent(
         )
     policy = model.policy
     policy.set_training_mode(False)
+    sample = getattr(model, "_sample_actions", sample_tokens)
     quota = -(-n_episodes // env.num_envs)  # ceil
     if seed is not None:
         env.seed(seed)
         torch.manual_seed(seed)
+    # A decoder of its own: the agent's training decoder keeps its slots.
+    decoder = policy.rollout_decoder(env.num_envs, env.observation_space["input_ids"].shape[0])
     obs = env.reset()
+    decoder.start(*observation_tensors(obs, policy.device))
+
     done_per_env = np.zeros(env.num_envs, dtype=int)
     running_kl = np.zeros(env.num_envs)
     running_ref_logprob = np.zeros(env.num_envs)
-    running_len = np.zeros(env.num_envs)
-    scores, kls, lengths, ref_logprob_sums, samples = [], [], [], [], []
-    while (done_per_env < quota).any():
-        actions, _, logprob = policy(obs_as_tensor(obs, policy.device))
+    running_len = np.zeros(env.num_envs, dtype=int)
+    episodes = []
+    while True:
+        actions, log_probs, _ = decoder.act(sample)
         obs, _, dones, infos = env.step(actions.cpu().numpy())
         ref_logprob = np.array([info["ref_logprob"] for info in infos])
-        running_kl += logprob.cpu().numpy() - ref_logprob
+        running_kl += log_probs.cpu().numpy() - ref_logprob
         running_ref_logprob += ref_logprob
         running_len += 1
         for i in np.flatnonzero(dones):
             if done_per_env[i] < quota:
                 info = infos[i]
-                scores.append(info["task_score"])
-                kls.append(running_kl[i])
-                lengths.append(running_len[i])
-                ref_logprob_sums.append(running_ref_logprob[i])
-                # Keyed by (episode number, slot): the same prompt for every agent evaluated
-                # with the same seed, whatever the episode lengths.
-                samples.append(((done_per_env[i], i), (info["prompt"], info["completion"], info["task_score"])))
+                episodes.append(EvaluatedEpisode(
+                    number=int(done_per_env[i]), slot=int(i), prompt=info["prompt"], completion=info["completion"],
+                    task_score=float(info["task_score"]), kl=float(running_kl[i]),
+                    ref_logprob=float(running_ref_logprob[i]), length=int(running_len[i]),
+                ))
                 done_per_env[i] += 1
-            running_kl[i] = running_ref_logprob[i] = running_len[i] = 0.0
-    samples = [sample for _, sample in sorted(samples)]
-    completions = [completion for _, completion, _ in samples]
+            running_kl[i] = running_ref_logprob[i] = running_len[i] = 0
+        if not (done_per_env < quota).any():
+            break
+        new_episode = torch.as_tensor(dones, device=policy.device).bool()
+        decoder.observe(actions, *observation_tensors(obs, policy.device), new_episode)
+    # Keyed by (episode number, slot): the same prompt for every agent evaluated with the
+    # same seed, whatever the episode lengths.
+    return sorted(episodes, key=lambda episode: (episode.number, episode.slot))
+
+
+def evaluate_agent(
+    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
+) -> EvaluationResult:
+    """Sample ``n_episodes`` episodes with the agent's policy (``sample_episodes``) and
+    measure them: mean task score, KL and length, perplexity under the reference,
+    diversity, and the (prompt, completion, score) samples."""
+    episodes = sample_episodes(model, env, n_episodes, seed)
+    completions = [episode.completion for episode in episodes]
+    lengths = [episode.length for episode in episodes]
     return EvaluationResult(
-        task_score=float(np.mean(scores)),
-        kl=float(np.mean(kls)),
+        task_score=float(np.mean([episode.task_score for episode in episodes])),
+        kl=float(np.mean([episode.kl for episode in episodes])),
         episode_length=float(np.mean(lengths)),
-        perplexity=float(np.exp(-np.sum(ref_logprob_sums) / np.sum(lengths))),
+        perplexity=float(np.exp(-np.sum([episode.ref_logprob for episode in episodes]) / np.sum(lengths))),
         distinct_1=distinct_n(completions, 1),
         distinct_2=distinct_n(completions, 2),
-        samples=samples,
+        samples=[(episode.prompt, episode.completion, episode.task_score) for episode in episodes],
     )
 
 

@@ -1,14 +1,16 @@
 """The fast rollout: KV-cached sampling for all parallel episodes at once.
 
+Each step is the decoder's (``policies.decoding``): ``act`` in the current states,
+step the env, ``observe`` the new observations (one cached decode for all episodes).
+
 It replaces SB3's ``collect_rollouts`` (which re-encodes every prefix at every
 step) and fills a ``SequenceRolloutBuffer`` (so the update runs one forward pass
 per sequence). Everything else is SB3's: the callbacks see the same locals
 (``rewards``, ``log_probs``, ``infos``, ``dones``), so the KL penalty and user
 callbacks work unchanged; GAE and the PPO/A2C update are SB3's own code.
 
-One difference from SB3's loop, on purpose: no bootstrapping of truncated
-episodes, since a text episode cut at ``max_new_tokens`` is over for good (see
-``agents.kl_penalty``, which does the same for the stock path).
+No episode is bootstrapped at its end: the environment reports every end, EOS or
+token budget, as terminal (``textenv.env``), so GAE stops there on both paths.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies.decoding import PolicyRolloutDecoder
-from policies.lm_policy import last_token_index
+from policies.observations import last_token_index
 from policies.sampling import sample_tokens
 
 
 def observation_tensors(obs: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer ``(input_ids, attention_mask)`` tensors of a VecEnv's observation on ``device``."""
     return (
         torch.as_tensor(obs["input_ids"], device=device).long(),
         torch.as_tensor(obs["attention_mask"], device=device).long(),
@@ -43,7 +46,8 @@ class FastRolloutMixin:
         return decoder
 
     def _sample_actions(self, logits: torch.Tensor) -> torch.Tensor:
-        """One token per episode from ``softmax(logits)`` (exact inverse-CDF sampling)."""
+        """One token per episode from ``softmax(logits)`` (exact inverse-CDF sampling). Every
+        rollout and ``evaluate_agent`` sample through here (tests replace it to replay actions)."""
         return sample_tokens(logits)
 
     def _excluded_save_params(self) -> list[str]:
@@ -66,13 +70,11 @@ class FastRolloutMixin:
         decoder = self._rollout_decoder(env.num_envs)
         input_ids, attention_mask = observation_tensors(self._last_obs, self.device)
         # The update changed the weights: recompute the keys of every running episode.
-        logits, values = decoder.restart(input_ids, attention_mask)
+        decoder.start(input_ids, attention_mask)
 
         n_steps = 0
         while n_steps < n_rollout_steps:
-            with torch.no_grad():
-                actions = self._sample_actions(logits)
-                log_probs = torch.log_softmax(logits, dim=-1).gather(1, actions[:, None])[:, 0]
+            actions, log_probs, values = decoder.act(self._sample_actions)
             state_columns = last_token_index(attention_mask)
             new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += env.num_envs
@@ -91,13 +93,13 @@ class FastRolloutMixin:
             rollout_buffer.end_finished_episodes(dones, infos)
             input_ids, attention_mask = observation_tensors(new_obs, self.device)
             new_episode = torch.as_tensor(dones, device=self.device).bool()
-            logits, values = decoder.advance(actions, input_ids, attention_mask, new_episode)
+            decoder.observe(actions, input_ids, attention_mask, new_episode)
             self._last_obs = new_obs
             self._last_episode_starts = dones
 
         rollout_buffer.close_open_segments(input_ids.cpu(), attention_mask.cpu())
-        # `values` already holds V(s) of the newest observations: no extra forward pass.
-        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        # The decoder already holds V(s) of the newest observations: no extra forward pass.
+        rollout_buffer.compute_returns_and_advantage(last_values=decoder.values, dones=dones)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True

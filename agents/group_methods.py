@@ -9,12 +9,12 @@ form one advantage, given to every token of the episode:
 - RLOO (Ahmadian et al., 2024): the return includes the per-token KL penalty
   (``score - beta * sum_t KL_t``, as for PPO), and the baseline is the mean
   return of the *other* k-1 completions: ``A_i = R_i - mean_{j != i} R_j``.
-  The update is SB3's PPO update (clipped ratio, a few epochs) with the value
-  loss switched off.
+  The update is SB3's ``PPO.train`` without the value term (no critic).
 - GRPO (Shao et al., 2024): the return is the task score alone, normalised within
   the group, ``A_i = (R_i - mean(R)) / (std(R) + eps)``; the KL to the reference
   enters the *loss*, per token, with the unbiased "k3" estimator
-  ``exp(ref - logp) - (ref - logp) - 1``, weighted by ``beta``.
+  ``exp(ref - logp) - (ref - logp) - 1``, weighted by ``beta``. The update is
+  SB3's ``PPO.train`` without the value term, plus that KL term.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
+from agents.envs import resolve_env
 from agents.fast_rollout import observation_tensors
 from agents.sequence_buffer import SequenceRolloutBuffer
-from policies.lm_policy import last_token_index
+from policies.observations import last_token_index
 from textenv.vector import BatchedTextGenVecEnv
 
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -47,10 +48,11 @@ class GroupRolloutMixin(LMAgentMixin):
 
     default_advantage_normalization = "none"  # advantages are already relative to the group
 
-    def __init__(self, policy: Any = None, env: VecEnv | None = None, group_size: int = 4, **kwargs: Any):
+    def __init__(self, policy: Any = None, env: VecEnv | str | None = None, group_size: int = 4, **kwargs: Any):
         if group_size < 2:
             raise ValueError(f"{type(self).algorithm_name} needs group_size >= 2 completions per prompt")
         self.group_size = group_size
+        env = resolve_env(env, seed=kwargs.get("seed"))  # an env id becomes the batched env
         if env is not None:
             if not isinstance(env, BatchedTextGenVecEnv):
                 raise TypeError(
@@ -72,15 +74,14 @@ class GroupRolloutMixin(LMAgentMixin):
         obs = env.reset()  # new prompts, k episodes each
         input_ids, attention_mask = observation_tensors(obs, self.device)
         decoder = self._rollout_decoder(env.num_envs)
-        logits, values = decoder.restart(input_ids, attention_mask)
+        decoder.start(input_ids, attention_mask)
         episode_starts = np.ones(env.num_envs, dtype=np.float32)
 
         for _ in range(n_rollout_steps):
             active = env.active.clone()
-            with torch.no_grad():
-                actions = self._sample_actions(logits)
-                # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
-                log_probs = torch.log_softmax(logits, -1).gather(1, actions[:, None])[:, 0] * active
+            actions, log_probs, values = decoder.act(self._sample_actions)
+            # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
+            log_probs = log_probs * active
             state_columns = last_token_index(attention_mask)
             new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
             self.num_timesteps += int(active.sum())
@@ -95,7 +96,9 @@ class GroupRolloutMixin(LMAgentMixin):
             if not bool(env.active.any()):
                 break
             input_ids, attention_mask = observation_tensors(new_obs, self.device)
-            logits, values = decoder.advance(actions, input_ids, attention_mask, torch.zeros_like(active))
+            # Episodes never restart within a group rollout. Frozen rows decode a throw-away
+            # step (their logits go unused; the next rollout's `start` refills their slots).
+            decoder.observe(actions, input_ids, attention_mask, new_episode=torch.zeros_like(active))
         rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
         self._set_group_advantages(rollout_buffer)
         self._normalize_advantages(rollout_buffer)
@@ -119,46 +122,60 @@ class GroupRolloutMixin(LMAgentMixin):
         return None
 
     def train(self) -> None:
-        """PPO's clipped surrogate on the group advantages, ``n_epochs`` over the rollout,
-        plus ``beta * kl_loss`` where the method puts the KL into the loss. No value loss:
-        there is no critic."""
+        """SB3's ``PPO.train`` without the value term, plus (GRPO) a KL term in the loss.
+
+        Step for step as SB3's: ``n_epochs`` passes over the rollout in minibatches; the
+        clipped surrogate on the (group) advantages, standardised per minibatch only with
+        ``advantage_normalization="minibatch"``; the entropy bonus; the ``target_kl`` early
+        stop before the minibatch's step; gradient clipping; the same logs. Left out: the
+        value loss and ``explained_variance`` (there is no critic; the value head is not
+        trained). Added: ``beta * kl_loss`` where the method puts the KL into the loss
+        (GRPO: the per-token k3 estimator; RLOO has its KL in the reward, ``kl_loss`` None).
+        """
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
         beta = self.kl_controller.value
-        pg_losses, kl_losses, entropy_losses, clip_fractions, approx_kls = [], [], [], [], []
+        pg_losses, kl_losses, entropy_losses, clip_fractions = [], [], [], []
         continue_training = True
         for _ in range(self.n_epochs):
+            approx_kls = []  # as SB3: the logged approx_kl is the last epoch's
             for batch in self.rollout_buffer.get(self.batch_size):
                 actions = batch.actions.long().flatten()
                 _, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
                 advantages = batch.advantages
                 if self.normalize_advantage and len(advantages) > 1:  # advantage_normalization="minibatch"
                     advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+                # Clipped surrogate, as SB3's PPO.
                 ratio = torch.exp(log_prob - batch.old_log_prob)
                 surrogate = torch.min(
                     advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
                 )
                 policy_loss = -surrogate.mean()
+                pg_losses.append(policy_loss.item())
+                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
                 entropy_loss = -entropy.mean()
+                entropy_losses.append(entropy_loss.item())
+
+                # SB3's loss is policy + ent_coef * entropy + vf_coef * value: no value term here.
                 loss = policy_loss + self.ent_coef * entropy_loss
                 kl_loss = self.kl_loss(log_prob, batch.ref_log_prob)
-                if kl_loss is not None:
+                if kl_loss is not None:  # GRPO: KL to the reference in the loss
                     loss = loss + beta * kl_loss
                     kl_losses.append(kl_loss.item())
+
                 with torch.no_grad():  # Schulman's estimator of KL(old || new), as SB3's PPO logs it
                     log_ratio = log_prob - batch.old_log_prob
                     approx_kls.append(torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item())
                 if self.target_kl is not None and approx_kls[-1] > 1.5 * self.target_kl:
                     continue_training = False  # SB3's early stop, before this minibatch's step
                     break
+
                 self.policy.optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
                 self.policy.optimizer.step()
-                pg_losses.append(policy_loss.item())
-                entropy_losses.append(entropy_loss.item())
-                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
             self._n_updates += 1
             if not continue_training:
                 break

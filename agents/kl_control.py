@@ -11,7 +11,8 @@ where ``KL`` is the mean per-episode KL (summed over tokens) and ``n_episodes`` 
 number of episodes that rollout finished: the horizon is counted in episodes
 (Ziegler et al.'s batch of rollouts), not tokens, so ``horizon`` episodes at a
 clipped error move beta by about ``exp(0.2)``. Controllers are plain objects, so
-``model.save`` pickles their state with the agent.
+``model.save`` pickles their state with the agent. The agents' defaults (adaptive,
+``kl_target=4``) are ``agents.algorithms.KL_DEFAULTS``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class AdaptiveKLController:
 
     def __post_init__(self) -> None:
         if self.target <= 0:
-            raise ValueError(f"target KL must be positive, got {self.target}")
+            raise ValueError(f"kl_target must be positive, got {self.target}. Fix: kl_target=None keeps beta fixed.")
         if self.horizon <= 0:
             raise ValueError(f"the KL controller's horizon (episodes) must be positive, got {self.horizon}")
 

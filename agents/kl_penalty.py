@@ -1,9 +1,10 @@
 """The per-token KL penalty, added to the rewards of stock SB3 on-policy algorithms.
 
-Where the reward is split (see DESIGN.md): the environment gives the task score
+Where the reward is split: the environment (``textenv.env``) gives the task score
 at the last step and reports ``log pi_ref(a|s)`` of every action in
-``info["ref_logprob"]``; only the agent knows ``log pi_old(a|s)``, the log-prob
-under the policy that sampled the action. This callback runs inside SB3's
+``info["ref_logprob"]``, since both depend only on the task; only the agent knows
+``log pi_old(a|s)``, the log-prob under the policy that sampled the action, so the
+agent adds the penalty. This callback runs inside SB3's
 ``collect_rollouts`` right after ``env.step`` and before the step is stored, and
 edits that step's rewards in place::
 
@@ -13,11 +14,6 @@ so everything SB3 computes afterwards (returns, GAE, ``ep_info``) sees the
 penalised reward. It also logs the task score, the KL and ``beta`` per rollout,
 text samples for TensorBoard, and feeds the mean per-episode KL and the number of
 episodes finished in the rollout to the coefficient controller.
-
-Generation budget: an episode cut at ``max_new_tokens`` is over for good (its
-completion is scored and nothing follows), so SB3 must not bootstrap it with
-``V(s_T)`` as it does for time-limit truncations; the callback clears
-``TimeLimit.truncated`` for such steps.
 """
 
 from __future__ import annotations
@@ -79,7 +75,6 @@ class KLPenaltyCallback(BaseCallback):
                 self._rollout_scores.append(float(info["task_score"]))
                 if len(self._rollout_samples) < self.n_text_samples:
                     self._rollout_samples.append((info["prompt"], info["completion"], info["task_score"]))
-            info["TimeLimit.truncated"] = False  # generation budget: no bootstrap (module doc)
         return True
 
     def _on_rollout_end(self) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 import numbers
 from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.type_aliases import GymEnv
 
 from agents.algorithms import LMA2C, LMNLPO, LMPPO, LMTRPO, refuse_replaced_keywords
+from agents.config import init_parameters
+from agents.envs import resolve_env
 from agents.group_methods import LMGRPO, LMRLOO
 from policies.lm_policy import LMPolicyMixin
 
@@ -35,32 +36,11 @@ def algorithm_class(name: str) -> type[BaseAlgorithm]:
         raise ValueError(f"Unknown algorithm {name!r}{hint}. Fix: use one of {sorted(ALGORITHMS)}.") from None
 
 
-def _init_parameters(cls: type) -> dict[str, inspect.Parameter]:
-    """The named ``__init__`` parameters that reach ``cls``'s constructor chain.
-
-    Walks the MRO as ``**kwargs`` pass arguments on: each ``__init__`` adds its
-    named parameters, and the walk stops at the first one without ``**kwargs``
-    (e.g. LMPPO -> LMAgentMixin(kl_coef, ..., **kwargs) -> PPO(n_epochs, ...)).
-    The most derived class's parameter (and default) wins.
-    """
-    parameters: dict[str, inspect.Parameter] = {}
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is None or klass is object:
-            continue
-        signature = inspect.signature(init)
-        for parameter in list(signature.parameters.values())[1:]:  # skip self
-            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
-                parameters.setdefault(parameter.name, parameter)
-        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-            break
-    return parameters
-
 
 def algorithm_keywords(name: str) -> set[str]:
     """Every keyword argument algorithm ``name``'s constructor accepts, so that a
     typo is refused before any model is loaded rather than deep inside SB3."""
-    return set(_init_parameters(algorithm_class(name)))
+    return set(init_parameters(algorithm_class(name)))
 
 
 def check_algorithm_kwargs(name: str, kwargs: dict[str, Any], n_envs: int | None = None) -> None:
@@ -70,7 +50,7 @@ def check_algorithm_kwargs(name: str, kwargs: dict[str, Any], n_envs: int | None
     ``group_size`` must be an integer >= 2 and, given ``n_envs``, divide it.
     """
     refuse_replaced_keywords(kwargs)
-    parameters = _init_parameters(algorithm_class(name))
+    parameters = init_parameters(algorithm_class(name))
     unknown = sorted(set(kwargs) - set(parameters))
     if unknown:
         hints = []
@@ -97,47 +77,34 @@ def check_algorithm_kwargs(name: str, kwargs: dict[str, Any], n_envs: int | None
             )
 
 
-def reference_model_of(env: VecEnv) -> str | None:
-    """The name or path of the environment's reference model (the policy's default start)."""
-    names = env.get_attr("model_name_or_path")
-    return None if names[0] is None else str(names[0])
+def make_agent(name: str, env: GymEnv | str | None, **kwargs: Any) -> BaseAlgorithm:
+    """``algorithm_class(name)(env=env, **kwargs)``, with the keywords checked first.
 
-
-def make_agent(
-    name: str,
-    env: VecEnv,
-    policy_kwargs: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> BaseAlgorithm:
-    """An agent of algorithm ``name`` on ``env`` with the LM actor-critic policy.
-
-    The policy starts from the environment's reference model unless
-    ``policy_kwargs["model_name_or_path"]`` says otherwise. ``kwargs`` go to the
-    algorithm (``kl_coef``, ``kl_target``, ``learning_rate``, ``tensorboard_log``, ...).
+    The agent class does all the work (``agents.algorithms``): ``env`` may be a
+    ``VecEnv``, a Gymnasium env or an env id, and the policy starts from the
+    environment's reference model unless ``policy_kwargs["model_name_or_path"]`` says
+    otherwise. ``kwargs`` go to the algorithm (``kl_coef``, ``kl_target``,
+    ``learning_rate``, ``policy_kwargs``, ``tensorboard_log``, ...); a keyword the
+    algorithm does not take is refused before any model loads.
     """
     cls = algorithm_class(name)
     check_algorithm_kwargs(name, kwargs, n_envs=getattr(env, "num_envs", None))
-    policy_kwargs = {**getattr(cls, "policy_defaults", {}), **(policy_kwargs or {})}
-    if "model_name_or_path" not in policy_kwargs:
-        reference = reference_model_of(env)
-        if reference is None:
-            raise ValueError(
-                "The environment's reference model was given as an instance, so the "
-                "policy cannot start from it by name. Fix: pass "
-                "policy_kwargs={'model_name_or_path': <name or path>}."
-            )
-        policy_kwargs["model_name_or_path"] = reference
-    return cls(env=env, policy_kwargs=policy_kwargs, **kwargs)
+    return cls(env=env, **kwargs)
 
 
-def load_agent(path: str, env: VecEnv | None = None, algo: str | None = None, **kwargs: Any) -> BaseAlgorithm:
+def load_agent(
+    path: str, env: GymEnv | str | None = None, algo: str | None = None, **kwargs: Any
+) -> BaseAlgorithm:
     """Load a saved agent with the algorithm it was trained with, or continue with another.
 
     ``algo=None``: the saved agent as it was (optimizer and KL-controller state included).
     ``algo="a2c"`` (say) for an agent saved by PPO: a new agent of that algorithm whose
     policy (LM body, heads) carries the saved weights; the optimizer starts afresh,
     since its state belongs to the old algorithm's update rule. ``kwargs`` go to the
-    new agent (``kl_coef``, ``learning_rate``, ...).
+    new agent (``kl_coef``, ``learning_rate``, ...); its ``policy_kwargs`` are the saved
+    ones, under the new class's ``policy_defaults`` (TRPO's eager attention), under the
+    ``policy_kwargs`` passed here: what the caller passes wins. ``env`` may be a
+    ``VecEnv``, a Gymnasium env or an env id, as for the agent classes.
     """
     data, params, _ = load_from_zip_file(path, load_data=True, custom_objects=kwargs.get("custom_objects"))
     name = (data or {}).get("algorithm_name")
@@ -146,6 +113,7 @@ def load_agent(path: str, env: VecEnv | None = None, algo: str | None = None, **
             f"{path} was not saved by a textenv agent (no algorithm_name). Fix: load it with its own "
             "SB3 class, e.g. stable_baselines3.PPO.load."
         )
+    env = resolve_env(env)
     if algo is None or algo.lower() == name:
         return algorithm_class(name).load(path, env=env, **kwargs)
     target = algorithm_class(algo)
@@ -153,8 +121,11 @@ def load_agent(path: str, env: VecEnv | None = None, algo: str | None = None, **
         raise ValueError(f"Continuing {name} as {algo} needs the environment to train on: pass env=...")
     if not issubclass(data["policy_class"], LMPolicyMixin):
         raise ValueError(f"{path} holds a {data['policy_class'].__name__}, not a textenv LM policy")
-    policy_kwargs = {**data.get("policy_kwargs", {}), **kwargs.pop("policy_kwargs", {})}
-    policy_kwargs.update(getattr(target, "policy_defaults", {}))
+    policy_kwargs = {
+        **data.get("policy_kwargs", {}),
+        **getattr(target, "policy_defaults", {}),
+        **(kwargs.pop("policy_kwargs", None) or {}),
+    }
     agent = make_agent(algo, env, policy_kwargs=policy_kwargs, **kwargs)
     # A masking policy's copy (NLPO) exists on one side only: it is refreshed from the weights.
     missing, unexpected = agent.policy.load_state_dict(params["policy"], strict=False)

@@ -1,18 +1,34 @@
-"""KV-cached rollouts for the LM policies: one new token per episode per step.
+"""The one rollout step of the LM policies, KV-cached: one new token per episode per step.
+
+Training rollouts (``agents.fast_rollout``), group rollouts (``agents.group_methods``)
+and evaluation (``agents.evaluation``) all run the same three calls::
+
+    decoder.start(input_ids, attention_mask)           # prefill every episode's slot
+    actions, log_probs, values = decoder.act(sample)   # the policy's step in the current states
+    decoder.observe(actions, input_ids, attention_mask, new_episode)  # one cached decode step
 
 SB3's rollout calls ``policy(obs)`` on the full prefix at every step. Here each
 parallel episode keeps a KV-cache slot (``textenv.slot_decoding``): a step feeds
 only the token just taken, and a new episode fills its slot from its prompt.
 After every update the cached keys of running episodes are stale, so each
-rollout starts with ``restart`` (one prefill of all current prefixes).
+rollout begins with ``start`` (one prefill of all current prefixes).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 
-from policies.lm_policy import LMPolicyMixin, last_token_index
+from policies.observations import last_token_index
+from policies.sampling import sample_tokens, top_p_mask
 from textenv.slot_decoding import SlotDecoder
+
+if TYPE_CHECKING:
+    from policies.lm_policy import LMPolicyMixin
+
+#: Draws one token per row of ``(n, V)`` logits.
+Sampler = Callable[[torch.Tensor], torch.Tensor]
 
 
 def prefill_rows(
@@ -53,28 +69,49 @@ def step_slots(
 
 
 class PolicyRolloutDecoder:
-    """Logits and values of the current state of ``n_envs`` episodes, kept up to date
-    one token at a time."""
+    """The policy acting in ``n_envs`` parallel episodes, kept up to date one token at a time.
+
+    Between calls it holds the logits and values of every episode's current state
+    (computed by ``start`` and ``observe``), so ``act`` costs no forward pass and
+    ``values`` after the last ``observe`` bootstraps the rollout for free.
+    """
 
     def __init__(self, policy: LMPolicyMixin, n_envs: int, width: int):
         self.policy = policy
         self.slots = SlotDecoder(policy.lm, n_envs, width)
+        self.logits: torch.Tensor | None = None  # (n_envs, V) of the current states
+        self.values: torch.Tensor | None = None  # (n_envs,) V(s) of the current states
 
-    def _heads(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.policy.action_logits(hidden), self.policy.value(hidden).flatten()
+    def _read_heads(self, hidden: torch.Tensor) -> None:
+        """Actor and critic heads on the body's hidden state of each current state."""
+        self.logits = self.policy.action_logits(hidden)
+        self.values = self.policy.value(hidden).flatten()
 
     @torch.no_grad()
-    def restart(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Re)fill every slot from the current observations; returns logits and values."""
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """(Re)fill every slot from the current observations: at the first step, and after
+        an update (the cached keys of running episodes came from the old weights)."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self._heads(prefill_rows(self.slots, rows, input_ids, attention_mask))
+        self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask))
 
     @torch.no_grad()
-    def advance(
+    def act(self, sample: Sampler = sample_tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One action per episode from ``softmax(logits)`` of its current state, with its
+        log-prob and the state's value. ``sample`` draws the tokens (the agent's
+        ``_sample_actions``: a seam for tests that replay given actions)."""
+        assert self.logits is not None and self.values is not None, "call start() first"
+        actions = sample(self.logits)
+        log_probs = torch.log_softmax(self.logits, dim=-1).gather(1, actions[:, None])[:, 0]
+        return actions, log_probs, self.values
+
+    @torch.no_grad()
+    def observe(
         self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and values of every episode's next state, given the new observations."""
-        return self._heads(step_slots(self.slots, actions, input_ids, attention_mask, new_episode))
+    ) -> None:
+        """Move to the new observations after the env took ``actions``: one cached decode step
+        for all episodes; rows in ``new_episode`` (reset by the env) are prefilled from their
+        prompt instead."""
+        self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, new_episode))
 
 
 class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
@@ -86,19 +123,19 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
         self.mask_slots = SlotDecoder(policy.mask_lm, n_envs, width)
 
     def _masked(self, logits: torch.Tensor, mask_hidden: torch.Tensor) -> torch.Tensor:
-        from policies.masked import top_p_mask
-
         allowed = top_p_mask(self.policy.mask_logits(mask_hidden), self.policy.top_p)
         return logits.masked_fill(~allowed, float("-inf"))
 
     @torch.no_grad()
-    def restart(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        logits, values = super().restart(input_ids, attention_mask)
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        super().start(input_ids, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        return self._masked(logits, prefill_rows(self.mask_slots, rows, input_ids, attention_mask)), values
+        self.logits = self._masked(self.logits, prefill_rows(self.mask_slots, rows, input_ids, attention_mask))
 
     @torch.no_grad()
-    def advance(self, actions, input_ids, attention_mask, new_episode):
-        logits, values = super().advance(actions, input_ids, attention_mask, new_episode)
+    def observe(
+        self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
+    ) -> None:
+        super().observe(actions, input_ids, attention_mask, new_episode)
         mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, new_episode)
-        return self._masked(logits, mask_hidden), values
+        self.logits = self._masked(self.logits, mask_hidden)

@@ -17,7 +17,7 @@ Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from gymnasium import spaces
@@ -26,25 +26,13 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from policies.observations import last_token_index, positions_from_mask, unpack_observation
 from policies.sequences import TokenSequences
 from textenv.models import load_causal_lm, vocab_size_of
 from textenv.slot_decoding import lm_logits
 
-
-def unpack_observation(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer ``(input_ids, attention_mask)`` from a (possibly float-cast) observation."""
-    return obs["input_ids"].long(), obs["attention_mask"].long()
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: the first real token is position 0."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real token in each row."""
-    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask * columns).argmax(dim=-1)
+if TYPE_CHECKING:
+    from policies.decoding import PolicyRolloutDecoder
 
 
 class LMPolicyMixin:
@@ -178,8 +166,9 @@ class LMPolicyMixin:
     def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.value(self.last_hidden_state(obs))
 
-    def rollout_decoder(self, n_envs: int, width: int):
-        """The KV-cached sampler the fast rollout uses for this policy."""
+    def rollout_decoder(self, n_envs: int, width: int) -> "PolicyRolloutDecoder":
+        """The KV-cached step (``start``/``act``/``observe``) of this policy over ``n_envs``
+        episodes: training rollouts, group rollouts and evaluation all decode with it."""
         from policies.decoding import PolicyRolloutDecoder
 
         return PolicyRolloutDecoder(self, n_envs, width)

@@ -13,25 +13,19 @@ instead of keeping a vocabulary-sized array per step.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistribution
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
 from policies.lm_policy import LMPolicyMixin
+from policies.sampling import top_p_mask
 from policies.sequences import TokenSequences
 from textenv.slot_decoding import lm_logits
 
-
-def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Boolean ``(n, V)``: the smallest set of most likely tokens whose mass reaches ``top_p``
-    (the most likely token is always in it)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = mass_before < top_p
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+if TYPE_CHECKING:
+    from policies.decoding import TopPMaskedRolloutDecoder
 
 
 class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
@@ -92,7 +86,8 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
     def get_distribution(self, obs, action_masks=None) -> MaskableCategoricalDistribution:
         return self._masked_distribution(obs, self.last_hidden_state(obs), action_masks)
 
-    def rollout_decoder(self, n_envs: int, width: int):
+    def rollout_decoder(self, n_envs: int, width: int) -> "TopPMaskedRolloutDecoder":
+        """The rollout step with this policy's top-p masks (see ``policies.decoding``)."""
         from policies.decoding import TopPMaskedRolloutDecoder
 
         return TopPMaskedRolloutDecoder(self, n_envs, width)

@@ -70,6 +70,16 @@ def sample_tokens(
     return (b * block + torch.searchsorted(inner_cdf, target, right=True))[:, 0]
 
 
+def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean ``(n, V)``: the smallest set of most likely tokens whose mass reaches ``top_p``
+    (the most likely token is always in it). NLPO's action mask (``policies.masked``)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
 def _uniform_below_total(
     logits: torch.Tensor, total: torch.Tensor, generator: torch.Generator | None, uniform: torch.Tensor | None
 ) -> torch.Tensor:

@@ -19,11 +19,62 @@ import argparse
 import difflib
 import inspect
 import json
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 TEXT_ENTRY_POINT = "textenv.env:TextGenEnv"
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name that still works, with a one-line notice on stderr naming the new one.
+
+    ``parser.add_argument("--target-kl", dest="kl_target", action=DeprecatedAlias,
+    new_option="--kl-target", type=..., help=argparse.SUPPRESS)``
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, new_option: str, **kwargs: Any):
+        self.new_option = new_option
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"{parser.prog}: note: {option_string} is deprecated; use {self.new_option} (same meaning).",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_kl_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--kl-coef``, ``--kl-target`` (alias ``--target-kl``, deprecated) and ``--kl-horizon``.
+
+    Their defaults are the agents' own (``agents.algorithms.KL_DEFAULTS``, ``default_kl_coef``):
+    an option left out is not passed on, so the script and the Python API run alike.
+    ``--kl-target 0`` becomes ``kl_target=None``, a fixed beta (``kl_agent_kwargs``).
+    """
+    parser.add_argument("--kl-coef", type=non_negative_float, default=None,
+                        help="KL coefficient beta (initial value if adaptive); default: the algorithm's "
+                             "(0.05; GRPO 0.3)")
+    parser.add_argument("--kl-target", type=non_negative_float, default=None,
+                        help="target per-episode KL (nats) toward which beta adapts (default 4.0); 0 keeps beta "
+                             "fixed. Not SB3's target_kl (PPO's early stop, TRPO's trust region: --algo-kwargs)")
+    parser.add_argument("--target-kl", dest="kl_target", type=non_negative_float, action=DeprecatedAlias,
+                        new_option="--kl-target", help=argparse.SUPPRESS)
+    parser.add_argument("--kl-horizon", type=positive_int, default=None,
+                        help="episodes over which the adaptive controller moves beta by about exp(+-0.2) "
+                             "(Ziegler et al.'s horizon; default 10000)")
+
+
+def kl_agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The KL options the user gave, as agent keywords (see ``add_kl_arguments``)."""
+    kwargs: dict[str, Any] = {}
+    if args.kl_coef is not None:
+        kwargs["kl_coef"] = args.kl_coef
+    if args.kl_target is not None:
+        kwargs["kl_target"] = args.kl_target or None  # 0: fixed beta
+    if args.kl_horizon is not None:
+        kwargs["kl_horizon"] = args.kl_horizon
+    return kwargs
 
 
 def positive_int(text: str) -> int:

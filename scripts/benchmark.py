@@ -7,9 +7,9 @@
 
 Prints one Markdown table; every figure is measured in this run, each variant
 (and each repeat) in its own child process, so peak memory is that variant's
-own. The "floor" is a tight bare PyTorch loop doing the work of one PPO
-iteration and nothing more; see ``agents/benchmarking.py`` for what each
-figure measures.
+own. The "floor" is the one-page PPO (``scripts/ppo_reference.py``), a tight bare
+PyTorch loop doing the work of one PPO iteration and nothing more; see
+``scripts/bench/measure.py`` for what each figure measures.
 
 Timing: by default every variant times 32 iterations on S (16,384 generated
 tokens), 4 on M (8,192) and 2 on L (16,384), after one untimed warm-up
@@ -35,18 +35,19 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
 
 ROLLOUT_FLOOR = "tight bare rollout (KV-cached policy decode with log-probs+values, one teacher-forced reference pass)"
-UPDATE_FLOOR = "bare update (same epochs x minibatches of forward + backward + clip_grad_norm + AdamW)"
-PPO_FLOOR = ("tight bare PyTorch PPO loop (KV-cached decode with log-probs+values, "
+UPDATE_FLOOR = "bare update (same epochs x minibatches of forward + backward + clip_grad_norm + Adam)"
+PPO_FLOOR = ("tight bare PyTorch PPO loop (scripts/ppo_reference.py: KV-cached decode with log-probs+values, "
              "one teacher-forced reference pass, same update)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=["S", "M"], help="names from agents.benchmarking.WORKLOADS")
+    parser.add_argument("--workloads", nargs="+", default=["S", "M"], help="names from bench.workloads.WORKLOADS")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (CUDA)")
     parser.add_argument("--iterations", type=int, default=None,
@@ -67,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def iterations_for(args: argparse.Namespace, workload: str, variant: str) -> int:
     """Timed iterations of ``variant`` on ``workload``: the stock path gets as many as the others."""
-    from agents.benchmarking import WORKLOADS
+    from bench.workloads import WORKLOADS
 
     iterations = args.iterations if args.iterations is not None else WORKLOADS[workload].iterations
     if variant == "stock" and args.stock_iterations is not None:
@@ -78,7 +79,7 @@ def iterations_for(args: argparse.Namespace, workload: str, variant: str) -> int
 def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     """``results[workload][variant]``: one measurement per repeat. Repeats go round all variants
     in turn, so slow drifts of the machine's load spread over every variant alike."""
-    from agents.benchmarking import run_measurement
+    from bench.measure import run_measurement
 
     context = multiprocessing.get_context("spawn")
     variants = [v for v in VARIANTS if not (v == "stock" and args.skip_stock)]
@@ -159,7 +160,8 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     import torch
 
-    from agents.benchmarking import WORKLOADS, measure_sampling
+    from bench.measure import measure_sampling
+    from bench.workloads import WORKLOADS
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

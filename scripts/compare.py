@@ -5,7 +5,12 @@
 
 Writes a PNG plot of task score and KL against generated tokens, and a Markdown
 table of final score, KL and tokens/s (also printed). TensorBoard logs of every
-run go under ``--tensorboard-log``.
+run go under ``--tensorboard-log``, each with its resolved configuration (config/
+and HPARAMS); ``comparison.json`` holds every run's configuration and results.
+
+Defaults are the Python API's (beta adapted toward 4 nats of KL per episode, each
+algorithm from its own initial ``kl_coef``); ``--kl-coef``, ``--kl-target`` and
+``--kl-horizon`` apply to every run whose ``--algo-kwargs`` entry does not set them.
 """
 
 from __future__ import annotations
@@ -13,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import (  # noqa: E402  (after the path set-up)
-    algorithm_name, check_algorithm_kwargs, env_id, json_object, non_negative_int, positive_int,
+    add_kl_arguments, algorithm_name, check_algorithm_kwargs, env_id, json_object, kl_agent_kwargs, non_negative_int,
+    positive_int,
 )
 
 
@@ -38,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry")
     parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0])
     parser.add_argument("--total-tokens", type=positive_int, default=16384, help="generated tokens per run")
-    parser.add_argument("--n-envs", type=positive_int, default=16)
+    parser.add_argument("--n-envs", type=positive_int, default=None, help="parallel episodes (default 16)")
+    add_kl_arguments(parser)  # for every run; an --algo-kwargs entry may set its own
     parser.add_argument("--eval-episodes", type=positive_int, default=64)
     parser.add_argument("--algo-kwargs", type=json_object('{"trpo": {"cg_max_steps": 5}}'), default="{}",
                         metavar="JSON",
@@ -48,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # Checked here, before any model loads: every run's arguments, not just the first run's.
     from agents.comparison import split_variant
+    from agents.envs import DEFAULT_N_ENVS
+
+    if args.n_envs is None:
+        args.n_envs = DEFAULT_N_ENVS
 
     runs = dict(split_variant(entry) for entry in args.algos)  # label -> algorithm
     if len(runs) < len(args.algos):
@@ -61,8 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not isinstance(kwargs, dict):
             parser.error(f"argument --algo-kwargs: the arguments for {label!r} must be a JSON object, got "
                          f"{json.dumps(kwargs)}. Fix: e.g. {example}.")
-    set_by_script = {"seed": "--seeds", "tensorboard_log": "--tensorboard-log",
-                     "kl_target": "scripts/train.py --target-kl (compare runs every algorithm at kl_target=4)"}
+    set_by_script = {"seed": "--seeds", "tensorboard_log": "--tensorboard-log"}
     for label, algo in runs.items():
         check_algorithm_kwargs(parser, algo, args.algo_kwargs.get(label, {}), args.n_envs, set_by_script)
     return args
@@ -73,10 +84,13 @@ def main(argv=None) -> str:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from agents.comparison import markdown_table, plot_curves, run_comparison
+    from agents.comparison import markdown_table, plot_curves, run_comparison, split_variant
 
+    common = kl_agent_kwargs(args)
+    labels = [split_variant(entry)[0] for entry in args.algos]
+    algo_kwargs = {label: {**common, **args.algo_kwargs.get(label, {})} for label in labels}
     results = run_comparison(args.env, args.algos, args.seeds, args.total_tokens, args.n_envs,
-                             args.eval_episodes, args.tensorboard_log or None, args.algo_kwargs)
+                             args.eval_episodes, args.tensorboard_log or None, algo_kwargs)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
@@ -84,8 +98,10 @@ def main(argv=None) -> str:
     (output / "comparison.md").write_text(
         f"# {args.env}, {args.total_tokens} generated tokens per run\n\n{table}\n\n![curves](comparison.png)\n"
     )
+    (output / "comparison.json").write_text(json.dumps([asdict(result) for result in results], indent=2))
     print(table)
-    print(f"\nplot: {output / 'comparison.png'}\ntable: {output / 'comparison.md'}")
+    print(f"\nplot: {output / 'comparison.png'}\ntable: {output / 'comparison.md'}\n"
+          f"runs (configuration and results): {output / 'comparison.json'}")
     return table
 
 

@@ -5,7 +5,7 @@
 1. SFT: the default model fine-tuned on the built-in demonstrations (reviews that
    read positive);
 2. reward model: learned from the built-in preference pairs (ranked by VADER, see
-   ``textenv.preferences.RULE``), its held-out agreement with the rule reported;
+   ``textenv.tasks.preferences.RULE``), its held-out agreement with the rule reported;
 3. PPO: the SFT model trained against the learned reward, KL toward the SFT model;
 4. evaluation on held-out prompts, agent vs reference, under the learned reward and
    under the rule (VADER) itself.
@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cli import non_negative_float, non_negative_int, positive_int  # noqa: E402  (after the path set-up)
+from _cli import add_kl_arguments, non_negative_int, positive_int  # noqa: E402  (after the path set-up)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -30,8 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sft-steps", type=positive_int, default=600)
     parser.add_argument("--rm-steps", type=positive_int, default=400)
     parser.add_argument("--ppo-timesteps", type=positive_int, default=24_576)
-    parser.add_argument("--kl-coef", type=non_negative_float, default=0.05, help="initial KL coefficient beta")
-    parser.add_argument("--target-kl", type=non_negative_float, default=4.0)
+    add_kl_arguments(parser)  # passed on to scripts/train.py when given (its defaults otherwise)
     parser.add_argument("--eval-episodes", type=positive_int, default=128)
     parser.add_argument("--seed", type=non_negative_int, default=0)
     return parser.parse_args(argv)
@@ -46,7 +45,7 @@ def main(argv=None) -> dict:
     import textenv
     from agents import load_agent, make_text_vec_env
     from agents.evaluation import compare_with_reference, format_report, report_json
-    from textenv.corpus import review_openings
+    from textenv.tasks.sentiment import training_prompts
     from textenv.registration import HELDOUT_PROMPTS
 
     out = Path(args.output)
@@ -59,12 +58,15 @@ def main(argv=None) -> dict:
                                           "--steps", str(args.rm_steps), "--seed", str(args.seed),
                                           "--tensorboard-log", str(runs / "reward_model"), "--quiet"])
     print("== 3. PPO against the learned reward ==")
+    kl_options = [text for option, value in (("--kl-coef", args.kl_coef), ("--kl-target", args.kl_target),
+                                              ("--kl-horizon", args.kl_horizon)) if value is not None
+                  for text in (option, str(value))]
     task = dict(model=str(out / "sft"), max_prompt_len=24, max_new_tokens=20)
-    textenv.register_task("pipeline/LearnedReward-v0", prompts=review_openings(256),
+    textenv.register_task("pipeline/LearnedReward-v0", prompts=training_prompts(),
                           reward=str(out / "reward_model"), **task)
     ppo_summary = train.main(["--env", "pipeline/LearnedReward-v0", "--total-timesteps", str(args.ppo_timesteps),
                               "--seed", str(args.seed), "--tensorboard-log", str(runs),
-                              "--kl-coef", str(args.kl_coef), "--target-kl", str(args.target_kl),
+                              *kl_options,
                               "--save-path", str(out / "agent.zip"), "--quiet"])
     print("== 4. evaluation on held-out prompts ==")
     heldout = HELDOUT_PROMPTS["textenv/PositiveSentiment-v0"]()
@@ -84,7 +86,8 @@ def main(argv=None) -> dict:
         "kl_to_reference": reports["rule (VADER)"]["agent"]["kl"],
         "ppo_train_seconds": ppo_summary["train_seconds"],
     }
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "reports": reports}, indent=2))
+    (out / "summary.json").write_text(json.dumps(
+        {"summary": summary, "reports": reports, "ppo_config": ppo_summary["config"]}, indent=2))
     print("\n" + json.dumps(summary, indent=2))
     return summary
 

@@ -49,9 +49,9 @@ def main(argv=None) -> dict:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    from textenv.corpus import positive_demonstrations
+    from textenv.tasks.corpus import positive_demonstrations
     from textenv.models import load_causal_lm, load_tokenizer
-    from textenv.sft import SFTExample, load_sft_examples, supervised_finetune
+    from textenv.training.sft import SFTExample, load_sft_examples, supervised_finetune
 
     examples = load_sft_examples(args.data) if args.data else [SFTExample("", t) for t in positive_demonstrations(3000)]
     random.Random(args.seed).shuffle(examples)

@@ -3,7 +3,13 @@
 With no arguments: PPO on ``textenv/PositiveSentiment-v0`` with the embedded
 default model (built once on first use, offline), TensorBoard logs under
 ``runs/``, the agent saved to ``runs/<env>-<algo>-seed<seed>.zip``; the mean task
-score before and after training and the final KL are printed.
+score before and after training and the final KL are printed, then a summary JSON
+that holds the run's resolved configuration (every algorithm, policy and
+environment argument; TensorBoard gets it too, under config/ and HPARAMS).
+
+Defaults are the Python API's: an option left out is not passed on, so
+``python scripts/train.py --algo ppo`` trains what ``LMPPO(env=make_text_vec_env(id))``
+would (beta adapted toward 4 nats of KL per episode).
 """
 
 from __future__ import annotations
@@ -18,26 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cli import (  # noqa: E402  (after the path set-up)
-    algorithm_name, check_algorithm_kwargs, device, env_id, json_object, non_negative_float, non_negative_int,
-    positive_float, positive_int,
+    add_kl_arguments, algorithm_name, check_algorithm_kwargs, device, env_id, json_object, kl_agent_kwargs,
+    non_negative_int, positive_float, positive_int,
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
                         help="registered environment id, or module:id to import the module that registers it")
     parser.add_argument("--algo", type=algorithm_name, default="ppo", help="algorithm name (see agents.ALGORITHMS)")
     parser.add_argument("--model", default=None, help="policy and reference model: name or path (default: the env's)")
     parser.add_argument("--total-timesteps", type=positive_int, default=24_576, help="generated tokens to train on")
-    parser.add_argument("--n-envs", type=positive_int, default=16, help="parallel episodes")
-    parser.add_argument("--kl-coef", type=non_negative_float, default=None,
-                        help="KL coefficient beta (initial value if adaptive); default: the algorithm's (0.05; GRPO 0.3)")
-    parser.add_argument("--target-kl", type=non_negative_float, default=4.0,
-                        help="target per-episode KL for the adaptive beta controller; 0 keeps beta fixed")
-    parser.add_argument("--kl-horizon", type=positive_int, default=10_000,
-                        help="episodes over which the adaptive controller moves beta by about exp(+-0.2) "
-                             "(Ziegler et al.'s horizon)")
+    parser.add_argument("--n-envs", type=positive_int, default=None, help="parallel episodes (default 16)")
+    add_kl_arguments(parser)
     parser.add_argument("--learning-rate", type=positive_float, default=None, help="override the algorithm's default")
     parser.add_argument("--group-size", type=positive_int, default=None,
                         help="rloo/grpo: completions per prompt (default 4)")
@@ -49,9 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--save-path", default=None, help="where to save the agent (.zip)")
     parser.add_argument("--device", type=device, default="auto", help="'auto', 'cpu' or 'cuda'")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     # Checked here, before any model loads, as make_agent would check them after.
+    from agents.envs import DEFAULT_N_ENVS
     from agents.registry import algorithm_keywords
+
+    if args.n_envs is None:
+        args.n_envs = DEFAULT_N_ENVS
 
     if args.group_size is not None and "group_size" not in algorithm_keywords(args.algo):
         parser.error(f"argument --group-size: {args.algo} draws one completion per prompt. "
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stable_baselines3.common.utils import set_random_seed
 
     from agents import evaluate_agent, make_agent, make_text_vec_env
+    from agents.config import resolved_config
     from textenv.task import resolve_device
 
     set_random_seed(args.seed)
@@ -77,9 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
     eval_env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed + 10_000, env_kwargs=env_kwargs)
     agent_kwargs = dict(
-        kl_coef=args.kl_coef,
-        kl_target=args.target_kl or None,
-        kl_horizon=args.kl_horizon,
+        **kl_agent_kwargs(args),
         seed=args.seed,
         device=device,
         tensorboard_log=args.tensorboard_log or None,
@@ -91,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         agent_kwargs["group_size"] = args.group_size
     agent_kwargs.update(args.algo_kwargs)
     model = make_agent(args.algo, env, **agent_kwargs)
+    config = resolved_config(model, env)  # learn() writes the same to TensorBoard
 
     before = evaluate_agent(model, eval_env, args.eval_episodes, seed=args.seed)
     print(f"before training: mean task score {before.task_score:+.3f}, KL {before.kl:.3f}")
@@ -117,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kl_coef_final": round(model.kl_controller.value, 5),
         "saved_to": save_path,
         "tensorboard_log": model.logger.dir if args.tensorboard_log else None,
+        "config": config,
     }
     print(f"after training:  mean task score {after.task_score:+.3f}, KL {after.kl:.3f} "
           f"(beta now {model.kl_controller.value:.4f})")

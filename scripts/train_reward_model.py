@@ -56,8 +56,8 @@ def main(argv=None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     from textenv.models import load_tokenizer
-    from textenv.preferences import RULE, builtin_preference_pairs, load_preference_pairs
-    from textenv.reward_training import reward_model_from_causal_lm, train_reward_model
+    from textenv.tasks.preferences import RULE, builtin_preference_pairs, load_preference_pairs
+    from textenv.training.reward_model import reward_model_from_causal_lm, train_reward_model
 
     pairs = load_preference_pairs(args.data) if args.data else builtin_preference_pairs(3500, seed=0)
     random.Random(args.seed).shuffle(pairs)

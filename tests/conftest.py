@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=".*render_mode.*")
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
-    from textenv.default_model import ensure_default_model
+    from textenv.training.default_model import ensure_default_model
 
     return ensure_default_model(progress=False)
 

@@ -34,6 +34,12 @@ def test_builtin_ids_are_registered():
     assert {"textenv/TextGen-v0", "textenv/PositiveSentiment-v0"} <= set(registered_ids())
 
 
+def test_the_package_doc_names_every_builtin_id():
+    import re
+
+    assert set(re.findall(r"``(textenv/[\w-]+)``", textenv.__doc__)) == set(registered_ids())
+
+
 @pytest.mark.parametrize("env_id", registered_ids())
 def test_both_env_checkers_pass_on_every_registered_id(env_id, tiny_model_path, default_model_path):
     # TextGen-v0 is generic: it needs its prompts (everything else has defaults).
@@ -65,19 +71,21 @@ def test_prompt_is_left_padded_and_tokens_append_after_it(env):
 def test_eos_terminates_with_the_score_as_reward(env):
     env.reset(seed=3)
     _, reward, terminated, truncated, info = env.step(env.eos_token_id)
-    assert terminated and not truncated
+    assert terminated and not truncated and info["budget_exhausted"] is False
     assert reward == 1.5 == info["task_score"]
     assert info["completion"] == ""
 
 
-def test_generation_budget_truncates(env):
+def test_the_generation_budget_ends_the_episode_as_terminal_with_a_flag(env):
+    """A scored end is a terminal state of the MDP: terminated, never truncated."""
     env.reset(seed=3)
     rewards = []
     for step in range(5):
         _, reward, terminated, truncated, info = env.step(10 + step)
         rewards.append(reward)
-        assert not terminated
-        assert truncated == (step == 4)
+        assert not truncated
+        assert terminated == (step == 4)
+        assert info.get("budget_exhausted", False) == (step == 4)
     assert rewards == [0.0, 0.0, 0.0, 0.0, 1.5]
     assert info["completion"] == env.tokenizer.decode([10, 11, 12, 13, 14])
 
@@ -130,7 +138,7 @@ def test_registering_a_new_task_takes_a_few_lines(tiny_model_path):
     env.reset(seed=0)
     for _ in range(3):
         _, reward, terminated, truncated, info = env.step(25)
-    assert truncated and reward == len(info["completion"]) > 0
+    assert terminated and not truncated and info["budget_exhausted"] and reward == len(info["completion"]) > 0
     assert seen == [("Hello", info["completion"])]
 
 

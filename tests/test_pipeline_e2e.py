@@ -32,7 +32,7 @@ def test_pipeline_raises_the_learned_reward_and_the_rules_score(tmp_path, defaul
 def test_ppo_raises_arithmetic_accuracy(tmp_path):
     summary = train.main([
         "--env", "textenv/Arithmetic-v0", "--total-timesteps", "32768", "--learning-rate", "5e-5",
-        "--kl-coef", "0.01", "--target-kl", "0", "--eval-episodes", "256",
+        "--kl-coef", "0.01", "--kl-target", "0", "--eval-episodes", "256",
         "--tensorboard-log", "", "--save-path", str(tmp_path / "arith.zip"), "--quiet",
     ])
     assert 0.1 < summary["task_score_before"] < 0.6  # the SFT stage made it partly right

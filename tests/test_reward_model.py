@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from textenv import make_reward
-from textenv.preferences import MIN_MARGIN, builtin_preference_pairs, load_preference_pairs, save_preference_pairs
-from textenv.reward_training import (
-    N_HELDOUT_PAIRS,
-    N_TRAIN_PAIRS,
-    ensure_learned_sentiment_reward_model,
-    pairwise_accuracy,
-)
+from textenv.tasks.preferences import MIN_MARGIN, builtin_preference_pairs, load_preference_pairs, save_preference_pairs
+from textenv.training.builtin_models import N_HELDOUT_PAIRS, N_TRAIN_PAIRS, ensure_learned_sentiment_reward_model
+from textenv.training.reward_model import pairwise_accuracy
 from textenv.rewards import RewardModelReward, VaderSentimentReward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

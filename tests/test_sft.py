@@ -11,7 +11,7 @@ import torch
 
 from textenv import TextGenEnv
 from textenv.models import load_causal_lm, load_tokenizer
-from textenv.sft import SFTExample, encode_examples, heldout_loss, load_sft_examples, supervised_finetune
+from textenv.training.sft import SFTExample, encode_examples, heldout_loss, load_sft_examples, supervised_finetune
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import sft  # noqa: E402
@@ -41,7 +41,7 @@ def test_heldout_loss_matches_a_direct_cross_entropy(tiny_model_path):
 
 
 def test_sft_lowers_heldout_loss_on_a_new_corpus(tiny_model_path):
-    from textenv.arithmetic import arithmetic_problems
+    from textenv.tasks.arithmetic import arithmetic_problems
 
     train, heldout = arithmetic_problems()
     model, tokenizer = load_causal_lm(str(tiny_model_path)), load_tokenizer(str(tiny_model_path))

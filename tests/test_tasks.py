@@ -14,8 +14,9 @@ import pytest
 import textenv  # noqa: F401
 from agents import make_agent, make_text_vec_env
 from agents.evaluation import distinct_n
-from textenv.arithmetic import exact_match_reward
-from textenv.registration import HELDOUT_PROMPTS, short_positive_reward
+from textenv.registration import HELDOUT_PROMPTS
+from textenv.tasks.arithmetic import exact_match_reward
+from textenv.tasks.sentiment import short_positive_reward
 from textenv.rewards import VaderSentimentReward
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -38,6 +39,19 @@ def test_heldout_prompts_are_not_training_prompts():
     for env_id, heldout in HELDOUT_PROMPTS.items():
         training = set(gym.spec(env_id).kwargs["prompts"])
         assert heldout() and not training & set(heldout()), env_id
+
+
+def test_every_builtin_task_keeps_heldout_prompts():
+    builtin = [env_id for env_id in gym.registry if env_id.startswith("textenv/") and env_id != "textenv/TextGen-v0"]
+    assert len(builtin) == 4 and set(builtin) <= set(HELDOUT_PROMPTS)
+
+
+def test_builtin_model_names_resolve_and_unknown_ones_are_refused():
+    from textenv.models import BUILTIN_MODELS, resolve_model_path
+
+    assert {"default", "textenv:default", "textenv:arithmetic", "textenv:sentiment-reward-model"} <= set(BUILTIN_MODELS)
+    with pytest.raises(ValueError, match="Unknown built-in model 'textenv:nope'.*textenv:arithmetic"):
+        resolve_model_path("textenv:nope")
 
 
 def test_distinct_n():

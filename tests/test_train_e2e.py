@@ -59,7 +59,7 @@ def test_a2c_trains_on_the_same_task(tmp_path, default_model_path):
         "--n-envs", "8",
         "--eval-episodes", "64",
         "--kl-coef", "0.1",
-        "--target-kl", "0",
+        "--kl-target", "0",
         "--tensorboard-log", str(tmp_path / "runs"),
         "--save-path", str(tmp_path / "a2c.zip"),
         "--quiet",

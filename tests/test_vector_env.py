@@ -34,7 +34,7 @@ def test_batched_env_matches_dummy_vec_env_step_by_step(tiny_model_path, reward)
 
     for key in ("input_ids", "attention_mask"):
         np.testing.assert_array_equal(got[0][key], want[0][key])
-    n_done = 0
+    n_done = n_budget = 0
     for (obs, rewards, dones, infos), (obs2, rewards2, dones2, infos2) in zip(got[1:], want[1:]):
         for key in ("input_ids", "attention_mask"):
             np.testing.assert_array_equal(obs[key], obs2[key])
@@ -47,10 +47,12 @@ def test_batched_env_matches_dummy_vec_env_step_by_step(tiny_model_path, reward)
                 assert info["completion"] == info2["completion"] and info["prompt"] == info2["prompt"]
                 assert info["episode"]["r"] == pytest.approx(info2["episode"]["r"])
                 assert info["episode"]["l"] == info2["episode"]["l"]
-                assert info["TimeLimit.truncated"] == info2["TimeLimit.truncated"]
+                assert info["TimeLimit.truncated"] is info2["TimeLimit.truncated"] is False  # terminal: no bootstrap
+                assert info["budget_exhausted"] == info2["budget_exhausted"]
+                n_budget += info["budget_exhausted"]
                 for key in ("input_ids", "attention_mask"):
                     np.testing.assert_array_equal(info["terminal_observation"][key], info2["terminal_observation"][key])
-    assert n_done >= 6
+    assert n_done >= 6 and 0 < n_budget < n_done  # episodes ended both ways: budget and EOS
 
 
 def test_batched_env_refuses_out_of_vocabulary_actions(tiny_model_path):

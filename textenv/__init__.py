@@ -1,10 +1,21 @@
 """textenv: text generation as Gymnasium environments, scored by a reward and a KL to a reference.
 
-Importing the package registers ``textenv/TextGen-v0`` and ``textenv/PositiveSentiment-v0``.
+Importing the package registers the generic id and the built-in tasks (``textenv.tasks``,
+one module per task), and the names of the models the project builds itself
+(``textenv.training.builtin_models``):
+
+- ``textenv/TextGen-v0``: generic, your prompts, model and reward as ``gym.make`` arguments;
+- ``textenv/PositiveSentiment-v0``: continue a review opening so the text reads positive (VADER);
+- ``textenv/LearnedRewardSentiment-v0``: the same, scored by the reward model learned from
+  the built-in preference pairs;
+- ``textenv/Arithmetic-v0``: answer ``a+b=`` exactly;
+- ``textenv/ShortPositive-v0``: say something short and positive, then stop.
+
+``textenv.register_task`` registers your own.
 """
 
 from textenv.env import TextGenEnv
-from textenv.registration import register_builtin_tasks, register_task
+from textenv.registration import register_generic_env, register_task
 from textenv.rewards import (
     CallableReward,
     RewardError,
@@ -13,7 +24,13 @@ from textenv.rewards import (
     VaderSentimentReward,
     make_reward,
 )
+from textenv.tasks import register_builtin_tasks
+from textenv.training.builtin_models import register_builtin_models
 
+# The package's front door imports its rooms (tasks, training); nothing inside the
+# package imports it back (tests/test_layering.py).
+register_builtin_models()
+register_generic_env()
 register_builtin_tasks()
 
 __all__ = [

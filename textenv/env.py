@@ -1,8 +1,15 @@
 """``TextGenEnv``: text generation as a Gymnasium environment.
 
 State: the prompt plus the tokens generated so far. Action: the next token id,
-``Discrete(V)`` with ``V`` the model's vocabulary (output rows). An episode ends
-(terminated) when the action is EOS, or is truncated after ``max_new_tokens``.
+``Discrete(V)`` with ``V`` the model's vocabulary (output rows).
+
+Episode end: ``terminated`` when the action is EOS, and ``terminated`` too when the
+``max_new_tokens`` budget runs out: the text is scored there and nothing follows, so
+a scored end is a terminal state of this MDP (an agent must not bootstrap it with
+the value of the final state). ``truncated`` (in Gymnasium's sense: a limit outside
+the MDP, such as a ``TimeLimit`` wrapper) is never set by the environment. The last
+step's ``info["budget_exhausted"]`` tells the two ends apart: ``True`` when the
+budget ran out, ``False`` at EOS.
 
 Observation layout (``Dict`` of two int64 boxes of width ``W = max_prompt_len +
 max_new_tokens``)::
@@ -32,7 +39,13 @@ from textenv.task import TextTask
 
 
 class TextGenEnv(gym.Env):
-    """Generate a continuation of a prompt, one token per step, scored at the end."""
+    """Generate a continuation of a prompt, one token per step, scored at the end.
+
+    ``step`` returns ``info["ref_logprob"]`` at every step and, at the last step of an
+    episode (always ``terminated``), ``info["task_score"]``, ``info["prompt"]``,
+    ``info["completion"]`` and ``info["budget_exhausted"]`` (``True``: ended because
+    ``max_new_tokens`` ran out; ``False``: ended at EOS).
+    """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
@@ -110,19 +123,20 @@ class TextGenEnv(gym.Env):
         self._attention_mask[column] = 1
         self._generated.append(action)
 
-        terminated = action == self.eos_token_id
-        truncated = not terminated and len(self._generated) >= self.task.max_new_tokens
+        at_eos = action == self.eos_token_id
+        budget_exhausted = not at_eos and len(self._generated) >= self.task.max_new_tokens
+        terminated = at_eos or budget_exhausted  # both are scored ends: terminal (module doc)
         reward = 0.0
-        if terminated or truncated:
+        if terminated:
             prompt, completion = self.prompts[self._prompt_index], self.completion_text()
             score = float(self.task.score([self._prompt_index], [completion])[0])
             reward = score
-            info.update(task_score=score, prompt=prompt, completion=completion)
+            info.update(task_score=score, prompt=prompt, completion=completion, budget_exhausted=budget_exhausted)
             self._ref_next_logprobs = None  # the episode is over; nothing more to decode
             self._ref_cache = None
         else:
             self._advance_reference([action], first=False)
-        return self._observation(), reward, terminated, truncated, info
+        return self._observation(), reward, terminated, False, info
 
     def completion_text(self) -> str:
         """The generated text so far, without the EOS token."""

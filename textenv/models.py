@@ -29,19 +29,19 @@ TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
 
 DEFAULT_MODEL_NAME = "default"
 
+#: Models the project builds itself on first use (see ``textenv.cache``), by name: each
+#: maps to a function that returns the model's folder, building it first if needed.
+#: ``textenv.training.builtin_models`` registers ``"default"``, ``"textenv:default"``,
+#: ``"textenv:arithmetic"`` and ``"textenv:sentiment-reward-model"`` (importing
+#: ``textenv`` does); this module only looks names up, it never imports the builders.
+BUILTIN_MODELS: dict[str, Callable[[], Path]] = {}
 
-def _builtin_models() -> dict[str, Callable[[], Path]]:
-    """Models the project builds itself on first use (see ``textenv.cache``)."""
-    from textenv.arithmetic import ensure_arithmetic_model
-    from textenv.default_model import ensure_default_model
-    from textenv.reward_training import ensure_learned_sentiment_reward_model
 
-    return {
-        DEFAULT_MODEL_NAME: ensure_default_model,
-        "textenv:default": ensure_default_model,
-        "textenv:arithmetic": ensure_arithmetic_model,
-        "textenv:sentiment-reward-model": ensure_learned_sentiment_reward_model,
-    }
+def register_builtin_model(name: str, ensure: Callable[[], Path]) -> None:
+    """Make ``name`` resolve to the folder ``ensure()`` returns (building it on first use)."""
+    if name != DEFAULT_MODEL_NAME and not name.startswith("textenv:"):
+        raise ValueError(f"Built-in model names are {DEFAULT_MODEL_NAME!r} or start with 'textenv:', got {name!r}")
+    BUILTIN_MODELS[name] = ensure
 
 
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
@@ -49,11 +49,10 @@ def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
     and refuse a local-looking path that does not exist, before ``from_pretrained``
     tries to reach a hub with it."""
     text = DEFAULT_MODEL_NAME if name_or_path is None else str(name_or_path)
-    builtins = _builtin_models()
-    if text in builtins:
-        return str(builtins[text]())
-    if text.startswith("textenv:"):
-        raise ValueError(f"Unknown built-in model {text!r}. Fix: use one of {sorted(builtins)}.")
+    if text in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[text]())
+    if text.startswith("textenv:") or text == DEFAULT_MODEL_NAME:
+        raise ValueError(f"Unknown built-in model {text!r}. Fix: use one of {sorted(BUILTIN_MODELS)}.")
     looks_local = (
         os.sep in text and not _looks_like_hub_id(text)
     ) or text.startswith((".", "~")) or Path(text).expanduser().exists()

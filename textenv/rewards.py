@@ -177,7 +177,7 @@ class RewardModelReward(RewardSource):
     Text is re-tokenized with the reward model's tokenizer (policy and reward model
     need not share a vocabulary). With one output the score is that logit; with
     several, the logit at ``label_index``. A model trained by
-    ``textenv.reward_training`` records the mean and std of its scores on its
+    ``textenv.training.reward_model`` records the mean and std of its scores on its
     training data (``config.reward_mean``/``reward_std``); scores are then
     standardised with them (``normalize=False`` gives raw logits).
 

@@ -9,6 +9,10 @@ An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
   prefilled together;
 - finished episodes are scored together, in one call to the reward source.
 
+Episode ends are those of ``TextGenEnv``: done at EOS and at the ``max_new_tokens``
+budget, both terminal (``info["TimeLimit.truncated"]`` is ``False``, so SB3 does not
+bootstrap), with ``info["budget_exhausted"]`` telling them apart.
+
 Group mode (``configure_episodes(group_size=k, autoreset=False)``), for
 critic-free methods that compare k completions of one prompt (RLOO, GRPO):
 ``reset`` gives each block of k consecutive episodes the same prompt, and a
@@ -54,6 +58,7 @@ class BatchedTextGenVecEnv(VecEnv):
         self._frozen = torch.zeros(n_envs, dtype=torch.bool, device=device)
         self._ref_next_logprobs: torch.Tensor | None = None
         self._actions: torch.Tensor | None = None
+        self.env_id: str | None = None  # the registered id, when made by from_env_id
 
     @classmethod
     def from_env_id(cls, env_id: str, n_envs: int, **env_kwargs: Any) -> "BatchedTextGenVecEnv":
@@ -64,7 +69,9 @@ class BatchedTextGenVecEnv(VecEnv):
         kwargs = {**spec.kwargs, **env_kwargs}
         if "prompts" not in kwargs:
             raise TypeError(f"{env_id} needs prompts=...")
-        return cls(n_envs, **kwargs)
+        env = cls(n_envs, **kwargs)
+        env.env_id = env_id
+        return env
 
     # -- attributes SB3 and agents ask for ----------------------------------------
 
@@ -125,14 +132,14 @@ class BatchedTextGenVecEnv(VecEnv):
         self._n_generated += live.long()
 
         is_eos = actions == task.eos_token_id if task.eos_token_id is not None else torch.zeros_like(live)
-        terminated = live & is_eos
-        truncated = live & ~terminated & (self._n_generated >= task.max_new_tokens)
-        done = terminated | truncated
+        at_eos = live & is_eos
+        budget_exhausted = live & ~at_eos & (self._n_generated >= task.max_new_tokens)
+        done = at_eos | budget_exhausted  # both terminal (module doc)
         rewards = np.zeros(self.num_envs, dtype=np.float32)
         infos: list[dict[str, Any]] = [{"ref_logprob": value} for value in ref_logprob.tolist()]
         finished = done.nonzero()[:, 0]
         if len(finished):
-            self._finish_episodes(finished, truncated, rewards, infos)
+            self._finish_episodes(finished, budget_exhausted, rewards, infos)
         idle = done | self._frozen
         if not bool(idle.all()):
             self._advance_reference(actions, columns, idle)
@@ -167,7 +174,7 @@ class BatchedTextGenVecEnv(VecEnv):
     # -- internals ------------------------------------------------------------------
 
     def _finish_episodes(
-        self, finished: torch.Tensor, truncated: torch.Tensor, rewards: np.ndarray, infos: list[dict[str, Any]]
+        self, finished: torch.Tensor, budget_exhausted: torch.Tensor, rewards: np.ndarray, infos: list[dict[str, Any]]
     ) -> None:
         """Score all episodes that ended this step in one call; fill their infos."""
         task = self.task
@@ -179,7 +186,7 @@ class BatchedTextGenVecEnv(VecEnv):
         final_ids = self._input_ids[finished].cpu().numpy()
         final_mask = self._attention_mask[finished].cpu().numpy()
         now = time.time()
-        truncated_list = truncated[finished].tolist()
+        budget_list = budget_exhausted[finished].tolist()
         for j, env in enumerate(finished_list):
             rewards[env] = scores[j]
             infos[env].update(
@@ -188,8 +195,9 @@ class BatchedTextGenVecEnv(VecEnv):
                 completion=completions[j],
                 terminal_observation={"input_ids": final_ids[j], "attention_mask": final_mask[j]},
                 episode={"r": float(scores[j]), "l": lengths[j], "t": round(now - self._episode_start_time[env], 6)},
+                budget_exhausted=budget_list[j],
             )
-            infos[env]["TimeLimit.truncated"] = truncated_list[j]
+            infos[env]["TimeLimit.truncated"] = False  # terminal, as DummyVecEnv reports it (module doc)
 
     def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
         """New prompts in ``envs``' rows (shared within groups when ``grouped``); prefill

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from textenv.corpus import CONNECTIVES, NEGATIVE_CLOSERS, NEUTRAL_CLOSERS, POSITIVE_CLOSERS, _adjective_phrase, review_openings
+from textenv.tasks.corpus import CONNECTIVES, NEGATIVE_CLOSERS, NEUTRAL_CLOSERS, POSITIVE_CLOSERS, _adjective_phrase, review_openings
 
 RULE = "chosen = the continuation whose opening + continuation VADER rates more positive (compound score)"
 MIN_MARGIN = 0.2

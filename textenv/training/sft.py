@@ -1,23 +1,25 @@
 """Supervised fine-tuning (SFT) of a causal LM: next-token loss on texts or prompt/completion pairs.
 
-The one SFT loop of the project: ``scripts/sft.py`` runs it on a user's corpus,
-and the embedded default model and the arithmetic model are built with it.
-Every example ends with EOS, so the model also learns when to stop (which gives
-the environments real early terminations). For prompt/completion pairs the loss
-covers only the completion (and its EOS).
+``scripts/sft.py`` runs it on a user's corpus, and the embedded default model and
+the arithmetic model are built with it. Every example ends with EOS, so the model
+also learns when to stop (which gives the environments real early terminations).
+For prompt/completion pairs the loss covers only the completion (and its EOS).
+
+This module owns the data and the loss; the optimisation loop is the one shared
+with reward-model training (``textenv.training.loop``).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from textenv.training.loop import train_loop, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -142,55 +144,21 @@ def supervised_finetune(
     With ``log_dir``, TensorBoard gets ``sft/train_loss``, ``sft/learning_rate`` and
     ``sft/heldout_loss``.
     """
-    from tqdm.auto import tqdm
-
     if not train_examples or not heldout_examples:
         raise ValueError("SFT needs at least one training and one held-out example")
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train = encode_examples(tokenizer, train_examples, max_length)
     heldout = encode_examples(tokenizer, heldout_examples, max_length)
-    writer = None
-    if log_dir is not None:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(log_dir))
-    before = heldout_loss(model, heldout, pad_id)
-    if writer:
-        writer.add_scalar("sft/heldout_loss", before, 0)
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    loss_value = float("nan")
-    bar = tqdm(range(1, steps + 1), desc=description, disable=not progress)
-    for step in bar:
-        model.train()
+    def batch_loss(rng) -> torch.Tensor:
         ids, mask, targets = _batch(rng.sample(train, min(batch_size, len(train))), pad_id)
-        loss = next_token_loss(model, ids.to(device), mask.to(device), targets.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        loss_value = loss.item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-        if writer:
-            writer.add_scalar("sft/train_loss", loss_value, step)
-            writer.add_scalar("sft/learning_rate", scheduler.get_last_lr()[0], step)
-            if step % eval_interval == 0 and step < steps:
-                writer.add_scalar("sft/heldout_loss", heldout_loss(model, heldout, pad_id), step)
-    model.eval()
-    after = heldout_loss(model, heldout, pad_id)
-    if writer:
-        writer.add_scalar("sft/heldout_loss", after, steps)
-        writer.close()
-    return SFTResult(before, after, loss_value, steps)
+        return next_token_loss(model, ids.to(device), mask.to(device), targets.to(device))
+
+    result = train_loop(
+        model, batch_loss, lambda: heldout_loss(model, heldout, pad_id),
+        steps=steps, learning_rate=learning_rate, lr_factor=warmup_cosine(steps), seed=seed,
+        progress=progress, description=description, log_dir=log_dir, tag="sft", metric="loss",
+        eval_interval=eval_interval,
+    )
+    return SFTResult(result.heldout_before, result.heldout_after, result.train_loss_last, steps)

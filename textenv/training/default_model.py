@@ -1,9 +1,10 @@
 """The embedded default model: a small GPT-2-style LM and tokenizer, built offline.
 
 Nothing is downloaded: the byte-level BPE tokenizer is trained with the
-``tokenizers`` library on the project's own review corpus, and the LM is trained
-on that corpus with the project's SFT loop, with a fixed seed. The result is
-saved with ``save_pretrained`` in a cache folder (``$TEXTENV_HOME``, default
+``tokenizers`` library on the project's own review corpus
+(``textenv.tasks.corpus``), and the LM is trained on that corpus with the
+project's SFT (``textenv.training.sft``), with a fixed seed. The result is saved
+with ``save_pretrained`` in a cache folder (``$TEXTENV_HOME``, default
 ``~/.cache/textenv``) and loaded through ``from_pretrained`` like any user model.
 The build runs once, on first use, with a progress bar.
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 
 from textenv.cache import cache_root, ensure_built
-from textenv.corpus import generate_reviews
+from textenv.tasks.corpus import generate_reviews
+from textenv.training.sft import supervised_finetune
 
 # Bump when the recipe changes, so old caches are not mistaken for the new model.
 DEFAULT_MODEL_VERSION = "v1"
@@ -60,8 +62,6 @@ def train_default_tokenizer(texts: list[str]):
 def build_default_model(folder: Path, progress: bool = True) -> None:
     """Train tokenizer and LM from the built-in corpus and save both into ``folder``."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    from textenv.sft import supervised_finetune
 
     texts = generate_reviews(N_TRAIN_REVIEWS + N_HELDOUT_REVIEWS, seed=SEED)
     train_texts, heldout_texts = texts[:N_TRAIN_REVIEWS], texts[N_TRAIN_REVIEWS:]

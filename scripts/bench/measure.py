@@ -1,0 +1,292 @@
+"""Throughput of the framework against the tightest honest bare PyTorch loop, the one-page PPO.
+
+Every figure is generated tokens per second, measured in this process on this
+machine, so ratios compare like with like. The floors do the work of one
+framework PPO iteration and nothing more; a ratio below 1 is what the framework's
+generality (Gymnasium env, SB3 buffers and callbacks) costs. They are the
+functions of ``scripts/ppo_reference.py`` (whose update is tested to equal the
+framework's), with the framework agent's hyperparameters (``ppo_args``):
+
+- rollout: the agent's ``collect_rollouts`` (policy decode, env steps, reference
+  log-probs, GAE; task scoring excluded) against ``collect_rollout``: a KV-cached
+  policy decode that yields each sampled token's log-prob and value, then one
+  teacher-forced reference pass over the finished sequences;
+- update: the agent's ``train`` against ``ppo_update``: the same n_epochs x
+  minibatches of forward + backward + clip_grad_norm + Adam over the rollout's
+  sequences (whole sequences per minibatch, one teacher-forced pass each);
+- end to end: full iterations (rollout, scoring, update) of the fast path, of
+  SB3's stock path with the same policy, and of ``ppo_iteration``: the rollout,
+  VADER on the decoded texts, per-token rewards ``-0.05 * (logp - ref_logp)`` plus
+  the score on the last token, GAE (gamma 1, lambda 0.95), standardised
+  advantages, the update. The decode's log-probs and values are used as the old
+  log-probs and values, not recomputed (a test checks they equal a teacher-forced
+  recomputation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import ppo_reference
+from bench.workloads import WORKLOADS, Workload, build_assets
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedReward:
+    """Wraps a reward source and adds up the seconds spent scoring."""
+
+    def __init__(self, source: Callable):
+        self.source = source
+        self.seconds = 0.0
+
+    def __call__(self, prompts, completions):
+        start = time.perf_counter()
+        try:
+            return self.source(prompts, completions)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    tokens: int
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+# -- the framework ------------------------------------------------------------------------
+
+KL_COEF = 0.05
+
+
+def make_framework_agent(workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device):
+    from agents import make_agent, make_text_vec_env
+
+    env_kwargs = dict(
+        prompts=prompts,
+        model=str(model_path),
+        reward="vader",
+        max_prompt_len=workload.max_prompt_len,
+        max_new_tokens=workload.new_tokens,
+        device=device,
+    )
+    env = make_text_vec_env("textenv/TextGen-v0", n_envs=workload.n_envs, seed=0, env_kwargs=env_kwargs, batched=fast)
+    timers = []
+    for task in {id(t): t for t in env.get_attr("task")}.values():
+        task.reward_source = TimedReward(task.reward_source)
+        timers.append(task.reward_source)
+    batch_size = workload.tokens_per_iteration // workload.minibatches
+    # A fixed beta, as the floor's (ppo_args: kl_coef=KL_COEF).
+    agent = make_agent(
+        "ppo", env, fast=fast, n_steps=workload.new_tokens, batch_size=batch_size,
+        n_epochs=workload.n_epochs, kl_coef=KL_COEF, kl_target=None, seed=0, device=device, verbose=0,
+    )
+    return agent, timers
+
+
+class PhaseTimer:
+    """Wall-clock seconds of each rollout (SB3 callback hooks) inside ``learn``."""
+
+    def __init__(self, device: torch.device):
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        timer = self
+
+        class _Callback(BaseCallback):
+            def _on_rollout_start(self) -> None:
+                synchronize(device)
+                timer._start = time.perf_counter()
+
+            def _on_step(self) -> bool:
+                return True
+
+            def _on_rollout_end(self) -> None:
+                synchronize(device)
+                timer.rollout_seconds += time.perf_counter() - timer._start
+
+        self.rollout_seconds = 0.0
+        self.callback = _Callback()
+
+
+def measure_framework(
+    workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int
+) -> Measurement:
+    """Full PPO iterations through ``learn``, split into rollout, scoring and update."""
+    agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device)
+    agent.learn(workload.tokens_per_iteration)  # warm-up iteration (allocations, caches)
+    for timer in reward_timers:
+        timer.seconds = 0.0
+    phases = PhaseTimer(device)
+    synchronize(device)
+    start = time.perf_counter()
+    agent.learn(workload.tokens_per_iteration * iterations, callback=phases.callback, reset_num_timesteps=False)
+    synchronize(device)
+    total = time.perf_counter() - start
+    scoring = sum(t.seconds for t in reward_timers)
+    parts = {"rollout": phases.rollout_seconds - scoring, "scoring": scoring, "update": total - phases.rollout_seconds}
+    return Measurement(total, workload.tokens_per_iteration * iterations, parts)
+
+
+# -- the floor: the one-page PPO ----------------------------------------------------------------
+
+
+def ppo_args(workload: Workload, model_path: Path, device: torch.device) -> ppo_reference.Args:
+    """The one-page PPO's hyperparameters for ``workload``: the framework agent's."""
+    return ppo_reference.Args(
+        model=str(model_path), max_prompt_len=workload.max_prompt_len, new_tokens=workload.new_tokens,
+        n_episodes=workload.n_envs, n_epochs=workload.n_epochs, minibatches=workload.minibatches,
+        kl_coef=KL_COEF, device=str(device),
+    )
+
+
+def bare_models(workload: Workload, model_path: Path, device: torch.device):
+    """Policy LM, frozen reference LM (both loaded from ``model_path``) and the value head."""
+    return ppo_reference.make_models(ppo_args(workload, model_path, device))
+
+
+def prompt_batch(workload: Workload, model_path: Path, prompts: list[str], device: torch.device):
+    """The tokenizer and one left-padded batch of ``n_envs`` prompts, ``max_prompt_len`` wide."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    input_ids, attention_mask = ppo_reference.tokenize_prompts(
+        tokenizer, prompts[: workload.n_envs], workload.max_prompt_len, device
+    )
+    return tokenizer, input_ids, attention_mask
+
+
+def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.device, iterations: int) -> Measurement:
+    """One untimed warm-up call (allocations, caches), then ``iterations`` timed calls."""
+    run()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        run()
+    synchronize(device)
+    return Measurement(time.perf_counter() - start, workload.tokens_per_iteration * iterations)
+
+
+def measure_bare_rollout(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+    """The rollout floor (``collect_rollout``): KV-cached policy decode with log-probs and values,
+    one teacher-forced reference pass. Compared with the fast path's rollout phase."""
+    policy, reference, value_head = bare_models(workload, model_path, device)
+    _, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
+    return time_iterations(
+        lambda: ppo_reference.collect_rollout(policy, reference, value_head, input_ids, attention_mask,
+                                              workload.new_tokens),
+        workload, device, iterations,
+    )
+
+
+def measure_bare_update(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+    """The update floor (``ppo_update``): n_epochs x minibatches of forward + backward
+    + clip_grad_norm + Adam over one rollout's sequences. Compared with the fast path's update."""
+    args = ppo_args(workload, model_path, device)
+    policy, reference, value_head = ppo_reference.make_models(args)
+    _, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
+    rollout = ppo_reference.collect_rollout(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
+    optimizer = ppo_reference.make_optimizer(policy, value_head, args)
+    advantages = torch.randn_like(rollout.logp)
+    returns = rollout.values + advantages
+    return time_iterations(
+        lambda: ppo_reference.ppo_update(policy, value_head, optimizer, rollout, advantages, returns, args),
+        workload, device, iterations,
+    )
+
+
+def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+    """The end-to-end floor: ``ppo_iteration``, one framework PPO iteration's work as one plain loop."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    args = ppo_args(workload, model_path, device)
+    policy, reference, value_head = ppo_reference.make_models(args)
+    tokenizer, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
+    optimizer = ppo_reference.make_optimizer(policy, value_head, args)
+
+    def vader(rollout: ppo_reference.Rollout) -> torch.Tensor:
+        """VADER on the decoded texts (prompt + completion, as the framework's "vader")."""
+        texts = tokenizer.batch_decode(rollout.sequences, skip_special_tokens=True)
+        return torch.tensor([analyzer.polarity_scores(t)["compound"] for t in texts], device=device)
+
+    return time_iterations(
+        lambda: ppo_reference.ppo_iteration(policy, reference, value_head, optimizer, input_ids, attention_mask,
+                                            vader, args),
+        workload, device, iterations,
+    )
+
+
+def measure_sampling(vocab_size: int, n_rows: int, device: torch.device, repeats: int = 200) -> dict[str, float]:
+    """Microseconds per call: SB3's Categorical.sample vs inverse-CDF sampling."""
+    from policies.sampling import sample_tokens
+
+    logits = torch.randn(n_rows, vocab_size, device=device)
+    candidates = {
+        "categorical": lambda: torch.distributions.Categorical(logits=logits).sample(),
+        "inverse_cdf": lambda: sample_tokens(logits),
+    }
+    result = {}
+    for name, fn in candidates.items():
+        fn()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        synchronize(device)
+        result[name] = (time.perf_counter() - start) / repeats * 1e6
+    return result
+
+
+# -- one measurement per child process (its own peak memory) -----------------------------------
+
+MEASUREMENTS: dict[str, Callable[..., Measurement]] = {
+    "bare_rollout": measure_bare_rollout,
+    "bare_update": measure_bare_update,
+    "bare_ppo": measure_bare_ppo,
+}
+
+
+def run_measurement(
+    kind: str, workload_name: str, folder: str, device: str, iterations: int, autocast: bool, threads: int | None = None
+) -> dict[str, Any]:
+    """Entry point of a child process: returns the measurement and the process's peak memory.
+    ``kind``: a key of ``MEASUREMENTS``, ``"fast"`` or ``"stock"``."""
+    import transformers
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    workload = WORKLOADS[workload_name]
+    torch_device = torch.device(device)
+    model_path, prompts = build_assets(workload, Path(folder))
+    gc.collect()
+    if torch_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch_device)
+    context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        if kind in MEASUREMENTS:
+            result = MEASUREMENTS[kind](workload, model_path, prompts, torch_device, iterations)
+        else:
+            result = measure_framework(workload, model_path, prompts, kind == "fast", torch_device, iterations)
+    return {"seconds": result.seconds, "tokens": result.tokens, "parts": result.parts,
+            "peak_mb": peak_memory_mb(torch_device)}

@@ -1,0 +1,85 @@
+"""The workloads ``scripts/benchmark.py`` measures, and their assets (built here, no downloads).
+
+Randomly initialised GPT-2 models and a word-level tokenizer over the project's
+review corpus; prompts are 8-16 random words, and the tokenizer has no EOS token,
+so every episode runs its full ``new_tokens``. ``Workload.iterations`` is the
+default number of timed iterations: 16,384 generated tokens per variant on S and
+L, 8,192 on M (seconds per variant on a 2-core CPU, except SB3's stock path).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_size: int
+    n_envs: int
+    new_tokens: int
+    prompt_tokens: tuple[int, int] = (8, 16)
+    n_epochs: int = 4
+    minibatches: int = 4
+    iterations: int = 1  # default number of timed iterations
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.prompt_tokens[1]
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.n_envs * self.new_tokens
+
+
+WORKLOADS = {
+    "S": Workload("S", n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_envs=16, new_tokens=32, iterations=32),
+    "M": Workload("M", n_layer=4, n_embd=256, n_head=4, vocab_size=8000, n_envs=32, new_tokens=64, iterations=4),
+    "L": Workload("L", n_layer=12, n_embd=768, n_head=12, vocab_size=50_000, n_envs=64, new_tokens=128, iterations=2),
+    # A seconds-long workload for smoke tests of the benchmark itself.
+    "tiny": Workload("tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_envs=4, new_tokens=6, minibatches=2),
+}
+
+
+def build_assets(workload: Workload, folder: Path, seed: int = 0) -> tuple[Path, list[str]]:
+    """A word-level tokenizer of ``vocab_size`` words and a random GPT-2, saved to ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from textenv.tasks.corpus import generate_reviews
+
+    words: list[str] = ["[PAD]", "[UNK]"]
+    seen = set(words)
+    for review in generate_reviews(2000, seed=seed):
+        for word in review.replace(".", " .").replace(",", " ,").split():
+            if word not in seen and len(words) < workload.vocab_size:
+                seen.add(word)
+                words.append(word)
+    words += [f"w{i}" for i in range(workload.vocab_size - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=workload.vocab_size,
+        n_positions=workload.max_prompt_len + workload.new_tokens,
+        n_embd=workload.n_embd,
+        n_layer=workload.n_layer,
+        n_head=workload.n_head,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    rng = random.Random(seed)
+    low, high = workload.prompt_tokens
+    prompts = [" ".join(rng.choices(words[2:], k=rng.randint(low, high))) for _ in range(256)]
+    return folder, prompts

@@ -1,0 +1,28 @@
+"""The built-in tasks, one module each: prompts, reward, held-out split and registration together.
+
+- ``sentiment``: ``textenv/PositiveSentiment-v0``, ``textenv/LearnedRewardSentiment-v0``,
+  ``textenv/ShortPositive-v0`` (continue a review opening so the text reads positive);
+- ``arithmetic``: ``textenv/Arithmetic-v0`` (answer ``a+b=`` exactly).
+
+Their data: ``corpus`` (the review corpus, also what the default model is trained
+on) and ``preferences`` (the preference pairs the learned reward model is trained
+on). Tasks name their models (``"default"``, ``"textenv:arithmetic"``,
+``"textenv:sentiment-reward-model"``); ``textenv.training`` builds them. Importing
+``textenv`` registers every id.
+"""
+
+from __future__ import annotations
+
+from textenv.tasks import arithmetic, sentiment
+
+TASK_MODULES = (sentiment, arithmetic)
+
+
+def register_builtin_tasks() -> None:
+    """Register every built-in task's ids (once)."""
+    import gymnasium as gym
+
+    if sentiment.POSITIVE_SENTIMENT_ID in gym.registry:
+        return
+    for module in TASK_MODULES:
+        module.register()

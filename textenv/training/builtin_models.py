@@ -1,0 +1,108 @@
+"""The models the project builds itself, and the names they load by.
+
+| name | what | built from |
+|---|---|---|
+| ``"default"`` (= ``"textenv:default"``) | the embedded GPT-2-style LM and tokenizer | ``default_model`` |
+| ``"textenv:arithmetic"`` | the arithmetic task's starting model | the default model + SFT on the task's training problems |
+| ``"textenv:sentiment-reward-model"`` | the learned sentiment reward model | the default model's body + Bradley-Terry on the built-in preference pairs |
+
+Each is built once, on first use, into the cache (``textenv.cache``; a folder
+named with the recipe's version, so a changed recipe never loads an old build)
+and loaded through ``from_pretrained`` like any user model. ``register_builtin_models``
+(run by ``import textenv``) makes the names resolve in ``textenv.models``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textenv.cache import cache_root, ensure_built
+from textenv.models import DEFAULT_MODEL_NAME, load_causal_lm, load_tokenizer, register_builtin_model
+from textenv.tasks.arithmetic import arithmetic_problems
+from textenv.tasks.preferences import builtin_preference_pairs
+from textenv.training.default_model import ensure_default_model
+from textenv.training.reward_model import RewardModelResult, reward_model_from_causal_lm, train_reward_model
+from textenv.training.sft import SFTExample, supervised_finetune
+
+# -- the arithmetic task's starting model ---------------------------------------------------
+
+ARITHMETIC_MODEL_VERSION = "v1"
+ARITHMETIC_SFT_STEPS = 500
+
+
+def arithmetic_model_dir() -> Path:
+    return cache_root() / f"arithmetic-lm-{ARITHMETIC_MODEL_VERSION}"
+
+
+def build_arithmetic_model(folder: Path, progress: bool = True) -> None:
+    """The default model fine-tuned on the training problems, just long enough to be partly right."""
+    train, heldout = arithmetic_problems()
+    model = load_causal_lm(DEFAULT_MODEL_NAME)
+    tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
+    result = supervised_finetune(
+        model,
+        tokenizer,
+        [SFTExample(p, a) for p, a in train],
+        [SFTExample(p, a) for p, a in heldout],
+        steps=ARITHMETIC_SFT_STEPS,
+        batch_size=32,
+        learning_rate=1e-3,
+        max_length=16,
+        progress=progress,
+        description="arithmetic SFT",
+    )
+    if progress:
+        print(f"textenv: arithmetic model held-out loss {result.heldout_loss_before:.2f} -> {result.heldout_loss_after:.2f}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def ensure_arithmetic_model(progress: bool = True) -> Path:
+    return ensure_built(arithmetic_model_dir().name, build_arithmetic_model, "the arithmetic model", progress)
+
+
+# -- the learned sentiment reward model -----------------------------------------------------
+
+LEARNED_SENTIMENT_RM_VERSION = "v2"  # v2: score normalisation recorded in the config
+N_TRAIN_PAIRS, N_HELDOUT_PAIRS = 3000, 500
+RM_STEPS = 400
+
+
+def learned_sentiment_reward_model_dir() -> Path:
+    return cache_root() / f"sentiment-rm-{LEARNED_SENTIMENT_RM_VERSION}"
+
+
+def build_learned_sentiment_reward_model(folder: Path, progress: bool = True) -> RewardModelResult:
+    """Trained on the built-in pairs, body initialised from the default LM."""
+    pairs = builtin_preference_pairs(N_TRAIN_PAIRS + N_HELDOUT_PAIRS, seed=0)
+    tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
+    model = reward_model_from_causal_lm(DEFAULT_MODEL_NAME)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    result = train_reward_model(
+        model, tokenizer, pairs[:N_TRAIN_PAIRS], pairs[N_TRAIN_PAIRS:], steps=RM_STEPS, progress=progress
+    )
+    if progress:
+        print(f"textenv: learned reward model held-out accuracy {result.heldout_accuracy_before:.3f} -> "
+              f"{result.heldout_accuracy_after:.3f}")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return result
+
+
+def ensure_learned_sentiment_reward_model(progress: bool = True) -> Path:
+    return ensure_built(
+        learned_sentiment_reward_model_dir().name,
+        lambda folder, show: build_learned_sentiment_reward_model(folder, show),
+        "the learned sentiment reward model",
+        progress,
+    )
+
+
+# -- the names -------------------------------------------------------------------------------
+
+
+def register_builtin_models() -> None:
+    register_builtin_model(DEFAULT_MODEL_NAME, ensure_default_model)
+    register_builtin_model("textenv:default", ensure_default_model)
+    register_builtin_model("textenv:arithmetic", ensure_arithmetic_model)
+    register_builtin_model("textenv:sentiment-reward-model", ensure_learned_sentiment_reward_model)
