@@ -97,7 +97,8 @@ def markdown_table(results: list[RunResult]) -> str:
 
         def cell(values: list[float], fmt: str) -> str:
             text = format(float(np.mean(values)), fmt)
-            return text + (f" ± {float(np.std(values)):{fmt[1:]}}" if len(values) > 1 else "")
+            spread_format = fmt.lstrip("+")  # a spread has no sign
+            return text + (f" ± {float(np.std(values)):{spread_format}}" if len(values) > 1 else "")
 
         lines.append(
             f"| {algo} | {len(runs)} | {cell([r.task_score_before for r in runs], '+.3f')} | "
