@@ -31,12 +31,13 @@ def test_pipeline_raises_the_learned_reward_and_the_rules_score(tmp_path, defaul
 @pytest.mark.slow
 def test_ppo_raises_arithmetic_accuracy(tmp_path):
     summary = train.main([
-        "--env", "textenv/Arithmetic-v0", "--total-timesteps", "32768", "--learning-rate", "5e-5",
-        "--kl-coef", "0.01", "--kl-target", "0", "--eval-episodes", "256",
+        "--env", "textenv/Arithmetic-v0", "--total-timesteps", "65536", "--learning-rate", "1e-4",
+        "--kl-coef", "0.01", "--kl-target", "0", "--eval-episodes", "512",
         "--tensorboard-log", "", "--save-path", str(tmp_path / "arith.zip"), "--quiet",
     ])
     assert 0.1 < summary["task_score_before"] < 0.6  # the SFT stage made it partly right
-    assert summary["task_score_after"] > summary["task_score_before"] + 0.08
+    # Measured on a 2-core CPU: 0.209 -> 0.410 (512 episodes: a standard error of ~0.02 each).
+    assert summary["task_score_after"] > summary["task_score_before"] + 0.1
 
 
 @pytest.mark.slow
