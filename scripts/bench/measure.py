@@ -173,15 +173,21 @@ def prompt_batch(workload: Workload, model_path: Path, prompts: list[str], devic
     return tokenizer, input_ids, attention_mask
 
 
-def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.device, iterations: int) -> Measurement:
-    """One untimed warm-up call (allocations, caches), then ``iterations`` timed calls."""
+def timed_seconds(run: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Seconds of ``calls`` timed calls of ``run``, after one untimed warm-up call
+    (allocations, caches)."""
     run()
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(iterations):
+    for _ in range(calls):
         run()
     synchronize(device)
-    return Measurement(time.perf_counter() - start, workload.tokens_per_iteration * iterations)
+    return time.perf_counter() - start
+
+
+def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.device, iterations: int) -> Measurement:
+    """``iterations`` timed PPO iterations (after a warm-up one) as a throughput measurement."""
+    return Measurement(timed_seconds(run, device, iterations), workload.tokens_per_iteration * iterations)
 
 
 def measure_bare_rollout(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
@@ -243,16 +249,7 @@ def measure_sampling(vocab_size: int, n_rows: int, device: torch.device, repeats
         "categorical": lambda: torch.distributions.Categorical(logits=logits).sample(),
         "inverse_cdf": lambda: sample_tokens(logits),
     }
-    result = {}
-    for name, fn in candidates.items():
-        fn()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        synchronize(device)
-        result[name] = (time.perf_counter() - start) / repeats * 1e6
-    return result
+    return {name: timed_seconds(fn, device, repeats) / repeats * 1e6 for name, fn in candidates.items()}
 
 
 # -- one measurement per child process (its own peak memory) -----------------------------------
