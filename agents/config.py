@@ -9,7 +9,7 @@ lengths). Values are plain JSON data, so the dict goes into a summary JSON as is
 
 Every ``learn`` of a textenv agent writes it to TensorBoard (``log_config``): one
 Markdown table per section under ``config/`` in the Text tab, and the flattened
-scalars in the HPARAMS tab, to compare runs. ``scripts/train.py`` puts it in its
+scalars in the HPARAMS tab, to compare runs. ``textenv-train`` puts it in its
 summary JSON.
 """
 

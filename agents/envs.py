@@ -13,7 +13,7 @@ import textenv  # noqa: F401  (registers the textenv/... ids)
 from textenv.env import TextGenEnv
 from textenv.vector import BatchedTextGenVecEnv
 
-DEFAULT_N_ENVS = 16  # parallel episodes; scripts/train.py and compare.py use this default too
+DEFAULT_N_ENVS = 16  # parallel episodes; the console commands use this default too
 
 
 def make_text_vec_env(

@@ -32,10 +32,6 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
 

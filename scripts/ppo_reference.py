@@ -58,20 +58,16 @@ import argparse
 import ast
 import dataclasses
 import inspect
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from policies.sampling import sample_tokens  # noqa: E402  (exact inverse-CDF sampling, as the framework)
-from textenv.models import load_causal_lm, load_tokenizer  # noqa: E402  (dropout off, clear errors)
+from policies.sampling import sample_tokens  # exact inverse-CDF sampling, as the framework
+from textenv.models import load_causal_lm, load_tokenizer  # dropout off, clear errors
 
 
 @dataclass

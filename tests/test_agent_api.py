@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import gymnasium as gym
@@ -26,7 +25,6 @@ from textenv.vector import BatchedTextGenVecEnv
 
 from conftest import PROMPTS
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 TINY_ID = "test/TinyCheckpoint-v0"
 
@@ -129,9 +127,8 @@ def test_kl_defaults_live_in_one_place_and_are_adaptive(tiny_id):
 
 
 def test_the_scripts_pass_on_only_what_their_user_gives(capsys):
-    import compare
-    import train
-    from _cli import kl_agent_kwargs
+    from textenv.cli import compare, train
+    from textenv.cli.arguments import kl_agent_kwargs
 
     args = train.parse_args([])
     assert (kl_agent_kwargs(args), args.n_envs) == ({}, DEFAULT_N_ENVS)  # the agents' defaults apply

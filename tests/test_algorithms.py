@@ -96,11 +96,7 @@ def test_continuing_with_a_group_method_on_a_stock_env_is_refused(tmp_path, defa
 
 @pytest.mark.slow
 def test_compare_script_writes_the_plot_and_the_table(tmp_path, default_model_path):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import compare
+    from textenv.cli import compare
 
     table = compare.main(["--algos", "ppo", "rloo", "--seeds", "0", "1", "--total-tokens", "1024", "--n-envs", "8",
                           "--eval-episodes", "16", "--output", str(tmp_path), "--tensorboard-log", str(tmp_path / "tb")])

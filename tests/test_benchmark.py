@@ -3,14 +3,11 @@ is tested in tests/test_ppo_reference.py)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import benchmark  # noqa: E402
-from bench.workloads import WORKLOADS  # noqa: E402
+import benchmark  # scripts/ is on pytest's pythonpath (pyproject.toml)
+from bench.workloads import WORKLOADS
 
 
 def test_stock_path_gets_as_many_iterations_as_the_others():

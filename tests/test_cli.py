@@ -17,7 +17,8 @@ from agents.group_methods import GROUP_DEFAULTS
 from agents.registry import algorithm_keywords, check_algorithm_kwargs, make_agent
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+# The console commands, as pip installed them beside this interpreter ([project.scripts]).
+COMMANDS = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -29,18 +30,18 @@ def saved_agent(tmp_path_factory) -> Path:
     return path
 
 
-def run_script(script: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
-    """The script as a user runs it, with textenv's model cache pointed at ``home``."""
+def run_command(command: str, args: list[str], home: Path) -> subprocess.CompletedProcess:
+    """The console command as a user runs it, with textenv's model cache pointed at ``home``."""
     env = {**os.environ, "TEXTENV_HOME": str(home)}
-    return subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env,
+    return subprocess.run([str(COMMANDS / command), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
-def assert_usage_error(result: subprocess.CompletedProcess, script: str, expected: str, home: Path) -> None:
+def assert_usage_error(result: subprocess.CompletedProcess, command: str, expected: str, home: Path) -> None:
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     error_line = result.stderr.strip().splitlines()[-1]
-    assert error_line.startswith(f"{script}: error: "), result.stderr
+    assert error_line.startswith(f"{command}: error: "), result.stderr
     assert expected in error_line, error_line
     assert not home.exists() or not any(home.iterdir()), "a model was built or cached"
 
@@ -68,51 +69,48 @@ BAD_TRAIN_ARGUMENTS = [
 @pytest.mark.parametrize("args, expected", BAD_TRAIN_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_TRAIN_ARGUMENTS])
 def test_train_refuses_bad_arguments_before_loading_a_model(tmp_path, args, expected):
     home = tmp_path / "textenv-home"
-    assert_usage_error(run_script("train.py", args, home), "train.py", expected, home)
+    assert_usage_error(run_command("textenv-train", args, home), "textenv-train", expected, home)
 
 
 BAD_OTHER_ARGUMENTS = [
-    ("compare.py", ["--algos", "ppo", "dqn"], "argument --algos: Unknown algorithm 'dqn'"),
-    ("compare.py", ["--algo-kwargs", '{"n_epochs": 2}'],
+    ("textenv-compare", ["--algos", "ppo", "dqn"], "argument --algos: Unknown algorithm 'dqn'"),
+    ("textenv-compare", ["--algo-kwargs", '{"n_epochs": 2}'],
      "argument --algo-kwargs: 'n_epochs' is not one of --algos"),
-    ("compare.py", ["--algos", "trpo", "--algo-kwargs", '{"trpo": {"cg_max_step": 5}}'],
+    ("textenv-compare", ["--algos", "trpo", "--algo-kwargs", '{"trpo": {"cg_max_step": 5}}'],
      "did you mean 'cg_max_steps'?"),
-    ("compare.py", ["--algos", "ppo", "big:ppo", "--algo-kwargs", '{"big": {"n_epoch": 8}}'],
+    ("textenv-compare", ["--algos", "ppo", "big:ppo", "--algo-kwargs", '{"big": {"n_epoch": 8}}'],
      "did you mean 'n_epochs'?"),
-    ("compare.py", ["--algos", "ppo", "fast:dqn"], "argument --algos: Unknown algorithm 'dqn'"),
-    ("compare.py", ["--seeds", "0", "-1"], "argument --seeds: '-1' is not a non-negative integer"),
-    ("evaluate.py", ["no/such/agent.zip"], "argument agent: no such agent file: 'no/such/agent.zip'. Fix:"),
-    ("evaluate.py", ["{agent}", "--env", "nope/Nope-v0"], "argument --env: unknown environment id 'nope/Nope-v0'"),
-    ("evaluate.py", ["{agent}", "--env-kwargs", "{bad"], "argument --env-kwargs: not valid JSON"),
-    ("evaluate.py", ["{agent}", "--env-kwargs", '{"max_new_token": 4}'], "did you mean 'max_new_tokens'?"),
-    ("evaluate.py", ["{agent}", "--episodes", "0"], "argument --episodes: '0' is not a positive integer"),
-    ("sft.py", ["--output", "{tmp}/sft", "--data", "no/such/corpus.txt"], "argument --data: no such file"),
-    ("sft.py", ["--output", "{tmp}/sft", "--steps", "0"], "argument --steps: '0' is not a positive integer"),
-    ("train_reward_model.py", ["--output", "{tmp}/rm", "--from-config", "{bad"],
+    ("textenv-compare", ["--algos", "ppo", "fast:dqn"], "argument --algos: Unknown algorithm 'dqn'"),
+    ("textenv-compare", ["--seeds", "0", "-1"], "argument --seeds: '-1' is not a non-negative integer"),
+    ("textenv-evaluate", ["no/such/agent.zip"], "argument agent: no such agent file: 'no/such/agent.zip'. Fix:"),
+    ("textenv-evaluate", ["{agent}", "--env", "nope/Nope-v0"], "argument --env: unknown environment id 'nope/Nope-v0'"),
+    ("textenv-evaluate", ["{agent}", "--env-kwargs", "{bad"], "argument --env-kwargs: not valid JSON"),
+    ("textenv-evaluate", ["{agent}", "--env-kwargs", '{"max_new_token": 4}'], "did you mean 'max_new_tokens'?"),
+    ("textenv-evaluate", ["{agent}", "--episodes", "0"], "argument --episodes: '0' is not a positive integer"),
+    ("textenv-sft", ["--output", "{tmp}/sft", "--data", "no/such/corpus.txt"], "argument --data: no such file"),
+    ("textenv-sft", ["--output", "{tmp}/sft", "--steps", "0"], "argument --steps: '0' is not a positive integer"),
+    ("textenv-train-reward-model", ["--output", "{tmp}/rm", "--from-config", "{bad"],
      "argument --from-config: not valid JSON"),
-    ("train_reward_model.py", ["--output", "{tmp}/rm", "--from-config", '{"n_layers": 2}'],
+    ("textenv-train-reward-model", ["--output", "{tmp}/rm", "--from-config", '{"n_layers": 2}'],
      "unknown GPT-2 config key 'n_layers' (did you mean 'n_layer'?)"),
-    ("train_reward_model.py", ["--output", "{tmp}/rm", "--heldout-fraction", "1.5"],
+    ("textenv-train-reward-model", ["--output", "{tmp}/rm", "--heldout-fraction", "1.5"],
      "argument --heldout-fraction: '1.5' is not a fraction"),
-    ("pipeline.py", ["--output", "{tmp}/pipeline", "--ppo-timesteps", "0"],
+    ("textenv-pipeline", ["--output", "{tmp}/pipeline", "--ppo-timesteps", "0"],
      "argument --ppo-timesteps: '0' is not a positive integer"),
 ]
 
 
-@pytest.mark.parametrize("script, args, expected", BAD_OTHER_ARGUMENTS,
-                         ids=[f"{s} {' '.join(a)}" for s, a, _ in BAD_OTHER_ARGUMENTS])
-def test_every_script_refuses_bad_arguments_before_loading_a_model(tmp_path, saved_agent, script, args, expected):
+@pytest.mark.parametrize("command, args, expected", BAD_OTHER_ARGUMENTS,
+                         ids=[f"{c} {' '.join(a)}" for c, a, _ in BAD_OTHER_ARGUMENTS])
+def test_every_command_refuses_bad_arguments_before_loading_a_model(tmp_path, saved_agent, command, args, expected):
     home = tmp_path / "textenv-home"
     args = [arg.replace("{agent}", str(saved_agent)).replace("{tmp}", str(tmp_path)) for arg in args]
-    assert_usage_error(run_script(script, args, home), script, expected, home)
+    assert_usage_error(run_command(command, args, home), command, expected, home)
     assert not (tmp_path / "sft").exists() and not (tmp_path / "rm").exists()
 
 
 def test_good_arguments_parse_to_checked_values(saved_agent):
-    import compare
-    import evaluate
-    import train
-    import train_reward_model
+    from textenv.cli import compare, evaluate, train, train_reward_model
 
     args = train.parse_args(["--algo", "GRPO", "--n-envs", "8", "--group-size", "8",
                              "--algo-kwargs", '{"n_epochs": 1, "kl_horizon": 500}'])
@@ -174,3 +172,29 @@ def test_group_size_must_divide_the_parallel_episodes():
 def test_make_agent_checks_keywords_before_building_anything():
     with pytest.raises(ValueError, match="did you mean 'n_epochs'"):
         make_agent("ppo", None, n_epoch=2)  # no environment needed: refused first
+
+
+def test_every_console_command_is_installed_and_names_itself(capsys):
+    """pyproject's [project.scripts] covers every module of textenv.cli, each installed
+    beside this interpreter, and each command's usage line carries its own name."""
+    import importlib
+    import tomllib
+
+    commands = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    modules = {path.stem for path in (ROOT / "textenv" / "cli").glob("*.py")} - {"__init__", "arguments"}
+    assert {target.split(":")[0] for target in commands.values()} == {f"textenv.cli.{name}" for name in modules}
+    for command, target in commands.items():
+        module_name, function = target.split(":")
+        assert function == "main"
+        assert (COMMANDS / command).is_file(), f"{command} is not installed. Fix: pip install -e . again"
+        with pytest.raises(SystemExit) as exit_info:
+            importlib.import_module(module_name).main(["--help"])
+        assert exit_info.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {command} ")
+
+
+def test_the_readme_main_command_runs_from_a_checkout():
+    result = subprocess.run([sys.executable, "scripts/train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: textenv-train")

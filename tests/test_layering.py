@@ -6,7 +6,9 @@ Layers, lowest first (a module may import its own layer or lower ones, never hig
       < textenv.tasks (the built-in tasks and their data)
       < textenv.training (SFT, reward models, the built-in models' builds)
       < textenv/__init__ (the package's front door: it registers tasks and models)
-      < policies < agents < scripts (entry points, the benchmark, the one-page PPO)
+      < policies < agents
+      < textenv.cli (the console commands)
+      < scripts (the benchmark, the one-page PPO, the README's ``python scripts/train.py``)
 
 Every import counts, at module level or inside a function (a lazy import is still a
 dependency, and a lazy import cycle is still a cycle), except those under
@@ -86,6 +88,8 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def layer(module: str) -> float:
+    if module.startswith("textenv.cli"):
+        return 2.5
     if module == "textenv":
         return 0.9
     if module.startswith("textenv.training"):
@@ -100,7 +104,8 @@ def test_the_graph_sees_the_imports_it_should():
     assert "policies.lm_policy" in graph["agents.algorithms"] or "policies" in graph["agents.algorithms"]
     assert "textenv.models" in graph["textenv.task"]
     assert "textenv.training.builtin_models" in graph["textenv"]
-    assert "scripts._cli" in graph["scripts.train"]
+    assert "textenv.cli.arguments" in graph["textenv.cli.train"]
+    assert "agents.training_run" in graph["textenv.cli.pipeline"]
     assert len(graph) > 40
 
 
@@ -112,7 +117,7 @@ def test_nothing_imports_upward():
         for target in targets
         if layer(target) > layer(source)
     )
-    assert not upward, "imports against the layering (textenv < tasks < training < policies < agents < scripts):\n" + "\n".join(upward)
+    assert not upward, "imports against the layering (textenv < tasks < training < policies < agents < cli < scripts):\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():
@@ -136,3 +141,26 @@ def test_no_import_cycles():
         if node not in state:
             visit(node)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def _edits_sys_path(tree: ast.AST) -> bool:
+    """A call of ``sys.path.<anything>(...)`` (insert, append, extend)."""
+    return any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "path"
+        and isinstance(node.func.value.value, ast.Name) and node.func.value.value.id == "sys"
+        for node in ast.walk(tree)
+    )
+
+
+def test_nothing_edits_the_import_path():
+    """Modules are found because the package is installed (and pytest's ``pythonpath``
+    names scripts/ for the benchmark's tests), never by ``sys.path`` edits."""
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in (*ROOMS, "tests")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if _edits_sys_path(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert offenders == [], f"sys.path edits in {offenders}. Fix: import the installed package (textenv.cli.*)."
+    assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, 'x')"))

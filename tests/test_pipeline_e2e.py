@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import pipeline  # noqa: E402
-import train  # noqa: E402
+from textenv.cli import pipeline, train
 
 
 @pytest.mark.slow

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +12,10 @@ import torch
 
 from agents import KLPenaltyCallback, make_agent, make_text_vec_env
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import ppo_reference  # noqa: E402
-from bench import measure  # noqa: E402
-from bench.workloads import WORKLOADS, build_assets  # noqa: E402
-from ppo_reference import Rollout, collect_rollout, decode, evaluate_tokens, gae, kl_penalty_rewards  # noqa: E402
+import ppo_reference  # scripts/ is on pytest's pythonpath (pyproject.toml)
+from bench import measure
+from bench.workloads import WORKLOADS, build_assets
+from ppo_reference import Rollout, collect_rollout, decode, evaluate_tokens, gae, kl_penalty_rewards
 
 
 @pytest.fixture(scope="module")

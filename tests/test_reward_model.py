@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +13,7 @@ from textenv.training.builtin_models import N_HELDOUT_PAIRS, N_TRAIN_PAIRS, ensu
 from textenv.training.reward_model import pairwise_accuracy
 from textenv.rewards import RewardModelReward, VaderSentimentReward
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import train_reward_model  # noqa: E402
+from textenv.cli import train_reward_model
 
 
 def test_builtin_pairs_follow_the_stated_rule():

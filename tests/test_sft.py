@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from textenv import TextGenEnv
 from textenv.models import load_causal_lm, load_tokenizer
 from textenv.training.sft import SFTExample, encode_examples, heldout_loss, load_sft_examples, supervised_finetune
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import sft  # noqa: E402
+from textenv.cli import sft
 
 
 def test_prompt_tokens_are_conditioned_on_not_learned(default_tokenizer):

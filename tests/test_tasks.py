@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -19,8 +17,7 @@ from textenv.tasks.arithmetic import exact_match_reward
 from textenv.tasks.sentiment import short_positive_reward
 from textenv.rewards import VaderSentimentReward
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import evaluate  # noqa: E402
+from textenv.cli import evaluate
 
 
 def test_arithmetic_reward_is_exact_match():

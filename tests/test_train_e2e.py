@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import train  # noqa: E402
+from textenv.cli import train
 
 EXPECTED_SCALARS = {
     "rollout/task_score",

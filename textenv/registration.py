@@ -15,7 +15,7 @@ ENTRY_POINT = "textenv.env:TextGenEnv"
 GENERIC_ENV_ID = "textenv/TextGen-v0"
 
 #: Prompts kept out of training, per env id, for evaluating agents of that task
-#: (``scripts/evaluate.py`` uses them when no prompts are given).
+#: (``textenv-evaluate`` uses them when no prompts are given).
 HELDOUT_PROMPTS: dict[str, Callable[[], list[str]]] = {}
 
 

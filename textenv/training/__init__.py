@@ -1,9 +1,9 @@
 """Training the models the project uses besides the policy: SFT, reward models, the built-in models.
 
 - ``loop``: the one optimisation loop they share (AdamW, clipping, schedule, logs);
-- ``sft``: supervised fine-tuning of a causal LM (``scripts/sft.py``);
+- ``sft``: supervised fine-tuning of a causal LM (``textenv-sft``);
 - ``reward_model``: Bradley-Terry reward models from preference pairs
-  (``scripts/train_reward_model.py``);
+  (``textenv-train-reward-model``);
 - ``default_model``: the embedded default LM and its tokenizer;
 - ``builtin_models``: the recipes of the arithmetic model and the learned sentiment
   reward model, and the names every built-in model loads by.

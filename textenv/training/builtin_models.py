@@ -21,6 +21,7 @@ from textenv.models import DEFAULT_MODEL_NAME, load_causal_lm, load_tokenizer, r
 from textenv.tasks.arithmetic import arithmetic_problems
 from textenv.tasks.preferences import builtin_preference_pairs
 from textenv.training.default_model import ensure_default_model
+from textenv.training.loop import save_model_and_tokenizer
 from textenv.training.reward_model import RewardModelResult, reward_model_from_causal_lm, train_reward_model
 from textenv.training.sft import SFTExample, supervised_finetune
 
@@ -53,8 +54,7 @@ def build_arithmetic_model(folder: Path, progress: bool = True) -> None:
     )
     if progress:
         print(f"textenv: arithmetic model held-out loss {result.heldout_loss_before:.2f} -> {result.heldout_loss_after:.2f}")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_and_tokenizer(model, tokenizer, folder)
 
 
 def ensure_arithmetic_model(progress: bool = True) -> Path:
@@ -84,8 +84,7 @@ def build_learned_sentiment_reward_model(folder: Path, progress: bool = True) ->
     if progress:
         print(f"textenv: learned reward model held-out accuracy {result.heldout_accuracy_before:.3f} -> "
               f"{result.heldout_accuracy_after:.3f}")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_model_and_tokenizer(model, tokenizer, folder)
     return result
 
 

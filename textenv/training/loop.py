@@ -23,9 +23,11 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence, TypeVar
 
 import torch
+
+Item = TypeVar("Item")
 
 
 @dataclass
@@ -115,3 +117,22 @@ def train_loop(
         writer.add_scalar(heldout_tag, after, steps)
         writer.close()
     return LoopResult(before, after, loss_value, steps)
+
+
+def split_heldout(items: Sequence[Item], heldout_fraction: float, seed: int, noun: str) -> tuple[list[Item], list[Item]]:
+    """``(train, heldout)``: the items shuffled by ``seed``, at least one held out, at least
+    one left to train on (else a ``ValueError`` that names the fix)."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    n_heldout = max(1, int(len(items) * heldout_fraction))
+    if len(items) <= n_heldout:
+        raise ValueError(f"Only {len(items)} {noun}: need more than the {n_heldout} held out. "
+                         f"Fix: give more {noun}, or a smaller held-out fraction.")
+    return items[n_heldout:], items[:n_heldout]
+
+
+def save_model_and_tokenizer(model, tokenizer, output_dir: str | Path) -> None:
+    """``save_pretrained`` both into ``output_dir``: the folder loads back by its path."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)

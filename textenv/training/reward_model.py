@@ -3,7 +3,7 @@
 The model scores ``prompt + continuation`` with one output ``r``; training
 minimises ``-log sigmoid(r(chosen) - r(rejected))``. The result is saved with
 ``save_pretrained`` and is a reward source for ``textenv`` by its path.
-``scripts/train_reward_model.py`` runs it on a user's pairs; the built-in
+``textenv-train-reward-model`` runs it on a user's pairs (``train_and_save_reward_model``); the built-in
 ``"textenv:sentiment-reward-model"`` is built with it
 (``textenv.training.builtin_models``). The optimisation loop is the one shared with
 SFT (``textenv.training.loop``); this module owns the data and the loss.
@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import resolve_model_path
+from textenv.models import load_tokenizer, resolve_model_path
 from textenv.rewards import left_truncating
 from textenv.tasks.preferences import PreferencePair
-from textenv.training.loop import linear_decay, train_loop
+from textenv.training.loop import linear_decay, save_model_and_tokenizer, split_heldout, train_loop
 
 
 @dataclass
@@ -125,3 +125,42 @@ def reward_model_from_causal_lm(name_or_path: str) -> PreTrainedModel:
     from transformers import AutoModelForSequenceClassification
 
     return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name_or_path), num_labels=1)
+
+
+def train_and_save_reward_model(
+    model_name_or_path: str,
+    output_dir: str | Path,
+    pairs: list[PreferencePair],
+    heldout_fraction: float = 0.15,
+    seed: int = 0,
+    gpt2_config: dict | None = None,
+    **train_kwargs,
+) -> dict:
+    """Hold out a shuffled ``heldout_fraction`` of the pairs, train a reward model on the
+    rest (``train_reward_model``'s keywords) and save it with its tokenizer to
+    ``output_dir``. Returns a JSON-ready summary; ``textenv-train-reward-model`` and the
+    RLHF pipeline both run this.
+
+    The model's body starts from the causal LM ``model_name_or_path``; with
+    ``gpt2_config`` (e.g. ``{"n_layer": 2, "n_embd": 64, "n_head": 2}``) it is instead a
+    new small GPT-2 classifier, and only the tokenizer comes from ``model_name_or_path``.
+    """
+    train, heldout = split_heldout(pairs, heldout_fraction, seed, "preference pairs")
+    tokenizer = load_tokenizer(model_name_or_path)
+    if gpt2_config is not None:
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        config = GPT2Config(**{"vocab_size": len(tokenizer), **gpt2_config}, num_labels=1,
+                            pad_token_id=tokenizer.pad_token_id)
+        model = GPT2ForSequenceClassification(config)
+    else:
+        model = reward_model_from_causal_lm(model_name_or_path)
+    result = train_reward_model(model, tokenizer, train, heldout, seed=seed, **train_kwargs)
+    save_model_and_tokenizer(model, tokenizer, output_dir)
+    return {
+        "pairs": len(train),
+        "heldout_pairs": len(heldout),
+        "heldout_accuracy_before": round(result.heldout_accuracy_before, 4),
+        "heldout_accuracy_after": round(result.heldout_accuracy_after, 4),
+        "saved_to": str(output_dir),
+    }

@@ -1,6 +1,6 @@
 """Supervised fine-tuning (SFT) of a causal LM: next-token loss on texts or prompt/completion pairs.
 
-``scripts/sft.py`` runs it on a user's corpus, and the embedded default model and
+``textenv-sft`` runs it on a user's corpus (``fine_tune_and_save``), and the embedded default model and
 the arithmetic model are built with it. Every example ends with EOS, so the model
 also learns when to stop (which gives the environments real early terminations).
 For prompt/completion pairs the loss covers only the completion (and its EOS).
@@ -19,7 +19,8 @@ from typing import Sequence, Union
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.training.loop import train_loop, warmup_cosine
+from textenv.models import load_causal_lm, load_tokenizer
+from textenv.training.loop import save_model_and_tokenizer, split_heldout, train_loop, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -162,3 +163,38 @@ def supervised_finetune(
         eval_interval=eval_interval,
     )
     return SFTResult(result.heldout_before, result.heldout_after, result.train_loss_last, steps)
+
+
+def fine_tune_and_save(
+    model_name_or_path: str,
+    output_dir: str | Path,
+    examples: Sequence[ExampleLike],
+    heldout_fraction: float = 0.05,
+    steps: int = 500,
+    batch_size: int = 32,
+    learning_rate: float = 1e-4,
+    max_length: int = 64,
+    seed: int = 0,
+    **finetune_kwargs,
+) -> dict:
+    """Load a causal LM by name or path, hold out a shuffled ``heldout_fraction`` of the
+    examples, fine-tune on the rest and save model and tokenizer to ``output_dir``.
+    Returns a JSON-ready summary; ``textenv-sft`` and the RLHF pipeline both run this.
+
+    The defaults suit an already trained checkpoint (a gentle ``learning_rate``);
+    ``finetune_kwargs`` go to ``supervised_finetune`` (``progress``, ``log_dir``, ...)."""
+    train, heldout = split_heldout(_as_examples(examples), heldout_fraction, seed, "examples")
+    tokenizer = load_tokenizer(model_name_or_path)
+    model = load_causal_lm(model_name_or_path)
+    result = supervised_finetune(
+        model, tokenizer, train, heldout, steps=steps, batch_size=batch_size,
+        learning_rate=learning_rate, max_length=max_length, seed=seed, **finetune_kwargs,
+    )
+    save_model_and_tokenizer(model, tokenizer, output_dir)
+    return {
+        "examples": len(train),
+        "heldout_examples": len(heldout),
+        "heldout_loss_before": round(result.heldout_loss_before, 4),
+        "heldout_loss_after": round(result.heldout_loss_after, 4),
+        "saved_to": str(output_dir),
+    }

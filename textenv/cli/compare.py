@@ -1,7 +1,7 @@
 """Compare RL algorithms on one task for the same budget of generated tokens.
 
-    python scripts/compare.py                                   # all algorithms, default task
-    python scripts/compare.py --algos ppo grpo rloo --seeds 0 1 2 --total-tokens 32768
+    textenv-compare                                   # all algorithms, default task
+    textenv-compare --algos ppo grpo rloo --seeds 0 1 2 --total-tokens 32768
 
 Writes a PNG plot of task score and KL against generated tokens, and a Markdown
 table of final score, KL and tokens/s (also printed). TensorBoard logs of every
@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import (  # noqa: E402  (after the path set-up)
+from textenv.cli.arguments import (
     add_kl_arguments, algorithm_name, check_algorithm_kwargs, env_id, json_object, kl_agent_kwargs, non_negative_int,
     positive_int,
 )
@@ -38,8 +34,8 @@ def algorithm_entry(text: str) -> str:
     return text
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="textenv-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0")
     parser.add_argument("--algos", nargs="+", type=algorithm_entry, default=["ppo", "a2c", "trpo", "rloo", "grpo"],
                         help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry")
@@ -73,13 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not isinstance(kwargs, dict):
             parser.error(f"argument --algo-kwargs: the arguments for {label!r} must be a JSON object, got "
                          f"{json.dumps(kwargs)}. Fix: e.g. {example}.")
-    set_by_script = {"seed": "--seeds", "tensorboard_log": "--tensorboard-log"}
+    set_by_command = {"seed": "--seeds", "tensorboard_log": "--tensorboard-log"}
     for label, algo in runs.items():
-        check_algorithm_kwargs(parser, algo, args.algo_kwargs.get(label, {}), args.n_envs, set_by_script)
+        check_algorithm_kwargs(parser, algo, args.algo_kwargs.get(label, {}), args.n_envs, set_by_command)
     return args
 
 
-def main(argv=None) -> str:
+def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     import transformers
 

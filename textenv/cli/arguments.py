@@ -1,4 +1,4 @@
-"""Argument checks shared by the scripts: bad input becomes a usage error.
+"""Argument checks shared by the console commands: bad input becomes a usage error.
 
 Every check here runs while the arguments are parsed, before any model is
 loaded or built, and reports through argparse (``prog: error: ...``, exit code
@@ -6,11 +6,12 @@ loaded or built, and reports through argparse (``prog: error: ...``, exit code
 ``argparse.ArgumentTypeError``; the checks of several arguments together take
 the parser and call ``parser.error``.
 
-It lives beside the scripts rather than in the library because it speaks
+It lives with the commands rather than in the library because it speaks
 argparse; the library's own checks (``agents.registry.check_algorithm_kwargs``)
-do the work where there is one. Heavy imports (gymnasium, torch, the agents)
-happen inside the checks that need them, so ``--help`` and a bad number stay
-instant.
+do the work where there is one. Being inside ``textenv``, a command imports the
+package (torch, transformers: a few seconds) before it parses; the agents are
+imported only by the checks that need them, and no model loads before the
+arguments pass.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def add_kl_arguments(parser: argparse.ArgumentParser) -> None:
     """``--kl-coef``, ``--kl-target`` (alias ``--target-kl``, deprecated) and ``--kl-horizon``.
 
     Their defaults are the agents' own (``agents.algorithms.KL_DEFAULTS``, ``default_kl_coef``):
-    an option left out is not passed on, so the script and the Python API run alike.
+    an option left out is not passed on, so the commands and the Python API run alike.
     ``--kl-target 0`` becomes ``kl_target=None``, a fixed beta (``kl_agent_kwargs``).
     """
     parser.add_argument("--kl-coef", type=non_negative_float, default=None,
@@ -147,12 +148,12 @@ def agent_zip(text: str) -> str:
         path = Path(f"{path}.zip")
     if not path.is_file():
         raise argparse.ArgumentTypeError(
-            f"no such agent file: {text!r}. Fix: pass the .zip that scripts/train.py saved "
+            f"no such agent file: {text!r}. Fix: pass the .zip that textenv-train saved "
             "(by default runs/<env>-<algo>-seed<seed>.zip)."
         )
     if not zipfile.is_zipfile(path):
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not a saved agent (not a zip file). Fix: pass the .zip that scripts/train.py "
+            f"{text!r} is not a saved agent (not a zip file). Fix: pass the .zip that textenv-train "
             "or model.save wrote; a model folder goes to --env-kwargs '{\"model\": ...}' instead."
         )
     return text
@@ -255,16 +256,16 @@ def check_algorithm_kwargs(
     algo: str,
     kwargs: dict[str, Any],
     n_envs: int | None = None,
-    set_by_script: dict[str, str] | None = None,
+    set_by_command: dict[str, str] | None = None,
 ) -> None:
     """Refuse ``--algo-kwargs`` that the algorithm would reject, or that clash with what
-    the script passes itself (``set_by_script``: keyword -> the option to use instead)."""
+    the command passes itself (``set_by_command``: keyword -> the option to use instead)."""
     from agents.registry import check_algorithm_kwargs as check
 
-    set_by_script = {"env": "--env", **(set_by_script or {})}
+    set_by_command = {"env": "--env", **(set_by_command or {})}
     for key in kwargs:
-        if key in set_by_script:
-            parser.error(f"argument --algo-kwargs: {key!r} is set by this script. Fix: use {set_by_script[key]}.")
+        if key in set_by_command:
+            parser.error(f"argument --algo-kwargs: {key!r} is set by this command. Fix: use {set_by_command[key]}.")
     try:
         check(algo, kwargs, n_envs=n_envs)
     except ValueError as error:
@@ -290,7 +291,7 @@ def check_env_kwargs(parser: argparse.ArgumentParser, option: str, env_id: str, 
 
 
 def check_gpt2_config(
-    parser: argparse.ArgumentParser, option: str, config: dict[str, Any], set_by_script: set[str]
+    parser: argparse.ArgumentParser, option: str, config: dict[str, Any], set_by_command: set[str]
 ) -> None:
     """Refuse a GPT-2 config that would fail (or silently ignore a typo) when the model is built."""
     from transformers import GPT2Config
@@ -298,8 +299,8 @@ def check_gpt2_config(
     known = [name for name in inspect.signature(GPT2Config.__init__).parameters if name != "self"]
     known += list(GPT2Config.attribute_map)
     for key in config:
-        if key in set_by_script:
-            parser.error(f"argument {option}: {key!r} is set by this script. Fix: leave it out.")
+        if key in set_by_command:
+            parser.error(f"argument {option}: {key!r} is set by this command. Fix: leave it out.")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,8 +1,8 @@
 """Supervised fine-tuning of any causal LM on a text or JSONL corpus.
 
-    python scripts/sft.py --data corpus.txt --output out/sft
-    python scripts/sft.py --model path/to/lm --data pairs.jsonl --steps 2000 --output out/sft
-    python scripts/sft.py --output out/sft            # the built-in demonstrations
+    textenv-sft --data corpus.txt --output out/sft
+    textenv-sft --model path/to/lm --data pairs.jsonl --steps 2000 --output out/sft
+    textenv-sft --output out/sft            # the built-in demonstrations
 
 Text files hold one example per line; JSONL lines are {"prompt", "completion"}
 (loss on the completion only) or {"text"}. A share of the examples is held out
@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import (  # noqa: E402  (after the path set-up)
+from textenv.cli.arguments import (
     existing_file, fraction, non_negative_int, positive_float, positive_int,
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="textenv-sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="causal LM name or path to start from")
     parser.add_argument("--data", type=existing_file, default=None,
                         help=".txt or .jsonl corpus (default: the built-in demonstrations, "
@@ -44,38 +38,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     from textenv.tasks.corpus import positive_demonstrations
-    from textenv.models import load_causal_lm, load_tokenizer
-    from textenv.training.sft import SFTExample, load_sft_examples, supervised_finetune
+    from textenv.training.sft import fine_tune_and_save, load_sft_examples
 
-    examples = load_sft_examples(args.data) if args.data else [SFTExample("", t) for t in positive_demonstrations(3000)]
-    random.Random(args.seed).shuffle(examples)
-    n_heldout = max(1, int(len(examples) * args.heldout_fraction))
-    if len(examples) <= n_heldout:
-        raise ValueError(f"Only {len(examples)} examples: need more than the {n_heldout} held out.")
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model)
-    result = supervised_finetune(
-        model, tokenizer, examples[n_heldout:], examples[:n_heldout],
+    examples = load_sft_examples(args.data) if args.data else positive_demonstrations(3000)
+    summary = fine_tune_and_save(
+        args.model, args.output, examples, heldout_fraction=args.heldout_fraction, seed=args.seed,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        max_length=args.max_length, seed=args.seed, progress=not args.quiet,
-        log_dir=args.tensorboard_log or None,
+        max_length=args.max_length, progress=not args.quiet, log_dir=args.tensorboard_log or None,
     )
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    summary = {
-        "examples": len(examples) - n_heldout,
-        "heldout_examples": n_heldout,
-        "heldout_loss_before": round(result.heldout_loss_before, 4),
-        "heldout_loss_after": round(result.heldout_loss_after, 4),
-        "saved_to": args.output,
-    }
     print(json.dumps(summary, indent=2))
     return summary
 

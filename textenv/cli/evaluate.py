@@ -1,7 +1,7 @@
 """Evaluate a saved agent against its reference model on held-out prompts.
 
-    python scripts/evaluate.py runs/textenv-PositiveSentiment-v0-ppo-seed0.zip
-    python scripts/evaluate.py agent.zip --env textenv/Arithmetic-v0 --json report.json
+    textenv-evaluate runs/textenv-PositiveSentiment-v0-ppo-seed0.zip
+    textenv-evaluate agent.zip --env textenv/Arithmetic-v0 --json report.json
 
 Reports mean task score, KL to the reference, perplexity under the reference,
 distinct-1/distinct-2 and samples side by side, as Markdown (and JSON).
@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _cli import (  # noqa: E402  (after the path set-up)
+from textenv.cli.arguments import (
     agent_zip, check_env_kwargs, env_id, existing_file, json_object, non_negative_int, positive_int,
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("agent", type=agent_zip, help="a .zip saved by scripts/train.py (or model.save)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="textenv-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("agent", type=agent_zip, help="a .zip saved by textenv-train (or model.save)")
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
                         help="registered environment id, or module:id to import the module that registers it")
     parser.add_argument("--env-kwargs", type=json_object('{"model": "out/sft"}'), default="{}", metavar="JSON",
@@ -39,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     import transformers
 

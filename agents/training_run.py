@@ -1,0 +1,124 @@
+"""One training run, as the ``textenv-train`` command and the RLHF pipeline do it.
+
+Build the training and evaluation envs from an id, make the agent by name, score
+it on held-out-seeded episodes, train, score again, save. The agent's own
+defaults apply wherever the caller says nothing (``make_agent``), so a run made
+here trains what ``LMPPO(env=make_text_vec_env(env_id))`` would.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.utils import set_random_seed
+
+from agents.config import resolved_config
+from agents.envs import DEFAULT_N_ENVS, make_text_vec_env
+from agents.evaluation import EvaluationResult, evaluate_agent
+from agents.registry import make_agent
+
+EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed: the training seed + this, so its prompts differ
+
+
+@dataclass
+class TrainingRun:
+    """What a run produced: the trained agent, its scores before and after, where it went."""
+
+    agent: BaseAlgorithm
+    env_id: str
+    algo: str
+    total_timesteps: int
+    before: EvaluationResult
+    after: EvaluationResult
+    train_seconds: float
+    saved_to: str
+    tensorboard_dir: str | None
+    config: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready: the scores, the KL, the speed, the paths and the resolved configuration."""
+        return {
+            "env": self.env_id,
+            "algo": self.algo,
+            "total_timesteps": self.total_timesteps,
+            "train_seconds": round(self.train_seconds, 1),
+            "tokens_per_second": round(self.total_timesteps / self.train_seconds, 1),
+            "task_score_before": round(self.before.task_score, 4),
+            "task_score_after": round(self.after.task_score, 4),
+            "kl_before": round(self.before.kl, 4),
+            "kl_after": round(self.after.kl, 4),
+            "kl_coef_final": round(self.agent.kl_controller.value, 5),
+            "saved_to": self.saved_to,
+            "tensorboard_log": self.tensorboard_dir,
+            "config": self.config,
+        }
+
+
+def default_save_path(env_id: str, algo: str, seed: int) -> str:
+    """``runs/<env>-<algo>-seed<seed>.zip``, the env id's ``/`` made a ``-``."""
+    return str(Path("runs") / f"{run_name(env_id, algo)}-seed{seed}.zip")
+
+
+def run_name(env_id: str, algo: str) -> str:
+    return f"{env_id.replace('/', '-')}-{algo}"
+
+
+def train_and_evaluate(
+    env_id: str,
+    algo: str = "ppo",
+    total_timesteps: int = 24_576,
+    *,
+    n_envs: int = DEFAULT_N_ENVS,
+    seed: int = 0,
+    env_kwargs: dict[str, Any] | None = None,
+    eval_episodes: int = 128,
+    tensorboard_log: str | None = "runs",
+    save_path: str | None = None,
+    progress_bar: bool = False,
+    print_scores: bool = False,
+    **agent_kwargs: Any,
+) -> TrainingRun:
+    """Train ``algo`` on ``env_id`` for ``total_timesteps`` generated tokens and save it.
+
+    :param env_kwargs: passed to every env (e.g. ``{"model": "out/sft"}`` for another
+        policy and reference model).
+    :param eval_episodes: episodes for the task score and KL before and after training,
+        on an env seeded ``seed + EVAL_SEED_OFFSET``.
+    :param save_path: default ``default_save_path(env_id, algo, seed)``.
+    :param print_scores: print the score and KL before training (so a long run shows
+        its starting point at once) and after it, with a few samples.
+    :param agent_kwargs: the algorithm's arguments (``make_agent``); the agent's
+        defaults fill the rest.
+    """
+    set_random_seed(seed)
+    env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
+    eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs)
+    agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, **agent_kwargs)
+    config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
+
+    before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
+    if print_scores:
+        print(f"before training: mean task score {before.task_score:+.3f}, KL {before.kl:.3f}")
+    start = time.perf_counter()
+    agent.learn(total_timesteps, tb_log_name=run_name(env_id, algo), progress_bar=progress_bar)
+    train_seconds = time.perf_counter() - start
+    after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
+    if print_scores:
+        print(f"after training:  mean task score {after.task_score:+.3f}, KL {after.kl:.3f} "
+              f"(beta now {agent.kl_controller.value:.4f})")
+        print("samples after training:")
+        for prompt, completion, score in after.samples[:4]:
+            print(f"  [{score:+.2f}] {prompt}|{completion}")
+
+    save_path = save_path or default_save_path(env_id, algo, seed)
+    Path(save_path).parent.mkdir(parents=True, exist_ok=True)
+    agent.save(save_path)
+    return TrainingRun(
+        agent=agent, env_id=env_id, algo=algo, total_timesteps=total_timesteps, before=before, after=after,
+        train_seconds=train_seconds, saved_to=save_path,
+        tensorboard_dir=agent.logger.dir if tensorboard_log else None, config=config,
+    )

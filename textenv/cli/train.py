@@ -1,0 +1,100 @@
+"""Train an agent on a text environment.
+
+With no arguments: PPO on ``textenv/PositiveSentiment-v0`` with the embedded
+default model (built once on first use, offline), TensorBoard logs under
+``runs/``, the agent saved to ``runs/<env>-<algo>-seed<seed>.zip``; the mean task
+score before and after training and the final KL are printed, then a summary JSON
+that holds the run's resolved configuration (every algorithm, policy and
+environment argument; TensorBoard gets it too, under config/ and HPARAMS).
+
+    textenv-train
+    textenv-train --algo grpo --env textenv/Arithmetic-v0 --total-timesteps 65536
+
+Defaults are the Python API's: an option left out is not passed on, so
+``textenv-train --algo ppo`` trains what ``LMPPO(env=make_text_vec_env(id))``
+would (beta adapted toward 4 nats of KL per episode). The run itself is
+``agents.training_run.train_and_evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from textenv.cli.arguments import (
+    add_kl_arguments, algorithm_name, check_algorithm_kwargs, device, env_id, json_object, kl_agent_kwargs,
+    non_negative_int, positive_float, positive_int,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="textenv-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
+                        help="registered environment id, or module:id to import the module that registers it")
+    parser.add_argument("--algo", type=algorithm_name, default="ppo", help="algorithm name (see agents.ALGORITHMS)")
+    parser.add_argument("--model", default=None, help="policy and reference model: name or path (default: the env's)")
+    parser.add_argument("--total-timesteps", type=positive_int, default=24_576, help="generated tokens to train on")
+    parser.add_argument("--n-envs", type=positive_int, default=None, help="parallel episodes (default 16)")
+    add_kl_arguments(parser)
+    parser.add_argument("--learning-rate", type=positive_float, default=None, help="override the algorithm's default")
+    parser.add_argument("--group-size", type=positive_int, default=None,
+                        help="rloo/grpo: completions per prompt (default 4)")
+    parser.add_argument("--algo-kwargs", type=json_object('{"n_epochs": 2}'), default="{}", metavar="JSON",
+                        help='more algorithm arguments, e.g. \'{"n_epochs": 2, "clip_range": 0.1}\'')
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--eval-episodes", type=positive_int, default=128, help="episodes for the before/after score")
+    parser.add_argument("--tensorboard-log", default="runs", help="TensorBoard folder ('' to disable)")
+    parser.add_argument("--save-path", default=None, help="where to save the agent (.zip)")
+    parser.add_argument("--device", type=device, default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Checked here, before any model loads, as make_agent would check them after.
+    from agents.envs import DEFAULT_N_ENVS
+    from agents.registry import algorithm_keywords
+
+    if args.n_envs is None:
+        args.n_envs = DEFAULT_N_ENVS
+
+    if args.group_size is not None and "group_size" not in algorithm_keywords(args.algo):
+        parser.error(f"argument --group-size: {args.algo} draws one completion per prompt. "
+                     "Fix: drop --group-size, or use --algo rloo or grpo.")
+    group = {} if args.group_size is None else {"group_size": args.group_size}
+    check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs,
+                           set_by_command={"seed": "--seed", "tensorboard_log": "--tensorboard-log"})
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    from agents.training_run import train_and_evaluate
+    from textenv.task import resolve_device
+
+    agent_kwargs = dict(kl_agent_kwargs(args), device=resolve_device(args.device), verbose=0)
+    if args.learning_rate is not None:
+        agent_kwargs["learning_rate"] = args.learning_rate
+    if args.group_size is not None:
+        agent_kwargs["group_size"] = args.group_size
+    agent_kwargs.update(args.algo_kwargs)
+    run = train_and_evaluate(
+        args.env, args.algo, args.total_timesteps, n_envs=args.n_envs, seed=args.seed,
+        env_kwargs=None if args.model is None else {"model": args.model}, eval_episodes=args.eval_episodes,
+        tensorboard_log=args.tensorboard_log or None, save_path=args.save_path, progress_bar=not args.quiet,
+        print_scores=True, **agent_kwargs,
+    )
+    summary = run.summary()
+    print(json.dumps(summary, indent=2))
+    if args.tensorboard_log:
+        print(f"TensorBoard: tensorboard --logdir {args.tensorboard_log}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
