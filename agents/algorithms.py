@@ -30,15 +30,17 @@ passes wins over the class's defaults (``defaults``, ``policy_defaults``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
+import torch
 from sb3_contrib import TRPO, MaskablePPO
 from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents.config import log_config
-from agents.envs import resolve_env
+from agents.envs import env_device, resolve_env
 from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KLPenaltyCallback
@@ -118,6 +120,20 @@ def reference_model_of(env: VecEnv) -> str:
     return str(name)
 
 
+def warn_if_env_elsewhere(env: VecEnv | None, device: torch.device) -> None:
+    """A policy on the GPU with its env's reference model on the CPU still trains (each step's
+    observation is copied over) but the reference decode runs on the CPU: say so, with the fix."""
+    where = env_device(env) if env is not None else None
+    if where is not None and where.type != device.type:
+        warnings.warn(
+            f"The environment runs its reference and reward models on {where} while the policy is on {device}. "
+            f"Fix: build the env with device={device.type!r} (make_text_vec_env(..., env_kwargs={{'device': "
+            f"{device.type!r}}})), or pass the env id and let the agent build it.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
     """A clear error for an SB3 keyword that a textenv agent replaces (``REPLACED_KEYWORDS``)."""
     for key in kwargs:
@@ -137,6 +153,12 @@ class LMAgentMixin(FastRolloutMixin):
     :param fast: the KV-cached rollout and whole-sequence update (``False``: SB3's own path).
     :param advantage_normalization: ``"rollout"``, ``"minibatch"`` or ``"none"`` (module doc);
         ``None``: the algorithm's default.
+    :param precision: the policy's ``"fp32"`` (default), ``"bf16-mixed"`` or ``"bf16"``
+        (``policies.lm_policy``); the same as ``policy_kwargs={"precision": ...}``.
+    :param recompute_old_log_probs: after each rollout, replace the KV-cached decode's
+        log-probs with one teacher-forced pass (``SequenceRolloutBuffer.recompute_log_probs``);
+        ``None``: on under bf16 precisions (where the two paths differ by bf16 rounding,
+        up to 0.06 in log-prob), off under fp32 (they agree within 1e-5). Fast path only.
     :param kwargs: the SB3 algorithm's own arguments, over the class's ``defaults``;
         ``policy_kwargs`` over the class's ``policy_defaults``.
     """
@@ -158,6 +180,8 @@ class LMAgentMixin(FastRolloutMixin):
         kl_horizon: int = KL_DEFAULTS["kl_horizon"],
         fast: bool = True,
         advantage_normalization: AdvantageNormalization | None = None,
+        precision: str | None = None,
+        recompute_old_log_probs: bool | None = None,
         **kwargs: Any,
     ):
         kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
@@ -172,8 +196,12 @@ class LMAgentMixin(FastRolloutMixin):
                 f"advantage_normalization must be one of {ADVANTAGE_NORMALIZATIONS}, got {advantage_normalization!r}"
             )
         self.advantage_normalization = advantage_normalization
+        self.recompute_old_log_probs = recompute_old_log_probs
         policy = policy or self.default_policy_class
-        env = resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0))
+        env = resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0),
+                          device=kwargs.get("device", "auto"))
+        if precision is not None:
+            kwargs["policy_kwargs"] = {**(kwargs.get("policy_kwargs") or {}), "precision": precision}
         if kwargs.get("_init_setup_model", True):  # (load() restores the saved policy_kwargs instead)
             kwargs["policy_kwargs"] = self._resolve_policy_kwargs(policy, env, kwargs.get("policy_kwargs"))
         kwargs = {**self.defaults, **kwargs}
@@ -182,12 +210,13 @@ class LMAgentMixin(FastRolloutMixin):
         # What the constructor resolved, for agents.config.resolved_config (and saved with the agent).
         self._init_kwargs = dict(
             kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon, fast=fast,
-            advantage_normalization=advantage_normalization,
+            advantage_normalization=advantage_normalization, recompute_old_log_probs=recompute_old_log_probs,
             **{key: value for key, value in kwargs.items() if not key.startswith("_")},
         )
         # SB3's own switch standardises each minibatch; the rollout-wide one is ours.
         kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
+        warn_if_env_elsewhere(self.env, self.device)
 
     def _resolve_policy_kwargs(self, policy: Any, env: VecEnv | None, policy_kwargs: dict | None) -> dict[str, Any]:
         """The user's ``policy_kwargs`` over the class's ``policy_defaults``; an LM policy
@@ -210,8 +239,17 @@ class LMAgentMixin(FastRolloutMixin):
         """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation."""
         if not super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps):
             return False
+        if self._recomputes_old_log_probs(rollout_buffer):
+            rollout_buffer.recompute_log_probs(self.policy, getattr(self, "batch_size", None))
         self._normalize_advantages(rollout_buffer)
         return True
+
+    def _recomputes_old_log_probs(self, rollout_buffer: Any) -> bool:
+        if not isinstance(rollout_buffer, SequenceRolloutBuffer):
+            return False  # SB3's own path evaluates each observation with a full forward already
+        if self.recompute_old_log_probs is not None:
+            return self.recompute_old_log_probs
+        return getattr(self.policy, "precision", "fp32") != "fp32"
 
     def _normalize_advantages(self, rollout_buffer: Any) -> None:
         """With ``advantage_normalization="rollout"``: standardise over the whole rollout."""

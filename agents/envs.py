@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
@@ -51,17 +52,29 @@ def make_text_vec_env(
     return env
 
 
-def resolve_env(env: VecEnv | gym.Env | str | None, seed: int | None = None, verbose: int = 0) -> VecEnv | None:
+def resolve_env(
+    env: VecEnv | gym.Env | str | None, seed: int | None = None, verbose: int = 0, device: str | Any = "auto"
+) -> VecEnv | None:
     """What an agent accepts as ``env``, as a ``VecEnv`` (what SB3 accepts, text-aware):
 
     - an env id (``"textenv/PositiveSentiment-v0"``): ``make_text_vec_env(id)``, the
-      batched env with its default ``n_envs`` (seeded with ``seed`` when given);
+      batched env with its default ``n_envs`` (seeded with ``seed`` when given), its
+      reference and reward models on the agent's ``device``;
     - a Gymnasium env (e.g. ``gym.make(id)``): wrapped as SB3 wraps one, a ``Monitor``
       inside a one-env ``DummyVecEnv`` (``BaseAlgorithm._wrap_env``);
     - a ``VecEnv``, or ``None``: as it is.
     """
     if isinstance(env, str):
-        return make_text_vec_env(env, seed=0 if seed is None else seed)
+        return make_text_vec_env(env, seed=0 if seed is None else seed, env_kwargs={"device": str(device)})
     if env is None or isinstance(env, VecEnv):
         return env
     return BaseAlgorithm._wrap_env(env, verbose=verbose)
+
+
+def env_device(env: VecEnv) -> torch.device | None:
+    """Where a text env runs its reference model (``None`` for an env that does not say)."""
+    try:
+        device = env.get_attr("device")[0]
+    except AttributeError:
+        return None
+    return torch.device(device) if device is not None else None

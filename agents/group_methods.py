@@ -100,6 +100,8 @@ class GroupRolloutMixin(LMAgentMixin):
             # step (their logits go unused; the next rollout's `start` refills their slots).
             decoder.observe(actions, input_ids, attention_mask, new_episode=torch.zeros_like(active))
         rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
+        if self._recomputes_old_log_probs(rollout_buffer):
+            rollout_buffer.recompute_log_probs(self.policy, self.batch_size)
         self._set_group_advantages(rollout_buffer)
         self._normalize_advantages(rollout_buffer)
         callback.update_locals(locals())

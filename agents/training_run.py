@@ -80,6 +80,7 @@ def train_and_evaluate(
     save_path: str | None = None,
     progress_bar: bool = False,
     print_scores: bool = False,
+    device: str = "auto",
     **agent_kwargs: Any,
 ) -> TrainingRun:
     """Train ``algo`` on ``env_id`` for ``total_timesteps`` generated tokens and save it.
@@ -89,15 +90,18 @@ def train_and_evaluate(
     :param eval_episodes: episodes for the task score and KL before and after training,
         on an env seeded ``seed + EVAL_SEED_OFFSET``.
     :param save_path: default ``default_save_path(env_id, algo, seed)``.
+    :param device: where everything runs: the policy, and the envs' reference and
+        reward models (``"auto"``: CUDA when there is a GPU).
     :param print_scores: print the score and KL before training (so a long run shows
         its starting point at once) and after it, with a few samples.
     :param agent_kwargs: the algorithm's arguments (``make_agent``); the agent's
         defaults fill the rest.
     """
     set_random_seed(seed)
+    env_kwargs = {"device": device, **(env_kwargs or {})}
     env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs)
-    agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, **agent_kwargs)
+    agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, device=device, **agent_kwargs)
     config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
 
     before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from policies.observations import last_token_index
-from policies.sampling import sample_tokens, top_p_mask
+from policies.sampling import log_prob_of, sample_tokens, top_p_mask
 from textenv.slot_decoding import SlotDecoder
 
 if TYPE_CHECKING:
@@ -92,7 +92,8 @@ class PolicyRolloutDecoder:
         """(Re)fill every slot from the current observations: at the first step, and after
         an update (the cached keys of running episodes came from the old weights)."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask))
+        with self.policy.compute_context():
+            self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask))
 
     @torch.no_grad()
     def act(self, sample: Sampler = sample_tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +102,7 @@ class PolicyRolloutDecoder:
         ``_sample_actions``: a seam for tests that replay given actions)."""
         assert self.logits is not None and self.values is not None, "call start() first"
         actions = sample(self.logits)
-        log_probs = torch.log_softmax(self.logits, dim=-1).gather(1, actions[:, None])[:, 0]
+        log_probs = log_prob_of(self.logits, actions)
         return actions, log_probs, self.values
 
     @torch.no_grad()
@@ -111,7 +112,8 @@ class PolicyRolloutDecoder:
         """Move to the new observations after the env took ``actions``: one cached decode step
         for all episodes; rows in ``new_episode`` (reset by the env) are prefilled from their
         prompt instead."""
-        self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, new_episode))
+        with self.policy.compute_context():
+            self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, new_episode))
 
 
 class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
@@ -130,12 +132,15 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         super().start(input_ids, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        self.logits = self._masked(self.logits, prefill_rows(self.mask_slots, rows, input_ids, attention_mask))
+        with self.policy.compute_context():
+            mask_hidden = prefill_rows(self.mask_slots, rows, input_ids, attention_mask)
+        self.logits = self._masked(self.logits, mask_hidden)
 
     @torch.no_grad()
     def observe(
         self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
     ) -> None:
         super().observe(actions, input_ids, attention_mask, new_episode)
-        mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, new_episode)
+        with self.policy.compute_context():
+            mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, new_episode)
         self.logits = self._masked(self.logits, mask_hidden)

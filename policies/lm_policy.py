@@ -9,17 +9,28 @@
 Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
 - no features extractor / MLP extractor: the LM body is the shared extractor;
 - ``ortho_init=False``: orthogonal init would overwrite the pretrained weights;
-- dropout off and the body kept in eval mode, so the probability ratio is
-  exactly 1 before the first update;
+- dropout off through the model's config and modules (``textenv.models.disable_dropout``),
+  so train and eval mode compute the same function and the probability ratio is
+  exactly 1 before the first update; the body follows SB3's train/eval switch, so
+  ``gradient_checkpointing=True`` really checkpoints during the update;
+- the update's logits are made ``logits_chunk_size`` tokens at a time, each chunk's
+  recomputed in the backward pass instead of kept, so the update's peak memory
+  follows the chunk, not (tokens in the minibatch x vocabulary);
+- ``precision``: the weights are float32 master weights whatever dtype the
+  checkpoint was saved in (``"fp32"``, and ``"bf16-mixed"``, which runs the body's
+  forward passes under bf16 autocast); ``"bf16"`` keeps bf16 weights (half the
+  memory; small updates are lost to rounding);
 - observations are cast back to integer ids (SB3 casts every ``Box`` to float;
   exact below 2**24).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+from typing import TYPE_CHECKING, Any, ContextManager, Literal
 
 import torch
+import torch.utils.checkpoint
 from gymnasium import spaces
 from stable_baselines3.common.distributions import CategoricalDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy
@@ -27,12 +38,16 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from policies.observations import last_token_index, positions_from_mask, unpack_observation
+from policies.sampling import log_prob_of
 from policies.sequences import TokenSequences
 from textenv.models import load_causal_lm, vocab_size_of
 from textenv.slot_decoding import lm_logits
 
 if TYPE_CHECKING:
     from policies.decoding import PolicyRolloutDecoder
+
+Precision = Literal["fp32", "bf16-mixed", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
 
 
 class LMPolicyMixin:
@@ -48,8 +63,14 @@ class LMPolicyMixin:
         model_name_or_path: str = "default",
         value_head_init_std: float = 0.01,
         attn_implementation: str | None = None,
+        precision: Precision = "fp32",
+        gradient_checkpointing: bool = False,
+        logits_chunk_size: int | None = 512,
         **kwargs: Any,
     ):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}. Fix: use 'fp32' (default), "
+                             "'bf16-mixed' (fp32 weights, bf16 autocast) or 'bf16' (bf16 weights).")
         if not isinstance(action_space, spaces.Discrete):
             raise TypeError(f"{type(self).__name__} needs a Discrete action space of token ids")
         if not isinstance(observation_space, spaces.Dict) or not {
@@ -63,13 +84,20 @@ class LMPolicyMixin:
         self.model_name_or_path = str(model_name_or_path)
         self.value_head_init_std = value_head_init_std
         self.attn_implementation = attn_implementation
+        self.precision = precision
+        self.gradient_checkpointing = gradient_checkpointing
+        if logits_chunk_size is not None and logits_chunk_size < 1:
+            raise ValueError(f"logits_chunk_size must be a positive number of tokens or None, got {logits_chunk_size}")
+        self.logits_chunk_size = logits_chunk_size
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
         """Load the LM body + head and add the value head (replaces SB3's MLP heads)."""
         self.lm = load_causal_lm(
-            self.model_name_or_path, attn_implementation=self.attn_implementation
+            self.model_name_or_path,
+            attn_implementation=self.attn_implementation,
+            dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32,
         )
         vocab = vocab_size_of(self.lm)
         if vocab != self.action_space.n:
@@ -80,6 +108,11 @@ class LMPolicyMixin:
                 "tokenizer. Fix: pass the same model to the environment (model=...) and "
                 "the policy (policy_kwargs={'model_name_or_path': ...})."
             )
+        if self.gradient_checkpointing:
+            if not self.lm.supports_gradient_checkpointing:
+                raise ValueError(f"{type(self.lm).__name__} does not support gradient checkpointing. "
+                                 "Fix: pass gradient_checkpointing=False.")
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm_head = self.lm.get_output_embeddings()
         self.value_head = nn.Linear(self.lm_head.in_features, 1)
         nn.init.normal_(self.value_head.weight, std=self.value_head_init_std)
@@ -88,10 +121,6 @@ class LMPolicyMixin:
             self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
         )
 
-    def set_training_mode(self, mode: bool) -> None:
-        # The body stays in eval mode (dropout off) even while SB3 trains: see module doc.
-        super().set_training_mode(mode)
-        self.lm.eval()
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -101,8 +130,18 @@ class LMPolicyMixin:
             model_name_or_path=self.model_name_or_path,
             value_head_init_std=self.value_head_init_std,
             attn_implementation=self.attn_implementation,
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+            logits_chunk_size=self.logits_chunk_size,
         )
         return data
+
+    def compute_context(self) -> ContextManager:
+        """Where the body and the LM head run: bf16 autocast under ``"bf16-mixed"``
+        (weights stay float32, and so do the gradients the optimizer sees)."""
+        if self.precision == "bf16-mixed":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # -- the two heads on one body ---------------------------------------------
 
@@ -111,11 +150,13 @@ class LMPolicyMixin:
     ) -> torch.Tensor:
         """Final hidden states of the LM body (``lm``, default the policy's) at every column:
         ``(batch, width, hidden)``."""
-        return (lm or self.lm).base_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions_from_mask(attention_mask),
-        ).last_hidden_state
+        with self.compute_context():
+            return (lm or self.lm).base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=positions_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state
 
     def last_hidden_state(
         self, obs: dict[str, torch.Tensor] | TokenSequences, lm: torch.nn.Module | None = None
@@ -135,10 +176,14 @@ class LMPolicyMixin:
         return hidden[rows, last_token_index(attention_mask)]
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return lm_logits(self.lm, hidden)
+        """Float32 logits over the vocabulary (the head's matmul autocast like the body)."""
+        with self.compute_context():
+            return lm_logits(self.lm, hidden)
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.value_head(hidden.float())
+        """V(s) in float32 under every precision (autocast off: the head is one small matmul)."""
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.value_head(hidden.float())
 
     # -- SB3's policy interface --------------------------------------------------
 
@@ -146,9 +191,9 @@ class LMPolicyMixin:
         self, obs: dict[str, torch.Tensor], deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden = self.last_hidden_state(obs)
-        distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
-        actions = distribution.get_actions(deterministic=deterministic)
-        return actions, self.value(hidden), distribution.log_prob(actions)
+        logits = self.action_logits(hidden)
+        actions = self.action_dist.proba_distribution(action_logits=logits).get_actions(deterministic=deterministic)
+        return actions, self.value(hidden), log_prob_of(logits, actions)
 
     def evaluate_actions(
         self, obs: dict[str, torch.Tensor] | TokenSequences, actions: torch.Tensor
@@ -156,8 +201,45 @@ class LMPolicyMixin:
         """Values, log-probs and entropies of ``actions``; ``obs`` may be SB3's batch of
         observations or ``TokenSequences`` (one body pass per sequence)."""
         hidden = self.last_hidden_state(obs)
-        distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
-        return self.value(hidden), distribution.log_prob(actions), distribution.entropy()
+        log_prob, entropy = self.chunked_log_prob_entropy(hidden, actions)
+        return self.value(hidden), log_prob, entropy
+
+    def chunked_log_prob_entropy(
+        self, hidden: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log pi(a|s)`` and the entropy of ``pi(.|s)`` for every state, ``logits_chunk_size``
+        states at a time. Under autograd each chunk is checkpointed: its ``(chunk, V)`` logits
+        are freed after the forward and recomputed in the backward, so peak memory follows the
+        chunk. ``masks``: allowed actions per state (``False``: logit -inf), for masked policies."""
+        actions = actions.reshape(-1).long()
+        chunk = self.logits_chunk_size or len(actions)
+        if len(actions) <= chunk:
+            return self._log_prob_entropy(hidden, actions, masks)
+        checkpointed = torch.is_grad_enabled() and hidden.requires_grad
+        log_probs, entropies = [], []
+        for start in range(0, len(actions), chunk):
+            part = slice(start, start + chunk)
+            args = (hidden[part], actions[part], None if masks is None else masks[part])
+            if checkpointed:
+                log_prob, entropy = torch.utils.checkpoint.checkpoint(self._log_prob_entropy, *args, use_reentrant=False)
+            else:
+                log_prob, entropy = self._log_prob_entropy(*args)
+            log_probs.append(log_prob)
+            entropies.append(entropy)
+        return torch.cat(log_probs), torch.cat(entropies)
+
+    def _log_prob_entropy(
+        self, hidden: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.action_logits(hidden)
+        if masks is not None:
+            logits = logits.masked_fill(~masks, float("-inf"))
+        log_p = torch.log_softmax(logits, dim=-1)  # as log_prob_of: the rollout's and the update's agree bit for bit
+        # 0 * log 0 = 0 for masked-out actions, in the forward and the backward pass (a
+        # torch.where over p * log p would pass NaN gradients from the -inf entries).
+        finite_log_p = log_p.masked_fill(~log_p.isfinite(), 0.0)
+        entropy = -(log_p.exp() * finite_log_p).sum(-1)
+        return log_p.gather(1, actions[:, None])[:, 0], entropy
 
     def get_distribution(self, obs: dict[str, torch.Tensor]) -> CategoricalDistribution:
         hidden = self.last_hidden_state(obs)
@@ -182,4 +264,10 @@ class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
     :param value_head_init_std: std of the value head's initial weights (bias 0):
         small, so early value estimates do not swamp the advantages.
     :param attn_implementation: passed to ``from_pretrained`` (e.g. ``"eager"``).
+    :param precision: ``"fp32"`` (default), ``"bf16-mixed"`` (float32 master weights,
+        forward passes under bf16 autocast) or ``"bf16"`` (bf16 weights); see module doc.
+    :param gradient_checkpointing: recompute the body's activations in the backward pass
+        (Hugging Face's ``gradient_checkpointing_enable``): less memory, one more forward.
+    :param logits_chunk_size: states whose logits the update makes at once (``None``: all
+        of the minibatch at once).
     """

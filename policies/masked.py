@@ -20,7 +20,7 @@ from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistrib
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
 from policies.lm_policy import LMPolicyMixin
-from policies.sampling import top_p_mask
+from policies.sampling import log_prob_of, top_p_mask
 from policies.sequences import TokenSequences
 from textenv.slot_decoding import lm_logits
 
@@ -57,31 +57,38 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
 
         Never ``action_logits``: that is the live, trainable head, so masks made with it
         would drift during the epochs of one update and between refreshes."""
-        return lm_logits(self.mask_lm, mask_hidden)
+        with self.compute_context():
+            return lm_logits(self.mask_lm, mask_hidden)
 
     @torch.no_grad()
     def action_masks_for(self, obs: dict[str, torch.Tensor] | TokenSequences) -> torch.Tensor:
         """The top-p set of the masking model in every evaluated state: ``(n_states, V)``."""
         return top_p_mask(self.mask_logits(self.last_hidden_state(obs, lm=self.mask_lm)), self.top_p)
 
+    def _masks(self, obs, hidden: torch.Tensor, action_masks) -> torch.Tensor:
+        """The given masks (SB3's MaskablePPO passes them), else the masking model's."""
+        if action_masks is None:
+            return self.action_masks_for(obs)
+        return torch.as_tensor(action_masks, device=hidden.device).reshape(len(hidden), -1).bool()
+
     def _masked_distribution(self, obs, hidden: torch.Tensor, action_masks) -> MaskableCategoricalDistribution:
         distribution = self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
-        distribution.apply_masking(self.action_masks_for(obs) if action_masks is None else action_masks)
+        distribution.apply_masking(self._masks(obs, hidden, action_masks))
         return distribution
 
     def forward(self, obs, deterministic: bool = False, action_masks=None):
         hidden = self.last_hidden_state(obs)
-        distribution = self._masked_distribution(obs, hidden, action_masks)
-        actions = distribution.get_actions(deterministic=deterministic)
-        return actions, self.value(hidden), distribution.log_prob(actions)
+        logits = self.action_logits(hidden).masked_fill(~self._masks(obs, hidden, action_masks), float("-inf"))
+        actions = self.action_dist.proba_distribution(action_logits=logits).get_actions(deterministic=deterministic)
+        return actions, self.value(hidden), log_prob_of(logits, actions)
 
     def evaluate_actions(self, obs, actions: torch.Tensor, action_masks=None):
         """Masks are recomputed from the masking model when not given (``action_masks=None``,
         as the sequence buffer yields). The masking model is frozen between refreshes, so
         they equal the masks the rollout sampled under (``tests/test_algorithms.py``)."""
         hidden = self.last_hidden_state(obs)
-        distribution = self._masked_distribution(obs, hidden, action_masks)
-        return self.value(hidden), distribution.log_prob(actions), distribution.entropy()
+        log_prob, entropy = self.chunked_log_prob_entropy(hidden, actions, self._masks(obs, hidden, action_masks))
+        return self.value(hidden), log_prob, entropy
 
     def get_distribution(self, obs, action_masks=None) -> MaskableCategoricalDistribution:
         return self._masked_distribution(obs, self.last_hidden_state(obs), action_masks)

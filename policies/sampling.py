@@ -115,3 +115,10 @@ def _bad_logits_error(logits: torch.Tensor, rows: list[int]) -> ValueError:
         "gradients, use bf16 rather than fp16) or a logit processor wrote NaN/+inf. -inf is a "
         "valid mask, but at least one token per row must keep a finite logit."
     )
+
+
+def log_prob_of(logits: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[action]`` per row: one formula for the rollout (the policy's
+    ``forward``, the decoder's ``act``) and the update (``chunked_log_prob_entropy``), so
+    that the probability ratio is exactly 1 before the first update."""
+    return torch.log_softmax(logits, dim=-1).gather(1, actions.reshape(-1, 1).long())[:, 0]

@@ -65,3 +65,22 @@ def tiny_model_other_vocab_path(tmp_path_factory, default_tokenizer) -> Path:
 
 
 PROMPTS = ["The film was", "This phone is", "I bought the charger last week. The battery"]
+
+
+def collect_one_rollout(agent):
+    """One rollout into the agent's buffer, as ``learn`` would collect it (no update)."""
+    from agents import KLPenaltyCallback
+
+    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback()])
+    callback.on_training_start(locals(), globals())
+    assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
+    return agent.rollout_buffer
+
+
+from model_zoo import KINDS, ZooModel, save_tiny_checkpoint  # noqa: E402  (tests/ is on sys.path, as for PROMPTS)
+
+
+@pytest.fixture(scope="session", params=KINDS, ids=KINDS)
+def zoo_model(request, tmp_path_factory) -> ZooModel:
+    """A tiny random checkpoint of each architecture in ``model_zoo`` (one test per kind)."""
+    return save_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))

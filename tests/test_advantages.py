@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from agents import KLPenaltyCallback, make_agent, make_text_vec_env
+from agents import make_agent, make_text_vec_env
+from conftest import collect_one_rollout
 
 TASK = "textenv/PositiveSentiment-v0"
-
-
-def collect_one_rollout(agent):
-    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback()])
-    callback.on_training_start(locals(), globals())
-    assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
-    return agent.rollout_buffer
 
 
 def raw_gae_advantages(buffer) -> np.ndarray:

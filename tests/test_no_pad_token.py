@@ -96,5 +96,5 @@ def test_completion_text_drops_only_the_eos_when_pad_is_eos(no_pad_model_path):
     with pytest.warns(UserWarning, match=r"pad := eos"):
         env = TextGenEnv(PROMPTS, model=str(no_pad_model_path))
     eos = env.eos_token_id
-    assert env.task.completion_text([300, 301, eos]) == env.tokenizer.decode([300, 301])
-    assert env.task.completion_text([eos]) == ""
+    assert env.task.completion_text(0, [300, 301, eos]) == env.tokenizer.decode([300, 301])
+    assert env.task.completion_text(0, [eos]) == ""

@@ -87,7 +87,17 @@ class TextGenEnv(gym.Env):
 
     @property
     def eos_token_id(self) -> int | None:
+        """The tokenizer's EOS id (``eos_token_ids`` holds every id that ends an episode)."""
         return self.task.eos_token_id
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.task.eos_token_ids
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reference and reward models run."""
+        return self.task.device
 
     # -- the MDP ---------------------------------------------------------------
 
@@ -123,7 +133,7 @@ class TextGenEnv(gym.Env):
         self._attention_mask[column] = 1
         self._generated.append(action)
 
-        at_eos = action == self.eos_token_id
+        at_eos = self.task.is_eos(action)
         budget_exhausted = not at_eos and len(self._generated) >= self.task.max_new_tokens
         terminated = at_eos or budget_exhausted  # both are scored ends: terminal (module doc)
         reward = 0.0
@@ -139,8 +149,8 @@ class TextGenEnv(gym.Env):
         return self._observation(), reward, terminated, False, info
 
     def completion_text(self) -> str:
-        """The generated text so far, without the EOS token."""
-        return self.task.completion_text(self._generated)
+        """The generated text so far, without the stop token."""
+        return self.task.completion_text(self._prompt_index, self._generated)
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":

@@ -18,6 +18,7 @@ from typing import Callable, Union
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -121,15 +122,24 @@ def load_causal_lm(
     spec: ModelSpec,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> PreTrainedModel:
-    """A causal LM in eval mode with dropout off, on ``device``; a fresh (trainable) copy."""
+    """A causal LM in eval mode with dropout off, on ``device``; a fresh (trainable) copy.
+
+    Its weights are ``dtype`` whatever dtype the checkpoint was saved in: Llama and Qwen
+    are published in bf16, and ``from_pretrained`` would keep that, so an optimizer
+    would then step pure bf16 weights, where updates below about 1e-3 of a weight
+    vanish. Float32 (the default) is the master copy that mixed precision trains.
+    """
     if isinstance(spec, PreTrainedModel):
-        model = spec
+        model = spec.to(dtype)
     else:
         name = resolve_model_path(spec)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            config = AutoConfig.from_pretrained(name)
+            zero_dropout_config(config)
+            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
         except (OSError, ValueError) as error:
             raise _load_error("causal language model", name, error) from error
     disable_dropout(model)
@@ -156,19 +166,34 @@ def load_frozen_lm(spec: ModelSpec, device: str | torch.device = "cpu") -> PreTr
     return _cached_frozen_lm(resolve_model_path(spec), str(torch.device(device)))
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to zero.
+def zero_dropout_config(config) -> None:
+    """Every dropout probability of a config (``attn_pdrop``, ``attention_dropout``,
+    ``hidden_dropout``, ``classifier_dropout``, ...) set to 0, before the model is built
+    from it: modules that copy a rate from the config at construction get 0 too."""
+    for key, value in vars(config).items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
 
-    RL needs the probability ratio to be exactly 1 before the first update; a
-    dropout layer re-sampled between rollout and update breaks that.
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere, so that train mode and eval mode compute the same function.
+
+    RL needs the probability ratio to be exactly 1 before the first update; a dropout
+    layer re-sampled between rollout and update breaks that. With dropout off, the
+    policy's body can be in train mode during the update, which gradient checkpointing
+    needs (Hugging Face models checkpoint only in train mode). Covers the config
+    (``zero_dropout_config``), every ``nn.Dropout``, and float rates that attention
+    modules keep as attributes (e.g. Llama's ``self.attention_dropout``).
     """
+    config = getattr(model, "config", None)
+    if config is not None:
+        zero_dropout_config(config)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    config = getattr(model, "config", None)
-    for key in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_dropout"):
-        if config is not None and hasattr(config, key):
-            setattr(config, key, 0.0)
+        for key, value in list(vars(module).items()):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(module, key, 0.0)
 
 
 def vocab_size_of(model: PreTrainedModel) -> int:

@@ -150,9 +150,20 @@ class SlotDecoder:
 
 
 def lm_logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Next-token logits (float32) from final hidden states, as the model's head computes them."""
+    """Next-token logits (float32) from final hidden states, as the model's own ``forward``
+    computes them: its output head, then the architecture's logit transform where it has
+    one: Granite's ``logits_scaling`` (divide), Cohere's ``logit_scale`` (multiply),
+    Gemma-2/3's ``final_logit_softcapping`` (``tanh(x / cap) * cap``). The test matrix
+    (tests/test_any_causal_lm.py) checks these against ``forward`` for each architecture."""
     logits = model.get_output_embeddings()(hidden).float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    config = model.config
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    scale = getattr(config, "logit_scale", None)
+    if scale:
+        logits = logits * scale
+    softcap = getattr(config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

@@ -27,6 +27,17 @@ from textenv.prompts import PromptSpec, load_prompts
 from textenv.rewards import RewardSpec, make_reward
 
 
+def stop_token_ids(tokenizer, model) -> frozenset[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's generation
+    config's (a list for instruction models such as Llama-3-Instruct and Qwen-Instruct,
+    which stop on an end-of-turn token as well as on EOS)."""
+    ids = {tokenizer.eos_token_id}
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return frozenset(int(i) for i in ids if i is not None)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` means CUDA when there is a GPU, else CPU."""
     if str(device) == "auto":
@@ -43,6 +54,9 @@ class TextTask:
     :param tokenizer: defaults to the tokenizer saved with ``model``.
     :param reward: ``"vader"``, a reward-model name or path, ``f(prompts,
         completions) -> scores``, or a ``textenv.rewards.RewardSource``.
+    :param device: where the reference and reward models run and the episodes' state
+        lives: ``"auto"`` (default, as SB3's agents: CUDA when there is a GPU), ``"cpu"``,
+        ``"cuda"``... An agent made from an env id builds its env on the agent's device.
     :param prompt_truncation: what to do with a prompt longer than ``max_prompt_len``
         tokens: ``"error"`` (default: refuse at construction) or ``"left"`` (keep its
         last ``max_prompt_len`` tokens, with a warning).
@@ -57,7 +71,7 @@ class TextTask:
         max_prompt_len: int = 32,
         max_new_tokens: int = 24,
         prompt_truncation: str = "error",
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
     ):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
@@ -76,7 +90,8 @@ class TextTask:
         self.max_prompt_len = max_prompt_len
         self.max_new_tokens = max_new_tokens
         self.width = max_prompt_len + max_new_tokens
-        self.eos_token_id = self.tokenizer.eos_token_id
+        self.eos_token_ids = stop_token_ids(self.tokenizer, self.reference)
+        self.eos_token_id = self.tokenizer.eos_token_id  # the tokenizer's own; every id above ends an episode
         self.pad_token_id = self.tokenizer.pad_token_id
         self.vocab_size = vocab_size_of(self.reference)
         self._check_context_length()
@@ -93,9 +108,24 @@ class TextTask:
     def action_space(self) -> spaces.Discrete:
         return spaces.Discrete(self.vocab_size)
 
-    def completion_text(self, tokens: Sequence[int]) -> str:
-        """Generated tokens as text, without the EOS token."""
-        return self.tokenizer.decode([t for t in tokens if t != self.eos_token_id], skip_special_tokens=True)
+    def is_eos(self, token: int) -> bool:
+        return token in self.eos_token_ids
+
+    def completion_text(self, prompt_index: int, tokens: Sequence[int]) -> str:
+        """Generated tokens as text, without the stop token, as they read after the prompt.
+
+        Decoded together with the prompt, then the prompt's own text cut off: a
+        SentencePiece tokenizer decodes a word-initial token on its own without its
+        leading space ("▁was" -> "was"), so a completion decoded alone would glue onto
+        the prompt ("The food" + "was great" -> "The foodwas great").
+        """
+        completion = [t for t in tokens if t not in self.eos_token_ids]
+        prompt = self.prompt_ids[prompt_index]
+        prompt_text = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        full_text = self.tokenizer.decode(prompt + completion, skip_special_tokens=True)
+        if full_text.startswith(prompt_text):
+            return full_text[len(prompt_text):]
+        return self.tokenizer.decode(completion, skip_special_tokens=True)  # the prompt re-tokenizes differently
 
     def score(self, prompt_indices: Sequence[int], completions: Sequence[str]) -> np.ndarray:
         """Task scores of finished episodes, in one batched call to the reward source."""

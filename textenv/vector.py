@@ -49,6 +49,7 @@ class BatchedTextGenVecEnv(VecEnv):
         self._input_ids = torch.full((n_envs, task.width), task.pad_token_id, dtype=torch.long, device=device)
         self._attention_mask = torch.zeros((n_envs, task.width), dtype=torch.long, device=device)
         self._n_generated = torch.zeros(n_envs, dtype=torch.long, device=device)
+        self._eos_ids = torch.tensor(sorted(task.eos_token_ids), dtype=torch.long, device=device)
         self._prompt_index = np.zeros(n_envs, dtype=np.int64)
         self._episode_start_time = np.zeros(n_envs)
         self._rngs = [np.random.default_rng() for _ in range(n_envs)]
@@ -131,8 +132,7 @@ class BatchedTextGenVecEnv(VecEnv):
         self._attention_mask[rows[live], columns[live]] = 1
         self._n_generated += live.long()
 
-        is_eos = actions == task.eos_token_id if task.eos_token_id is not None else torch.zeros_like(live)
-        at_eos = live & is_eos
+        at_eos = live & torch.isin(actions, self._eos_ids)
         budget_exhausted = live & ~at_eos & (self._n_generated >= task.max_new_tokens)
         done = at_eos | budget_exhausted  # both terminal (module doc)
         rewards = np.zeros(self.num_envs, dtype=np.float32)
@@ -181,7 +181,8 @@ class BatchedTextGenVecEnv(VecEnv):
         finished_list = finished.tolist()
         lengths = self._n_generated[finished].tolist()
         generated = self._input_ids[finished, task.max_prompt_len :].tolist()
-        completions = [task.completion_text(tokens[:n]) for tokens, n in zip(generated, lengths)]
+        completions = [task.completion_text(self._prompt_index[env], tokens[:n])
+                       for env, tokens, n in zip(finished_list, generated, lengths)]
         scores = task.score(self._prompt_index[finished_list], completions)
         final_ids = self._input_ids[finished].cpu().numpy()
         final_mask = self._attention_mask[finished].cpu().numpy()

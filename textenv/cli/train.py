@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-episodes", type=positive_int, default=128, help="episodes for the before/after score")
     parser.add_argument("--tensorboard-log", default="runs", help="TensorBoard folder ('' to disable)")
     parser.add_argument("--save-path", default=None, help="where to save the agent (.zip)")
-    parser.add_argument("--device", type=device, default="auto", help="'auto', 'cpu' or 'cuda'")
+    parser.add_argument("--device", type=device, default="auto",
+                        help="'auto', 'cpu' or 'cuda': the policy and the env's reference and reward models")
+    parser.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16"), default=None,
+                        help="fp32 (default): float32 weights; bf16-mixed: float32 master weights, bf16 autocast; "
+                             "bf16: bf16 weights")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -65,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "Fix: drop --group-size, or use --algo rloo or grpo.")
     group = {} if args.group_size is None else {"group_size": args.group_size}
     check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs,
-                           set_by_command={"seed": "--seed", "tensorboard_log": "--tensorboard-log"})
+                           set_by_command={"seed": "--seed", "tensorboard_log": "--tensorboard-log",
+                                           "device": "--device", "precision": "--precision"})
     return args
 
 
@@ -77,17 +82,19 @@ def main(argv: list[str] | None = None) -> dict:
     from agents.training_run import train_and_evaluate
     from textenv.task import resolve_device
 
-    agent_kwargs = dict(kl_agent_kwargs(args), device=resolve_device(args.device), verbose=0)
+    agent_kwargs = dict(kl_agent_kwargs(args), verbose=0)
     if args.learning_rate is not None:
         agent_kwargs["learning_rate"] = args.learning_rate
     if args.group_size is not None:
         agent_kwargs["group_size"] = args.group_size
+    if args.precision is not None:
+        agent_kwargs["precision"] = args.precision
     agent_kwargs.update(args.algo_kwargs)
     run = train_and_evaluate(
         args.env, args.algo, args.total_timesteps, n_envs=args.n_envs, seed=args.seed,
         env_kwargs=None if args.model is None else {"model": args.model}, eval_episodes=args.eval_episodes,
         tensorboard_log=args.tensorboard_log or None, save_path=args.save_path, progress_bar=not args.quiet,
-        print_scores=True, **agent_kwargs,
+        print_scores=True, device=str(resolve_device(args.device)), **agent_kwargs,
     )
     summary = run.summary()
     print(json.dumps(summary, indent=2))
