@@ -48,6 +48,7 @@ from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_adva
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
+from textenv.vector import BatchedTextGenVecEnv
 
 # The KL penalty's defaults, one set for the Python API and the scripts (which pass
 # only what their user gives): beta adapted toward 4 nats of KL per episode, from
@@ -227,6 +228,19 @@ class LMAgentMixin(FastRolloutMixin):
         if "model_name_or_path" not in policy_kwargs and env is not None:
             policy_kwargs["model_name_or_path"] = reference_model_of(env)
         return policy_kwargs
+
+    @property
+    def precision(self) -> str:
+        """The policy's precision (``precision=`` or ``policy_kwargs={"precision": ...}``)."""
+        return getattr(getattr(self, "policy", None), "precision", "fp32")
+
+    def _setup_model(self) -> None:
+        """SB3's set-up; then, for a LoRA policy on the batched env, the policy's own body
+        with its adapters off becomes the env's reference (no second copy of the weights)."""
+        super()._setup_model()  # type: ignore[misc]
+        reference = self.policy.reference_model() if isinstance(self.policy, LMPolicyMixin) else None
+        if reference is not None and isinstance(self.env, BatchedTextGenVecEnv):
+            self.env.use_reference(reference)
 
     def _setup_learn(self, *args: Any, **kwargs: Any):
         """SB3's set-up (it makes the logger), then the resolved configuration into it:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from policies.lora import causal_lm_of
 from policies.observations import last_token_index
 from policies.sampling import log_prob_of, sample_tokens, top_p_mask
 from textenv.slot_decoding import SlotDecoder
@@ -78,7 +79,7 @@ class PolicyRolloutDecoder:
 
     def __init__(self, policy: LMPolicyMixin, n_envs: int, width: int):
         self.policy = policy
-        self.slots = SlotDecoder(policy.lm, n_envs, width)
+        self.slots = SlotDecoder(policy.causal_lm, n_envs, width)
         self.logits: torch.Tensor | None = None  # (n_envs, V) of the current states
         self.values: torch.Tensor | None = None  # (n_envs,) V(s) of the current states
 
@@ -122,7 +123,7 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
 
     def __init__(self, policy, n_envs: int, width: int):
         super().__init__(policy, n_envs, width)
-        self.mask_slots = SlotDecoder(policy.mask_lm, n_envs, width)
+        self.mask_slots = SlotDecoder(causal_lm_of(policy.mask_lm), n_envs, width)
 
     def _masked(self, logits: torch.Tensor, mask_hidden: torch.Tensor) -> torch.Tensor:
         allowed = top_p_mask(self.policy.mask_logits(mask_hidden), self.policy.top_p)

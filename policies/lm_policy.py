@@ -37,6 +37,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
 from policies.observations import last_token_index, positions_from_mask, unpack_observation
 from policies.sampling import log_prob_of
 from policies.sequences import TokenSequences
@@ -66,6 +67,7 @@ class LMPolicyMixin:
         precision: Precision = "fp32",
         gradient_checkpointing: bool = False,
         logits_chunk_size: int | None = 512,
+        lora: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         if precision not in PRECISIONS:
@@ -89,6 +91,7 @@ class LMPolicyMixin:
         if logits_chunk_size is not None and logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size must be a positive number of tokens or None, got {logits_chunk_size}")
         self.logits_chunk_size = logits_chunk_size
+        self.lora = None if lora is None else dict(lora)
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -113,13 +116,27 @@ class LMPolicyMixin:
                 raise ValueError(f"{type(self.lm).__name__} does not support gradient checkpointing. "
                                  "Fix: pass gradient_checkpointing=False.")
             self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.lm_head = self.lm.get_output_embeddings()
+            if self.lora is not None:
+                self.lm.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        if self.lora is not None:
+            self.lm = add_lora_adapters(self.lm, self.lora)  # base weights frozen; see policies.lora
+        self.lm_head = self.causal_lm.get_output_embeddings()  # the actor's head (an alias, kept in state dicts)
         self.value_head = nn.Linear(self.lm_head.in_features, 1)
         nn.init.normal_(self.value_head.weight, std=self.value_head_init_std)
         nn.init.zeros_(self.value_head.bias)
         self.optimizer = self.optimizer_class(
-            self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+            [p for p in self.parameters() if p.requires_grad], lr=lr_schedule(1), **self.optimizer_kwargs
         )
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The Hugging Face causal LM (under LoRA: inside the peft model, adapters injected)."""
+        return causal_lm_of(self.lm)
+
+    def reference_model(self) -> LoraReference | None:
+        """Under LoRA, the frozen reference as the env should use it: this very body with its
+        adapters off (``policies.lora.LoraReference``); ``None`` without LoRA."""
+        return LoraReference(self.lm) if self.lora is not None else None
 
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -133,6 +150,7 @@ class LMPolicyMixin:
             precision=self.precision,
             gradient_checkpointing=self.gradient_checkpointing,
             logits_chunk_size=self.logits_chunk_size,
+            lora=self.lora,
         )
         return data
 
@@ -151,7 +169,7 @@ class LMPolicyMixin:
         """Final hidden states of the LM body (``lm``, default the policy's) at every column:
         ``(batch, width, hidden)``."""
         with self.compute_context():
-            return (lm or self.lm).base_model(
+            return causal_lm_of(lm or self.lm).base_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=positions_from_mask(attention_mask),
@@ -178,7 +196,7 @@ class LMPolicyMixin:
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the vocabulary (the head's matmul autocast like the body)."""
         with self.compute_context():
-            return lm_logits(self.lm, hidden)
+            return lm_logits(self.causal_lm, hidden)
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) in float32 under every precision (autocast off: the head is one small matmul)."""
@@ -270,4 +288,6 @@ class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
         (Hugging Face's ``gradient_checkpointing_enable``): less memory, one more forward.
     :param logits_chunk_size: states whose logits the update makes at once (``None``: all
         of the minibatch at once).
+    :param lora: LoRA adapter options (``policies.lora``; e.g. ``{"r": 16}``): only the
+        adapters and the value head train; ``None``: full fine-tuning.
     """

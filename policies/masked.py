@@ -20,6 +20,7 @@ from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistrib
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
 from policies.lm_policy import LMPolicyMixin
+from policies.lora import causal_lm_of
 from policies.sampling import log_prob_of, top_p_mask
 from policies.sequences import TokenSequences
 from textenv.slot_decoding import lm_logits
@@ -58,7 +59,7 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
         Never ``action_logits``: that is the live, trainable head, so masks made with it
         would drift during the epochs of one update and between refreshes."""
         with self.compute_context():
-            return lm_logits(self.mask_lm, mask_hidden)
+            return lm_logits(causal_lm_of(self.mask_lm), mask_hidden)
 
     @torch.no_grad()
     def action_masks_for(self, obs: dict[str, torch.Tensor] | TokenSequences) -> torch.Tensor:

@@ -175,6 +175,12 @@ def zero_dropout_config(config) -> None:
             setattr(config, key, 0.0)
 
 
+def release_cached_frozen_models() -> None:
+    """Forget the shared frozen models (``load_frozen_lm``'s cache), so that those no env
+    uses any more can be freed (e.g. after a LoRA policy became its env's reference)."""
+    _cached_frozen_lm.cache_clear()
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere, so that train mode and eval mode compute the same function.
 

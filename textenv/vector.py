@@ -31,6 +31,7 @@ import torch
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from textenv.env import TextGenEnv
+from textenv.models import release_cached_frozen_models, vocab_size_of
 from textenv.slot_decoding import SlotDecoder, lm_logits
 from textenv.task import TextTask
 
@@ -151,6 +152,20 @@ class BatchedTextGenVecEnv(VecEnv):
 
     def close(self) -> None:
         pass
+
+    def use_reference(self, model: Any) -> None:
+        """Score actions with ``model`` as the frozen reference from the next ``reset`` on.
+
+        For a LoRA policy, whose own body with the adapters off is the reference
+        (``policies.lora.LoraReference``): the env's separately loaded copy is then
+        dropped, so only one copy of the base weights stays in memory."""
+        if vocab_size_of(model) != self.task.vocab_size:
+            raise ValueError(f"The new reference has {vocab_size_of(model)} output rows, the task "
+                             f"{self.task.vocab_size}. Fix: use a reference with the task's tokenizer.")
+        self.task.reference = model
+        self._reference = SlotDecoder(model, self.num_envs, self.task.width)
+        self._ref_next_logprobs = None  # the next reset prefills the new reference
+        release_cached_frozen_models()
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         value = getattr(self, attr_name) if hasattr(self, attr_name) else getattr(self.task, attr_name)

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=("fp32", "bf16-mixed", "bf16"), default=None,
                         help="fp32 (default): float32 weights; bf16-mixed: float32 master weights, bf16 autocast; "
                              "bf16: bf16 weights")
+    parser.add_argument("--lora-r", type=positive_int, default=None,
+                        help="train LoRA adapters of this rank (alpha 2r, all linear layers) instead of every "
+                             "weight; the reference is the same body with the adapters off")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the body's activations in the backward pass (less memory)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -89,6 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
         agent_kwargs["group_size"] = args.group_size
     if args.precision is not None:
         agent_kwargs["precision"] = args.precision
+    policy_kwargs = dict(args.algo_kwargs.pop("policy_kwargs", None) or {})
+    if args.lora_r is not None:
+        policy_kwargs["lora"] = {"r": args.lora_r, "lora_alpha": 2 * args.lora_r}
+    if args.gradient_checkpointing:
+        policy_kwargs["gradient_checkpointing"] = True
+    if policy_kwargs:
+        agent_kwargs["policy_kwargs"] = policy_kwargs
     agent_kwargs.update(args.algo_kwargs)
     run = train_and_evaluate(
         args.env, args.algo, args.total_timesteps, n_envs=args.n_envs, seed=args.seed,
