@@ -308,6 +308,15 @@ class LMTRPO(LMAgentMixin, TRPO):
     defaults = TRPO_DEFAULTS
     policy_defaults = {"attn_implementation": "eager"}
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        if (kwargs.get("policy_kwargs") or {}).get("lora") is not None:
+            raise ValueError(
+                "TRPO cannot train LoRA adapters: sb3-contrib's TRPO differentiates the KL with respect to every "
+                "policy parameter, the frozen base weights included. Fix: use ppo, a2c, rloo, grpo or nlpo with "
+                "LoRA, or drop lora for TRPO."
+            )
+        super().__init__(*args, **kwargs)
+
 
 class LMNLPO(LMAgentMixin, MaskablePPO):
     """NLPO: PPO restricted to the top-p tokens of a periodically refreshed masking policy.

@@ -63,6 +63,8 @@ BAD_TRAIN_ARGUMENTS = [
     (["--algo", "dqn"], "argument --algo: Unknown algorithm 'dqn'. Fix: use one of"),
     (["--algo", "grpo", "--n-envs", "6"], "grpo's group_size=4 must divide n_envs=6"),
     (["--group-size", "4"], "argument --group-size: ppo draws one completion per prompt. Fix: drop --group-size"),
+    (["--algo", "trpo", "--lora-r", "8"], "argument --lora-r: TRPO cannot train LoRA adapters"),
+    (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
 ]
 
 

@@ -124,6 +124,19 @@ def test_adapter_dropout_and_unknown_options_are_refused(default_model_path):
         make_agent("ppo", env, policy_kwargs={"lora": {"r": 4, "lora_dropout": 0.1}})
     with pytest.raises(ValueError, match="Bad LoRA options .* Fix: use peft.LoraConfig's fields"):
         make_agent("ppo", env, policy_kwargs={"lora": {"rank": 4}})
+    with pytest.raises(ValueError, match="TRPO cannot train LoRA adapters.*Fix: use ppo"):
+        make_agent("trpo", env, policy_kwargs={"lora": {"r": 4}})
+
+
+@pytest.mark.parametrize("algo", ["a2c", "rloo", "grpo", "nlpo"])
+def test_the_other_algorithms_train_lora_adapters_too(default_model_path, algo):
+    env = make_text_vec_env(TASK, n_envs=4, seed=0, env_kwargs={"device": "cpu", "max_new_tokens": 6})
+    kwargs = {} if algo in ("rloo", "grpo") else {"n_steps": 6}
+    agent = make_agent(algo, env, seed=0, policy_kwargs={"lora": LORA}, **kwargs)
+    lora_before = {n: p.detach().clone() for n, p in agent.policy.named_parameters() if "lora_B" in n}
+    agent.learn(48)
+    assert isinstance(env.task.reference, LoraReference)
+    assert any(not torch.equal(p, lora_before[n]) for n, p in agent.policy.named_parameters() if "lora_B" in n)
 
 
 def test_the_train_command_takes_lora_precision_and_checkpointing(default_model_path, tmp_path):

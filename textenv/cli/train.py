@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.group_size is not None and "group_size" not in algorithm_keywords(args.algo):
         parser.error(f"argument --group-size: {args.algo} draws one completion per prompt. "
                      "Fix: drop --group-size, or use --algo rloo or grpo.")
+    if args.lora_r is not None and args.algo == "trpo":
+        parser.error("argument --lora-r: TRPO cannot train LoRA adapters (sb3-contrib differentiates every "
+                     "policy parameter). Fix: drop --lora-r, or use --algo ppo, a2c, rloo, grpo or nlpo.")
     group = {} if args.group_size is None else {"group_size": args.group_size}
     check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs,
                            set_by_command={"seed": "--seed", "tensorboard_log": "--tensorboard-log",
