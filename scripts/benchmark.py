@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", default=["S", "M"], help="names from bench.workloads.WORKLOADS")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--autocast", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--autocast", action="store_true",
+                        help="bf16: the framework with precision='bf16-mixed', the bare loop under bf16 autocast")
     parser.add_argument("--iterations", type=int, default=None,
                         help="timed PPO iterations per variant (default: the workload's, 16,384 tokens: S 32, M 8)")
     parser.add_argument("--stock-iterations", type=int, default=None,

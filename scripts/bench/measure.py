@@ -77,7 +77,10 @@ class Measurement:
 KL_COEF = 0.05
 
 
-def make_framework_agent(workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device):
+def make_framework_agent(
+    workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device,
+    precision: str = "fp32",
+):
     from agents import make_agent, make_text_vec_env
 
     env_kwargs = dict(
@@ -98,6 +101,7 @@ def make_framework_agent(workload: Workload, model_path: Path, prompts: list[str
     agent = make_agent(
         "ppo", env, fast=fast, n_steps=workload.new_tokens, batch_size=batch_size,
         n_epochs=workload.n_epochs, kl_coef=KL_COEF, kl_target=None, seed=0, device=device, verbose=0,
+        precision=precision,
     )
     return agent, timers
 
@@ -127,10 +131,11 @@ class PhaseTimer:
 
 
 def measure_framework(
-    workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int
+    workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int,
+    precision: str = "fp32",
 ) -> Measurement:
     """Full PPO iterations through ``learn``, split into rollout, scoring and update."""
-    agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device)
+    agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device, precision)
     agent.learn(workload.tokens_per_iteration)  # warm-up iteration (allocations, caches)
     for timer in reward_timers:
         timer.seconds = 0.0
@@ -279,11 +284,12 @@ def run_measurement(
     gc.collect()
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with context:
-        if kind in MEASUREMENTS:
+    if kind in MEASUREMENTS:  # the bare loop: everything under bf16 autocast
+        context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
             result = MEASUREMENTS[kind](workload, model_path, prompts, torch_device, iterations)
-        else:
-            result = measure_framework(workload, model_path, prompts, kind == "fast", torch_device, iterations)
+    else:  # the framework as a user runs it: precision="bf16-mixed" (its own autocast, old log-probs recomputed)
+        result = measure_framework(workload, model_path, prompts, kind == "fast", torch_device, iterations,
+                                   precision="bf16-mixed" if autocast else "fp32")
     return {"seconds": result.seconds, "tokens": result.tokens, "parts": result.parts,
             "peak_mb": peak_memory_mb(torch_device)}
