@@ -160,6 +160,9 @@ class LMAgentMixin(FastRolloutMixin):
         log-probs with one teacher-forced pass (``SequenceRolloutBuffer.recompute_log_probs``);
         ``None``: on under bf16 precisions (where the two paths differ by bf16 rounding,
         up to 0.06 in log-prob), off under fp32 (they agree within 1e-5). Fast path only.
+    :param deferred_reference: on the fast path with the batched env, score the reference
+        in one teacher-forced pass after each rollout instead of decoding it token by token
+        alongside the policy (``agents.fast_rollout``); the rewards are the same.
     :param kwargs: the SB3 algorithm's own arguments, over the class's ``defaults``;
         ``policy_kwargs`` over the class's ``policy_defaults``.
     """
@@ -183,6 +186,7 @@ class LMAgentMixin(FastRolloutMixin):
         advantage_normalization: AdvantageNormalization | None = None,
         precision: str | None = None,
         recompute_old_log_probs: bool | None = None,
+        deferred_reference: bool = True,
         **kwargs: Any,
     ):
         kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
@@ -198,6 +202,7 @@ class LMAgentMixin(FastRolloutMixin):
             )
         self.advantage_normalization = advantage_normalization
         self.recompute_old_log_probs = recompute_old_log_probs
+        self.deferred_reference = deferred_reference
         policy = policy or self.default_policy_class
         env = resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0),
                           device=kwargs.get("device", "auto"))
@@ -212,6 +217,7 @@ class LMAgentMixin(FastRolloutMixin):
         self._init_kwargs = dict(
             kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon, fast=fast,
             advantage_normalization=advantage_normalization, recompute_old_log_probs=recompute_old_log_probs,
+            deferred_reference=deferred_reference,
             **{key: value for key, value in kwargs.items() if not key.startswith("_")},
         )
         # SB3's own switch standardises each minibatch; the rollout-wide one is ours.

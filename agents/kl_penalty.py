@@ -11,7 +11,10 @@ edits that step's rewards in place::
     reward_t = score * [t is last] - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))
 
 so everything SB3 computes afterwards (returns, GAE, ``ep_info``) sees the
-penalised reward. It also logs the task score, the KL and ``beta`` per rollout,
+penalised reward. On the fast path the reference is scored after the rollout
+instead (``agents.fast_rollout``): the steps carry no ``ref_logprob``, and
+``apply_rollout_penalty`` adds the same penalty to the stored rewards, step by step
+in the same order, before GAE. It also logs the task score, the KL and ``beta`` per rollout,
 text samples for TensorBoard, and feeds the mean per-episode KL and the number of
 episodes finished in the rollout to the coefficient controller.
 """
@@ -51,6 +54,9 @@ class KLPenaltyCallback(BaseCallback):
         rewards: np.ndarray = self.locals["rewards"]
         infos: list[dict] = self.locals["infos"]
         dones: np.ndarray = self.locals["dones"]
+        if self.locals.get("reference_deferred"):  # the penalty comes in apply_rollout_penalty
+            self._record_finished_episodes(dones, infos, episode_kls=None)
+            return True
         policy_logprob = self.locals["log_probs"].detach().cpu().numpy().astype(np.float64)
         try:
             reference_logprob = np.array([info["ref_logprob"] for info in infos], dtype=np.float64)
@@ -66,16 +72,34 @@ class KLPenaltyCallback(BaseCallback):
         if self.add_to_reward:
             rewards += (-beta * token_kl).astype(rewards.dtype)
         self._episode_kl += token_kl
+        self._record_finished_episodes(dones, infos, episode_kls=self._episode_kl)
+        return True
 
+    def apply_rollout_penalty(self, buffer, step_dones: np.ndarray) -> None:
+        """The deferred form of ``_on_step``'s penalty: ``buffer`` holds the rollout's
+        log-probs and the reference's (``(n_steps, n_envs)``), ``step_dones`` which episodes
+        ended at each step. Rewards and episode KLs come out as the per-step path's."""
+        beta = self.model.kl_controller.value
+        valid = buffer.token_mask()
+        token_kl = (buffer.log_probs.astype(np.float64) - buffer.ref_log_probs.astype(np.float64)) * valid
+        if self.add_to_reward:
+            buffer.rewards += (-beta * token_kl).astype(buffer.rewards.dtype)
+        for step, dones in enumerate(step_dones):
+            self._episode_kl += token_kl[step]
+            for env_index in np.flatnonzero(dones):
+                self._rollout_kls.append(float(self._episode_kl[env_index]))
+                self._episode_kl[env_index] = 0.0
+
+    def _record_finished_episodes(self, dones: np.ndarray, infos: list[dict], episode_kls: np.ndarray | None) -> None:
         for env_index in np.flatnonzero(dones):
             info = infos[env_index]
-            self._rollout_kls.append(float(self._episode_kl[env_index]))
-            self._episode_kl[env_index] = 0.0
+            if episode_kls is not None:
+                self._rollout_kls.append(float(episode_kls[env_index]))
+                episode_kls[env_index] = 0.0
             if "task_score" in info:
                 self._rollout_scores.append(float(info["task_score"]))
                 if len(self._rollout_samples) < self.n_text_samples:
                     self._rollout_samples.append((info["prompt"], info["completion"], info["task_score"]))
-        return True
 
     def _on_rollout_end(self) -> None:
         controller = self.model.kl_controller
@@ -91,6 +115,15 @@ class KLPenaltyCallback(BaseCallback):
             self.logger.record(
                 "samples/text", format_samples(self._rollout_samples), exclude=TEXT_ONLY_FOR_TENSORBOARD
             )
+
+
+def callbacks_of_type(callback: BaseCallback | None, kind: type) -> list[BaseCallback]:
+    """Every callback of ``kind`` in ``callback``, looking inside ``CallbackList``s."""
+    if callback is None:
+        return []
+    if isinstance(callback, kind):
+        return [callback]
+    return [found for child in getattr(callback, "callbacks", []) for found in callbacks_of_type(child, kind)]
 
 
 def format_samples(samples: list[tuple[str, str, float]]) -> str:

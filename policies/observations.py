@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from textenv.slot_decoding import positions_of
+
 
 def unpack_observation(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer ``(input_ids, attention_mask)`` from a (possibly float-cast) observation."""
@@ -19,8 +21,9 @@ def unpack_observation(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: the first real token is position 0."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    """Position ids that skip left padding: the first real token is position 0 (the
+    env's own rule, ``textenv.slot_decoding.positions_of``)."""
+    return positions_of(attention_mask)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

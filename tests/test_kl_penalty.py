@@ -46,11 +46,16 @@ def sequence_logprobs(model, ids: list[int], actions_from: int) -> list[float]:
     return [logprobs[t - 1, ids[t]].item() for t in range(actions_from, len(ids))]
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["stock-path", "fast-path"])
+PATHS = {"stock-path": dict(fast=False), "fast-path-per-step-reference": dict(fast=True, deferred_reference=False),
+         "fast-path": dict(fast=True)}  # the fast path scores the reference after the rollout by default
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("kl_coef", [0.0, 0.3])
-def test_stored_reward_equals_the_kl_formula_plus_the_terminal_score(default_model_path, kl_coef, fast):
+def test_stored_reward_equals_the_kl_formula_plus_the_terminal_score(default_model_path, kl_coef, path):
     from conftest import PROMPTS
 
+    fast = PATHS[path]["fast"]
     env = make_text_vec_env(
         "textenv/TextGen-v0", n_envs=2, seed=1, batched=fast,
         env_kwargs=dict(prompts=PROMPTS, model="default", reward="vader",
@@ -58,7 +63,7 @@ def test_stored_reward_equals_the_kl_formula_plus_the_terminal_score(default_mod
     )
     n_steps = 3 * MAX_NEW_TOKENS
     # A policy that differs from the reference, so the KL term is not zero.
-    model = make_agent("ppo", env, seed=0, kl_coef=kl_coef, n_steps=n_steps, learning_rate=3e-3, fast=fast)
+    model = make_agent("ppo", env, seed=0, kl_coef=kl_coef, n_steps=n_steps, learning_rate=3e-3, **PATHS[path])
     with torch.no_grad():
         for parameter in model.policy.lm.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
@@ -133,15 +138,17 @@ class RolloutKLRecorder(BaseCallback):
         self.rollouts.append((logged["train/kl_coef"], logged["rollout/kl"], self.episodes))
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["stock-path", "fast-path"])
-def test_kl_controller_counts_episodes_not_tokens(default_model_path, fast):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_kl_controller_counts_episodes_not_tokens(default_model_path, path):
+    fast = PATHS[path]["fast"]
     from conftest import PROMPTS
 
     env = make_text_vec_env(
         "textenv/TextGen-v0", n_envs=2, seed=1, batched=fast,
         env_kwargs=dict(prompts=PROMPTS, model="default", max_prompt_len=MAX_PROMPT_LEN, max_new_tokens=MAX_NEW_TOKENS),
     )
-    model = make_agent("ppo", env, seed=0, kl_coef=0.1, kl_target=0.5, kl_horizon=50, n_steps=12, batch_size=24, fast=fast)
+    model = make_agent("ppo", env, seed=0, kl_coef=0.1, kl_target=0.5, kl_horizon=50, n_steps=12, batch_size=24,
+                       **PATHS[path])
     recorder = RolloutKLRecorder()
     model.learn(2 * 12 * env.num_envs, callback=recorder)
     beta = 0.1
@@ -151,3 +158,47 @@ def test_kl_controller_counts_episodes_not_tokens(default_model_path, fast):
         beta = ziegler_update(beta, kl, 0.5, episodes, 50)
     assert model.kl_controller.value == pytest.approx(beta, rel=1e-9)
     assert model.kl_controller.value != pytest.approx(0.1)  # the controller did move
+
+
+def test_deferred_reference_scoring_stores_what_per_step_scoring_stores(default_model_path):
+    """Same seed, same sampled tokens: the rollout's reference log-probs, rewards, advantages
+    and the KL fed to the controller agree between the two ways of scoring the reference."""
+    from conftest import PROMPTS, collect_one_rollout
+
+    buffers, kls = {}, {}
+    for deferred in (False, True):
+        env = make_text_vec_env("textenv/TextGen-v0", n_envs=4, seed=3, env_kwargs=dict(
+            prompts=PROMPTS, model="default", reward="vader", max_prompt_len=MAX_PROMPT_LEN,
+            max_new_tokens=MAX_NEW_TOKENS, device="cpu"))
+        agent = make_agent("ppo", env, seed=0, kl_coef=0.2, kl_target=None, n_steps=3 * MAX_NEW_TOKENS + 1,
+                           deferred_reference=deferred)
+        with torch.no_grad():  # a policy away from the reference: a KL to score
+            for parameter in agent.policy.lm.parameters():
+                parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+        buffers[deferred] = collect_one_rollout(agent)
+        kls[deferred] = agent.logger.name_to_value["rollout/kl"]
+    per_step, deferred = buffers[False], buffers[True]
+    assert np.array_equal(per_step.actions, deferred.actions)
+    assert np.abs(deferred.ref_log_probs).min() > 0  # really scored
+    np.testing.assert_allclose(deferred.ref_log_probs, per_step.ref_log_probs, atol=2e-5)
+    np.testing.assert_allclose(deferred.rewards, per_step.rewards, atol=1e-5)
+    np.testing.assert_allclose(deferred.advantages, per_step.advantages, atol=1e-4)
+    assert kls[True] == pytest.approx(kls[False], abs=1e-4)
+
+
+def test_after_a_deferred_rollout_the_env_reports_the_reference_per_step_again(default_model_path):
+    from conftest import PROMPTS
+
+    env = make_text_vec_env("textenv/TextGen-v0", n_envs=2, seed=0, env_kwargs=dict(
+        prompts=PROMPTS, model="default", reward="vader", max_prompt_len=MAX_PROMPT_LEN,
+        max_new_tokens=MAX_NEW_TOKENS, device="cpu"))
+    agent = make_agent("ppo", env, seed=0, n_steps=MAX_NEW_TOKENS + 2)
+    agent.learn(2 * (MAX_NEW_TOKENS + 2))  # episodes are mid-way when the rollout ends
+    state = {key: value.copy() for key, value in agent._last_obs.items()}
+    actions = np.array([11, 12])
+    _, _, _, infos = env.step(actions)
+    reference = load_causal_lm("default")
+    for row in range(2):
+        ids = state["input_ids"][row][state["attention_mask"][row] == 1].tolist() + [int(actions[row])]
+        expected = sequence_logprobs(reference, ids, len(ids) - 1)[-1]
+        assert infos[row]["ref_logprob"] == pytest.approx(expected, abs=1e-4)

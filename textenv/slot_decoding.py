@@ -80,6 +80,12 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotCacheLayer(self) for _ in range(n_layers)])
 
 
+def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a left-padded mask: the number of real tokens before each column
+    (pad columns get 0), as the full forward and the cached decode both use."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(n, W)`` 0/1 mask -> ``(n, 1, 1, W)`` additive mask for a one-token query."""
     blocked = torch.finfo(dtype).min
@@ -114,7 +120,7 @@ class SlotDecoder:
     ) -> torch.Tensor:
         """Encode ``input_ids`` (``(len(rows), c)``, layout columns ``[0, c)``) into the
         slots of ``rows``; returns the hidden state at each row's last real token."""
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_of(attention_mask)
         scratch = DynamicCache(config=self.model.config)
         hidden = self.body(
             input_ids=input_ids,

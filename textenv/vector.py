@@ -9,6 +9,14 @@ An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
   prefilled together;
 - finished episodes are scored together, in one call to the reward source.
 
+Reference scoring is per step by default (``info["ref_logprob"]`` at every step, the
+contract of ``TextGenEnv``). An agent that only needs the reference's log-probs at
+the end of a rollout switches it off with ``defer_reference_scoring(True)`` and
+scores whole sequences at once with ``reference_log_probs`` (one teacher-forced
+pass, as TRL, OpenRLHF and veRL do): decoding two models token by token costs
+about twice the memory traffic of decoding one. Switching back refills the
+reference's KV cache from the running episodes before the next step.
+
 Episode ends are those of ``TextGenEnv``: done at EOS and at the ``max_new_tokens``
 budget, both terminal (``info["TimeLimit.truncated"]`` is ``False``, so SB3 does not
 bootstrap), with ``info["budget_exhausted"]`` telling them apart.
@@ -32,7 +40,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from textenv.env import TextGenEnv
 from textenv.models import release_cached_frozen_models, vocab_size_of
-from textenv.slot_decoding import SlotDecoder, lm_logits
+from textenv.slot_decoding import SlotDecoder, lm_logits, positions_of
 from textenv.task import TextTask
 
 
@@ -59,6 +67,8 @@ class BatchedTextGenVecEnv(VecEnv):
         self.autoreset = True
         self._frozen = torch.zeros(n_envs, dtype=torch.bool, device=device)
         self._ref_next_logprobs: torch.Tensor | None = None
+        self._reference_deferred = False  # see defer_reference_scoring
+        self._reference_stale = False  # the reference's slots lag the episodes (after deferral)
         self._actions: torch.Tensor | None = None
         self.env_id: str | None = None  # the registered id, when made by from_env_id
 
@@ -113,6 +123,7 @@ class BatchedTextGenVecEnv(VecEnv):
         self._reset_options()
         self._frozen[:] = False
         self._start_episodes(torch.arange(self.num_envs, device=self.device), grouped=True)
+        self._reference_stale = self._reference_deferred  # per step: every slot was just filled
         return self._observations()
 
     def step_async(self, actions: np.ndarray | torch.Tensor) -> None:
@@ -121,13 +132,16 @@ class BatchedTextGenVecEnv(VecEnv):
     @torch.no_grad()
     def step_wait(self) -> VecEnvStepReturn:
         task, actions = self.task, self._actions
-        if self._ref_next_logprobs is None or actions is None:
+        if actions is None or (self._ref_next_logprobs is None and not self._reference_deferred):
             raise RuntimeError("call reset() before step()")
+        if self._reference_stale and not self._reference_deferred:
+            self._refill_reference()
         if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
             raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
         live = ~self._frozen
         rows = torch.arange(self.num_envs, device=self.device)
-        ref_logprob = torch.where(live, self._ref_next_logprobs[rows, actions], 0.0)
+        if not self._reference_deferred:
+            ref_logprob = torch.where(live, self._ref_next_logprobs[rows, actions], 0.0)
         columns = (task.max_prompt_len + self._n_generated).clamp(max=task.width - 1)
         self._input_ids[rows[live], columns[live]] = actions[live]
         self._attention_mask[rows[live], columns[live]] = 1
@@ -137,12 +151,15 @@ class BatchedTextGenVecEnv(VecEnv):
         budget_exhausted = live & ~at_eos & (self._n_generated >= task.max_new_tokens)
         done = at_eos | budget_exhausted  # both terminal (module doc)
         rewards = np.zeros(self.num_envs, dtype=np.float32)
-        infos: list[dict[str, Any]] = [{"ref_logprob": value} for value in ref_logprob.tolist()]
+        if self._reference_deferred:
+            infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        else:
+            infos = [{"ref_logprob": value} for value in ref_logprob.tolist()]
         finished = done.nonzero()[:, 0]
         if len(finished):
             self._finish_episodes(finished, budget_exhausted, rewards, infos)
         idle = done | self._frozen
-        if not bool(idle.all()):
+        if not bool(idle.all()) and not self._reference_deferred:
             self._advance_reference(actions, columns, idle)
         if len(finished) and self.autoreset:
             self._start_episodes(finished)
@@ -152,6 +169,50 @@ class BatchedTextGenVecEnv(VecEnv):
 
     def close(self) -> None:
         pass
+
+    def defer_reference_scoring(self, deferred: bool = True) -> None:
+        """``True``: steps report no ``ref_logprob`` and the reference does no per-step work
+        (score finished sequences with ``reference_log_probs``); ``False``: the per-step
+        contract again, the reference's cache refilled before the next step."""
+        if self._reference_deferred and not deferred:
+            self._reference_stale = True
+        self._reference_deferred = deferred
+
+    @torch.no_grad()
+    def reference_log_probs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_rows: torch.Tensor,
+        token_columns: torch.Tensor,
+        actions: torch.Tensor,
+        rows_per_pass: int = 64,
+        tokens_per_head: int = 512,
+    ) -> torch.Tensor:
+        """``log pi_ref(actions[i] | state i)`` for many states in teacher-forced passes: state
+        ``i`` is row ``token_rows[i]`` of ``input_ids`` (the observation layout) up to column
+        ``token_columns[i]``. ``rows_per_pass`` rows go through the body at once and the head
+        runs on ``tokens_per_head`` states at a time, so memory stays bounded."""
+        reference, device = self.task.reference, self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        token_rows, token_columns, actions = token_rows.to(device), token_columns.to(device), actions.to(device)
+        result = torch.empty(len(actions), dtype=torch.float32, device=device)
+        for first in range(0, input_ids.shape[0], rows_per_pass):
+            rows = slice(first, first + rows_per_pass)
+            selected = ((token_rows >= first) & (token_rows < first + rows_per_pass)).nonzero()[:, 0]
+            if len(selected) == 0:
+                continue
+            width = int(token_columns[selected].max()) + 1
+            mask = attention_mask[rows, :width]
+            hidden = reference.base_model(
+                input_ids=input_ids[rows, :width], attention_mask=mask, position_ids=positions_of(mask), use_cache=False
+            ).last_hidden_state
+            states = hidden[token_rows[selected] - first, token_columns[selected]]
+            for start in range(0, len(selected), tokens_per_head):
+                part = slice(start, start + tokens_per_head)
+                log_p = torch.log_softmax(lm_logits(reference, states[part]), dim=-1)
+                result[selected[part]] = log_p.gather(1, actions[selected[part], None])[:, 0]
+        return result
 
     def use_reference(self, model: Any) -> None:
         """Score actions with ``model`` as the frozen reference from the next ``reset`` on.
@@ -215,6 +276,15 @@ class BatchedTextGenVecEnv(VecEnv):
             )
             infos[env]["TimeLimit.truncated"] = False  # terminal, as DummyVecEnv reports it (module doc)
 
+    def _refill_reference(self) -> None:
+        """Prefill every row's reference slot from its current observation (after deferral)."""
+        rows = torch.arange(self.num_envs, device=self.device)
+        columns = torch.arange(self.task.width, device=self.device)
+        width = int((self._attention_mask * columns).argmax(-1).max()) + 1
+        hidden = self._reference.prefill(rows, self._input_ids[:, :width], self._attention_mask[:, :width])
+        self._ref_next_logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
+        self._reference_stale = False
+
     def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
         """New prompts in ``envs``' rows (shared within groups when ``grouped``); prefill
         their reference slots together."""
@@ -233,6 +303,9 @@ class BatchedTextGenVecEnv(VecEnv):
             self._input_ids[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = torch.tensor(prompt)
             self._attention_mask[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = 1
         self._episode_start_time[env_list] = time.time()
+        if self._reference_deferred:
+            self._reference_stale = True  # these slots were not filled
+            return
         hidden = self._reference.prefill(
             envs, self._input_ids[envs, : task.max_prompt_len], self._attention_mask[envs, : task.max_prompt_len]
         )
