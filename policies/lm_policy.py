@@ -138,7 +138,6 @@ class LMPolicyMixin:
         adapters off (``policies.lora.LoraReference``); ``None`` without LoRA."""
         return LoraReference(self.lm) if self.lora is not None else None
 
-
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
         for unused in ("net_arch", "activation_fn", "ortho_init"):
