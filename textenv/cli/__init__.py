@@ -8,6 +8,7 @@
 | ``textenv-sft`` | ``sft`` | ``textenv.training.sft.fine_tune_and_save`` |
 | ``textenv-train-reward-model`` | ``train_reward_model`` | ``textenv.training.reward_model.train_and_save_reward_model`` |
 | ``textenv-pipeline`` | ``pipeline`` | the four above in turn: SFT, reward model, PPO, evaluation |
+| ``textenv-export`` | ``export`` | ``agents.export.export_policy``: a Hugging Face model folder, no pickle |
 
 Each module parses and checks its arguments (``arguments``: bad input is a usage
 error before any model loads) and calls the library function in the right-hand
