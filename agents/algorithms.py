@@ -30,7 +30,9 @@ passes wins over the class's defaults (``defaults``, ``policy_defaults``).
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -48,6 +50,7 @@ from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_adva
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
+from textenv.files import atomic_write
 from textenv.vector import BatchedTextGenVecEnv
 
 # The KL penalty's defaults, one set for the Python API and the scripts (which pass
@@ -234,6 +237,18 @@ class LMAgentMixin(FastRolloutMixin):
         if "model_name_or_path" not in policy_kwargs and env is not None:
             policy_kwargs["model_name_or_path"] = reference_model_of(env)
         return policy_kwargs
+
+    def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
+        """SB3's ``save``, written atomically (``textenv.files.atomic_write``): a crash or a
+        full disk during the write leaves the previous file whole. ``path`` without a suffix
+        gets ``.zip``, as in SB3; a file object is written as SB3 writes it."""
+        if not isinstance(path, (str, os.PathLike)):
+            return super().save(path, exclude=exclude, include=include)  # type: ignore[misc]
+        target = Path(path)
+        if target.suffix == "":
+            target = target.with_suffix(".zip")
+        atomic_write(target, lambda temporary: super(LMAgentMixin, self).save(temporary, exclude=exclude,
+                                                                              include=include))
 
     @property
     def precision(self) -> str:

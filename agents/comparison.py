@@ -13,6 +13,7 @@ from agents.config import resolved_config
 from agents.envs import make_text_vec_env
 from agents.evaluation import evaluate_agent
 from agents.registry import make_agent
+from textenv.files import atomic_write
 
 
 class LearningCurve(BaseCallback):
@@ -130,5 +131,5 @@ def plot_curves(results: list[RunResult], path: str | Path, title: str) -> None:
     score_axis.grid(alpha=0.3)
     kl_axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)

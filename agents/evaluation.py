@@ -13,6 +13,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents.fast_rollout import observation_tensors
 from policies.sampling import sample_tokens
+from textenv.files import atomic_write_text
 
 
 @dataclass
@@ -172,5 +173,5 @@ def report_json(results: dict[str, EvaluationResult]) -> dict[str, Any]:
 
 
 def save_report_json(results: dict[str, EvaluationResult], path: str) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(report_json(results), handle, indent=2)
+    """The report as JSON, written atomically (``textenv.files``)."""
+    atomic_write_text(path, json.dumps(report_json(results), indent=2))

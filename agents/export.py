@@ -24,6 +24,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 
 from agents.registry import load_agent, make_agent
 from policies.lora import export_merged
+from textenv.files import atomic_write_text
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 POLICY_FILE = "textenv_policy.json"
@@ -52,7 +53,7 @@ def export_policy(agent: BaseAlgorithm | str, folder: str | Path, tokenizer: Any
               str(folder / VALUE_HEAD_FILE))
     constructor = {key: value for key, value in policy._get_constructor_parameters().items()
                    if key in EXPORTED_POLICY_ARGUMENTS}
-    (folder / POLICY_FILE).write_text(json.dumps({
+    atomic_write_text(folder / POLICY_FILE, json.dumps({
         "algorithm": getattr(agent, "algorithm_name", None),
         "policy_kwargs": constructor,
         "kl_coef": float(agent.kl_controller.value) if hasattr(agent, "kl_controller") else None,

@@ -65,6 +65,8 @@ BAD_TRAIN_ARGUMENTS = [
     (["--group-size", "4"], "argument --group-size: ppo draws one completion per prompt. Fix: drop --group-size"),
     (["--algo", "trpo", "--lora-r", "8"], "argument --lora-r: TRPO cannot train LoRA adapters"),
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (["--save-path", "/proc/nope/agent.zip"],
+     "argument --save-path: cannot write into '/proc/nope'"),
 ]
 
 
@@ -97,6 +99,8 @@ BAD_OTHER_ARGUMENTS = [
      "unknown GPT-2 config key 'n_layers' (did you mean 'n_layer'?)"),
     ("textenv-train-reward-model", ["--output", "{tmp}/rm", "--heldout-fraction", "1.5"],
      "argument --heldout-fraction: '1.5' is not a fraction"),
+    ("textenv-compare", ["--output", "/proc/nope"], "argument --output: cannot write into '/proc/nope'"),
+    ("textenv-evaluate", ["{agent}", "--json", "/proc/nope/report.json"], "argument --json: cannot write into"),
     ("textenv-pipeline", ["--output", "{tmp}/pipeline", "--ppo-timesteps", "0"],
      "argument --ppo-timesteps: '0' is not a positive integer"),
 ]

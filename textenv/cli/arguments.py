@@ -272,6 +272,16 @@ def check_algorithm_kwargs(
         parser.error(str(error))
 
 
+def check_writable(parser: argparse.ArgumentParser, option: str, folder: str | Path) -> None:
+    """Refuse an output folder that cannot be written (made if missing) before any work starts."""
+    from textenv.files import check_writable_folder
+
+    try:
+        check_writable_folder(folder)
+    except OSError as error:
+        parser.error(f"argument {option}: {error}. Fix: choose a folder you can write to.")
+
+
 def check_env_kwargs(parser: argparse.ArgumentParser, option: str, env_id: str, kwargs: dict[str, Any]) -> None:
     """Refuse keywords that a text task's constructor would reject (checked for ``TextGenEnv`` ids)."""
     import gymnasium as gym

@@ -21,9 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from textenv.cli.arguments import (
-    add_kl_arguments, algorithm_name, check_algorithm_kwargs, env_id, json_object, kl_agent_kwargs, non_negative_int,
-    positive_int,
+    add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, env_id, json_object, kl_agent_kwargs,
+    non_negative_int, positive_int,
 )
+from textenv.files import atomic_write_text
 
 
 def algorithm_entry(text: str) -> str:
@@ -35,7 +36,8 @@ def algorithm_entry(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="textenv-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="textenv-compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0")
     parser.add_argument("--algos", nargs="+", type=algorithm_entry, default=["ppo", "a2c", "trpo", "rloo", "grpo"],
                         help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry")
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default="runs/compare", help="folder for the plot and the table")
     parser.add_argument("--tensorboard-log", default="runs/compare/tb")
     args = parser.parse_args(argv)
+    check_writable(parser, "--output", args.output)
+    if args.tensorboard_log:
+        check_writable(parser, "--tensorboard-log", args.tensorboard_log)
     # Checked here, before any model loads: every run's arguments, not just the first run's.
     from agents.comparison import split_variant
     from agents.envs import DEFAULT_N_ENVS
@@ -91,10 +96,11 @@ def main(argv: list[str] | None = None) -> str:
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
     plot_curves(results, output / "comparison.png", args.env)
-    (output / "comparison.md").write_text(
+    atomic_write_text(
+        output / "comparison.md",
         f"# {args.env}, {args.total_tokens} generated tokens per run\n\n{table}\n\n![curves](comparison.png)\n"
     )
-    (output / "comparison.json").write_text(json.dumps([asdict(result) for result in results], indent=2))
+    atomic_write_text(output / "comparison.json", json.dumps([asdict(result) for result in results], indent=2))
     print(table)
     print(f"\nplot: {output / 'comparison.png'}\ntable: {output / 'comparison.md'}\n"
           f"runs (configuration and results): {output / 'comparison.json'}")

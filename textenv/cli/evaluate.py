@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from textenv.cli.arguments import (
-    agent_zip, check_env_kwargs, env_id, existing_file, json_object, non_negative_int, positive_int,
+    agent_zip, check_env_kwargs, check_writable, env_id, existing_file, json_object, non_negative_int, positive_int,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="textenv-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="textenv-evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("agent", type=agent_zip, help="a .zip saved by textenv-train (or model.save)")
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
                         help="registered environment id, or module:id to import the module that registers it")
@@ -31,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
+    if args.json:
+        check_writable(parser, "--json", Path(args.json).expanduser().parent)
     check_env_kwargs(parser, "--env-kwargs", args.env, args.env_kwargs)  # before the env loads its models
     return args
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from textenv.cli.arguments import agent_zip
+from textenv.cli.arguments import agent_zip, check_writable
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -23,7 +23,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("agent", type=agent_zip, help="a .zip saved by textenv-train (or model.save)")
     parser.add_argument("output", help="folder to write the model into")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_writable(parser, "output", args.output)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

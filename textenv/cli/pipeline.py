@@ -17,11 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-from textenv.cli.arguments import add_kl_arguments, kl_agent_kwargs, non_negative_int, positive_int
+from textenv.cli.arguments import add_kl_arguments, check_writable, kl_agent_kwargs, non_negative_int, positive_int
+from textenv.files import atomic_write_text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="textenv-pipeline", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="textenv-pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/pipeline")
     parser.add_argument("--sft-steps", type=positive_int, default=600)
     parser.add_argument("--rm-steps", type=positive_int, default=400)
@@ -29,7 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_kl_arguments(parser)  # for the PPO step when given (the agent's defaults otherwise)
     parser.add_argument("--eval-episodes", type=positive_int, default=128)
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_writable(parser, "--output", args.output)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -88,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         "kl_to_reference": reports["rule (VADER)"]["agent"]["kl"],
         "ppo_train_seconds": round(ppo.train_seconds, 1),
     }
-    (out / "summary.json").write_text(json.dumps({"summary": summary, "reports": reports, "ppo_config": ppo.config},
-                                                 indent=2))
+    atomic_write_text(out / "summary.json", json.dumps({"summary": summary, "reports": reports,
+                                                         "ppo_config": ppo.config}, indent=2))
     print("\n" + json.dumps(summary, indent=2))
     return summary
 

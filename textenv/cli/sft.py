@@ -16,12 +16,13 @@ import argparse
 import json
 
 from textenv.cli.arguments import (
-    existing_file, fraction, non_negative_int, positive_float, positive_int,
+    check_writable, existing_file, fraction, non_negative_int, positive_float, positive_int,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="textenv-sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="textenv-sft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="causal LM name or path to start from")
     parser.add_argument("--data", type=existing_file, default=None,
                         help=".txt or .jsonl corpus (default: the built-in demonstrations, "
@@ -35,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--tensorboard-log", default="runs/sft", help="TensorBoard folder ('' to disable)")
     parser.add_argument("--quiet", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_writable(parser, "--output", args.output)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from textenv.cli.arguments import (
-    add_kl_arguments, algorithm_name, check_algorithm_kwargs, device, env_id, json_object, kl_agent_kwargs,
-    non_negative_int, positive_float, positive_int,
+    add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, device, env_id, json_object,
+    kl_agent_kwargs, non_negative_int, positive_float, positive_int,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textenv-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="textenv-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
                         help="registered environment id, or module:id to import the module that registers it")
     parser.add_argument("--algo", type=algorithm_name, default="ppo", help="algorithm name (see agents.ALGORITHMS)")
@@ -76,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("argument --lora-r: TRPO cannot train LoRA adapters (sb3-contrib differentiates every "
                      "policy parameter). Fix: drop --lora-r, or use --algo ppo, a2c, rloo, grpo or nlpo.")
     group = {} if args.group_size is None else {"group_size": args.group_size}
+    if args.save_path:
+        check_writable(parser, "--save-path", Path(args.save_path).expanduser().parent)
+    if args.tensorboard_log:
+        check_writable(parser, "--tensorboard-log", args.tensorboard_log)
     check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs,
                            set_by_command={"seed": "--seed", "tensorboard_log": "--tensorboard-log",
                                            "device": "--device", "precision": "--precision"})

@@ -16,12 +16,14 @@ import argparse
 import json
 
 from textenv.cli.arguments import (
-    check_gpt2_config, existing_file, fraction, json_object, non_negative_int, positive_float, positive_int,
+    check_gpt2_config, check_writable, existing_file, fraction, json_object, non_negative_int, positive_float,
+    positive_int,
 )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="textenv-train-reward-model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="textenv-train-reward-model", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default", help="classifier or causal LM name/path to start from")
     parser.add_argument("--from-config", type=json_object('{"n_layer": 2, "n_embd": 64, "n_head": 2}'), default=None,
                         metavar="JSON",
@@ -38,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tensorboard-log", default="runs/reward_model", help="TensorBoard folder ('' to disable)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    check_writable(parser, "--output", args.output)
     if args.from_config is not None:  # before the tokenizer (and so the default model) loads
         check_gpt2_config(parser, "--from-config", args.from_config, set_by_command={"num_labels", "pad_token_id"})
     return args
