@@ -238,6 +238,15 @@ class LMAgentMixin(FastRolloutMixin):
             policy_kwargs["model_name_or_path"] = reference_model_of(env)
         return policy_kwargs
 
+    def train(self) -> None:
+        """The algorithm's update; then how many of its steps were skipped for NaN/inf
+        gradients so far (``policies.guarded_optimizer``)."""
+        super().train()  # type: ignore[misc]
+        self._record_skipped_updates()
+
+    def _record_skipped_updates(self) -> None:
+        self.logger.record("train/skipped_updates", getattr(self.policy.optimizer, "skipped_steps", 0))
+
     def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
         """SB3's ``save``, written atomically (``textenv.files.atomic_write``): a crash or a
         full disk during the write leaves the previous file whole. ``path`` without a suffix

@@ -190,6 +190,7 @@ class GroupRolloutMixin(LMAgentMixin):
         self.logger.record("train/loss", loss.item())
         self.logger.record("train/clip_range", clip_range)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self._record_skipped_updates()
 
     @staticmethod
     def group_advantages(returns: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from policies.guarded_optimizer import skipping_non_finite
 from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
 from policies.observations import last_token_index, positions_from_mask, unpack_observation
 from policies.sampling import log_prob_of
@@ -124,7 +125,8 @@ class LMPolicyMixin:
         self.value_head = nn.Linear(self.lm_head.in_features, 1)
         nn.init.normal_(self.value_head.weight, std=self.value_head_init_std)
         nn.init.zeros_(self.value_head.bias)
-        self.optimizer = self.optimizer_class(
+        # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
+        self.optimizer = skipping_non_finite(self.optimizer_class)(
             [p for p in self.parameters() if p.requires_grad], lr=lr_schedule(1), **self.optimizer_kwargs
         )
 

@@ -1,0 +1,54 @@
+"""An optimizer that refuses non-finite steps: a NaN or inf gradient skips that update.
+
+One bad minibatch (an overflow, a reward that spiked) would otherwise write NaN into
+every weight it touches, and the run is lost from there on. The guarded optimizer
+checks the gradients before each step: non-finite ones are dropped with a warning and
+counted (``skipped_steps``, logged as ``train/skipped_updates``); after
+``max_consecutive_skips`` in a row the run stops with ``NonFiniteUpdateError``, the
+weights still those of the last finite step. It wraps whatever optimizer class the
+policy is given (Adam by default), as a subclass, so its state and ``state_dict``
+are the wrapped optimizer's own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import lru_cache
+
+import torch
+
+
+class NonFiniteUpdateError(FloatingPointError):
+    """Several consecutive updates had NaN or inf gradients."""
+
+
+class SkipsNonFiniteSteps:
+    """Mixin over a ``torch.optim.Optimizer`` class (see the module doc)."""
+
+    max_consecutive_skips = 3
+
+    def step(self, closure=None):  # type: ignore[override]
+        gradients = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        finite = not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all())
+        if finite:
+            self.consecutive_skips = 0
+            return super().step(closure)  # type: ignore[misc]
+        self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+        self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            raise NonFiniteUpdateError(
+                f"{self.consecutive_skips} updates in a row had NaN or inf gradients; the weights are those of the "
+                "last finite update. Fix: lower the learning rate, check the reward for NaN/inf or huge values, "
+                "or use precision='bf16-mixed' rather than fp16."
+            )
+        warnings.warn("Skipped an update with NaN or inf gradients (counted in train/skipped_updates).",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+@lru_cache(maxsize=None)
+def skipping_non_finite(optimizer_class: type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    """``optimizer_class`` with ``SkipsNonFiniteSteps`` in front (one class per wrapped class)."""
+    if issubclass(optimizer_class, SkipsNonFiniteSteps):
+        return optimizer_class
+    return type(f"{optimizer_class.__name__}SkippingNonFinite", (SkipsNonFiniteSteps, optimizer_class), {})

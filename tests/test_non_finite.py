@@ -1,0 +1,51 @@
+"""A NaN or inf gradient skips its update (counted), and several in a row stop the run
+with a clear error, the weights left as the last finite update made them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from agents import make_agent, make_text_vec_env
+from conftest import collect_one_rollout
+from policies.guarded_optimizer import NonFiniteUpdateError
+
+
+def small_agent(**kwargs):
+    env = make_text_vec_env("textenv/PositiveSentiment-v0", n_envs=4, seed=0, env_kwargs={"device": "cpu"})
+    return make_agent("ppo", env, seed=0, n_steps=8, **kwargs)
+
+
+def test_a_non_finite_gradient_skips_the_step_and_is_counted(default_model_path):
+    agent = small_agent()
+    optimizer = agent.policy.optimizer
+    weight = agent.policy.value_head.weight
+    before = {name: p.detach().clone() for name, p in agent.policy.named_parameters()}
+    for p in agent.policy.parameters():
+        p.grad = torch.ones_like(p)
+    weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="Skipped an update with NaN or inf gradients"):
+        optimizer.step()
+    assert all(torch.equal(before[name], p) for name, p in agent.policy.named_parameters())
+    assert optimizer.skipped_steps == 1
+    weight.grad[0, 0] = 1.0
+    optimizer.step()  # a finite step goes through and resets the run of skips
+    assert not torch.equal(before["value_head.weight"], weight)
+    assert optimizer.consecutive_skips == 0 and optimizer.skipped_steps == 1
+
+
+def test_updates_that_stay_non_finite_stop_the_run_with_the_weights_of_the_last_good_one(default_model_path):
+    agent = small_agent(n_epochs=2, batch_size=8)  # 4 minibatch steps per epoch
+    buffer = collect_one_rollout(agent)
+    buffer.advantages[:] = np.inf  # every minibatch's loss, and so its gradients, are not finite
+    before = {name: p.detach().clone() for name, p in agent.policy.named_parameters()}
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteUpdateError, match="3 updates in a row .* Fix: lower"):
+        agent.train()
+    assert all(torch.equal(before[name], p) for name, p in agent.policy.named_parameters())
+
+
+def test_training_logs_the_count(default_model_path):
+    agent = small_agent()
+    agent.learn(8 * 4)
+    assert agent.logger.name_to_value["train/skipped_updates"] == 0
