@@ -43,7 +43,13 @@ class KLPenaltyCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         # Episodes run across rollout boundaries: per-env KL sums persist between rollouts.
-        self._episode_kl = np.zeros(self.training_env.num_envs, dtype=np.float64)
+        # Kept on the agent, so that a checkpoint (agents.checkpoints) saves the KL of the
+        # episodes still running, and a resumed run goes on summing where it stopped.
+        sums = getattr(self.model, "kl_episode_sums", None)
+        if sums is None or len(sums) != self.training_env.num_envs:
+            sums = np.zeros(self.training_env.num_envs, dtype=np.float64)
+        self.model.kl_episode_sums = sums
+        self._episode_kl = sums
 
     def _on_rollout_start(self) -> None:
         self._rollout_scores: list[float] = []

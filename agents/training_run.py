@@ -16,6 +16,7 @@ from typing import Any
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.utils import set_random_seed
 
+from agents.checkpoints import CheckpointCallback, latest_checkpoint, resume_agent
 from agents.config import resolved_config
 from agents.envs import DEFAULT_N_ENVS, make_text_vec_env
 from agents.evaluation import EvaluationResult, evaluate_agent
@@ -63,6 +64,24 @@ def default_save_path(env_id: str, algo: str, seed: int) -> str:
     return str(Path("runs") / f"{run_name(env_id, algo)}-seed{seed}.zip")
 
 
+def checkpoint_folder(save_path: str) -> Path:
+    """Where a run's checkpoints go: beside its agent, ``<agent name>-checkpoints/``."""
+    path = Path(save_path)
+    return path.parent / f"{path.stem}-checkpoints"
+
+
+def find_checkpoint(resume: str | None, folder: Path) -> Path | None:
+    """The checkpoint ``resume`` names: ``None`` (none), ``"auto"`` (the newest readable one
+    in ``folder``, if any) or a path (which must exist)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(folder)
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"No checkpoint at {resume!r}. Fix: pass a checkpoint-<tokens>.zip, or 'auto'.")
+    return Path(resume)
+
+
 def run_name(env_id: str, algo: str) -> str:
     return f"{env_id.replace('/', '-')}-{algo}"
 
@@ -81,6 +100,9 @@ def train_and_evaluate(
     progress_bar: bool = False,
     print_scores: bool = False,
     device: str = "auto",
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int = 3,
+    resume: str | None = None,
     **agent_kwargs: Any,
 ) -> TrainingRun:
     """Train ``algo`` on ``env_id`` for ``total_timesteps`` generated tokens and save it.
@@ -92,6 +114,12 @@ def train_and_evaluate(
     :param save_path: default ``default_save_path(env_id, algo, seed)``.
     :param device: where everything runs: the policy, and the envs' reference and
         reward models (``"auto"``: CUDA when there is a GPU).
+    :param checkpoint_every: write a checkpoint every this many generated tokens into
+        ``checkpoint_folder(save_path)`` (``agents.checkpoints``), keeping the newest
+        ``keep_checkpoints``.
+    :param resume: ``"auto"`` (the newest readable checkpoint of this run's folder, or a
+        fresh start if there is none) or a checkpoint's path: the run goes on exactly
+        where the checkpoint left it, in the same TensorBoard run.
     :param print_scores: print the score and KL before training (so a long run shows
         its starting point at once) and after it, with a few samples.
     :param agent_kwargs: the algorithm's arguments (``make_agent``); the agent's
@@ -101,14 +129,26 @@ def train_and_evaluate(
     env_kwargs = {"device": device, **(env_kwargs or {})}
     env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs)
-    agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, device=device, **agent_kwargs)
+    save_path = save_path or default_save_path(env_id, algo, seed)
+    checkpoint_path = find_checkpoint(resume, checkpoint_folder(save_path))
+    if checkpoint_path is not None:
+        agent, extra = resume_agent(checkpoint_path, env)
+        before = extra["score_before"]
+        if print_scores:
+            print(f"resuming from {checkpoint_path} at {agent.num_timesteps} tokens")
+    else:
+        agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, device=device, **agent_kwargs)
+        before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
     config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
-
-    before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
     if print_scores:
         print(f"before training: mean task score {before.task_score:+.3f}, KL {before.kl:.3f}")
+    callbacks = []
+    if checkpoint_every is not None:
+        callbacks.append(CheckpointCallback(checkpoint_folder(save_path), checkpoint_every, keep_checkpoints,
+                                            extra={"score_before": before}))
     start = time.perf_counter()
-    agent.learn(total_timesteps, tb_log_name=run_name(env_id, algo), progress_bar=progress_bar)
+    agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=run_name(env_id, algo), progress_bar=progress_bar,
+                callback=callbacks, reset_num_timesteps=checkpoint_path is None)
     train_seconds = time.perf_counter() - start
     after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
     if print_scores:
@@ -118,8 +158,6 @@ def train_and_evaluate(
         for prompt, completion, score in after.samples[:4]:
             print(f"  [{score:+.2f}] {prompt}|{completion}")
 
-    save_path = save_path or default_save_path(env_id, algo, seed)
-    Path(save_path).parent.mkdir(parents=True, exist_ok=True)
     agent.save(save_path)
     return TrainingRun(
         agent=agent, env_id=env_id, algo=algo, total_timesteps=total_timesteps, before=before, after=after,

@@ -43,5 +43,7 @@ def test_an_agent_save_that_fails_midway_keeps_the_previous_agent(default_model_
 def test_an_unwritable_folder_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    with pytest.raises(OSError, match="cannot write into .*a-file/out"):
+    with pytest.raises(OSError, match="cannot write into .*a-file/out.*is not a folder"):
         check_writable_folder(blocker / "out")
+    check_writable_folder(tmp_path / "new" / "folder")  # writable, and nothing made
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]

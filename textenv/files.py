@@ -39,12 +39,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def check_writable_folder(folder: str | Path) -> None:
-    """Raise ``OSError`` naming the folder when a file cannot be created in it (it is made
-    if missing): called before long work, so that a run does not fail at its end."""
-    folder = Path(folder)
+    """Raise ``OSError`` naming the folder when files could not be created in it: called
+    before long work, so that a run does not fail at its end. Nothing is left behind: a
+    missing folder is not made, its nearest existing parent is tried instead."""
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(f"cannot write into {str(folder)!r}: {str(existing)!r} is not a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as error:
         raise OSError(f"cannot write into {str(folder)!r}: {error.strerror or error}") from None

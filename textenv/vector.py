@@ -132,10 +132,10 @@ class BatchedTextGenVecEnv(VecEnv):
     @torch.no_grad()
     def step_wait(self) -> VecEnvStepReturn:
         task, actions = self.task, self._actions
-        if actions is None or (self._ref_next_logprobs is None and not self._reference_deferred):
-            raise RuntimeError("call reset() before step()")
         if self._reference_stale and not self._reference_deferred:
             self._refill_reference()
+        if actions is None or (self._ref_next_logprobs is None and not self._reference_deferred):
+            raise RuntimeError("call reset() before step()")
         if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
             raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
         live = ~self._frozen
@@ -213,6 +213,38 @@ class BatchedTextGenVecEnv(VecEnv):
                 log_p = torch.log_softmax(lm_logits(reference, states[part]), dim=-1)
                 result[selected[part]] = log_p.gather(1, actions[selected[part], None])[:, 0]
         return result
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue these episodes exactly: their tokens,
+        prompts, lengths, the per-episode prompt samplers and the episode mode. (The
+        reference's cache is not state: it is refilled from the tokens.)"""
+        return {
+            "input_ids": self._input_ids.cpu().clone(),
+            "attention_mask": self._attention_mask.cpu().clone(),
+            "n_generated": self._n_generated.cpu().clone(),
+            "frozen": self._frozen.cpu().clone(),
+            "prompt_index": self._prompt_index.copy(),
+            "episode_start_time": self._episode_start_time.copy(),
+            "rngs": [rng.bit_generator.state for rng in self._rngs],
+            "group_size": self.group_size,
+            "autoreset": self.autoreset,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore ``get_state``'s episodes (same ``n_envs`` and task)."""
+        if state["input_ids"].shape != self._input_ids.shape:
+            raise ValueError(f"The saved episodes are {tuple(state['input_ids'].shape)}, this env's "
+                             f"{tuple(self._input_ids.shape)}. Fix: resume with the same n_envs and task lengths.")
+        self._input_ids.copy_(state["input_ids"])
+        self._attention_mask.copy_(state["attention_mask"])
+        self._n_generated.copy_(state["n_generated"])
+        self._frozen.copy_(state["frozen"])
+        self._prompt_index[:] = state["prompt_index"]
+        self._episode_start_time[:] = state["episode_start_time"]
+        for rng, rng_state in zip(self._rngs, state["rngs"]):
+            rng.bit_generator.state = rng_state
+        self.group_size, self.autoreset = state["group_size"], state["autoreset"]
+        self._reference_stale = True  # refilled from the restored tokens before the next per-step step
 
     def use_reference(self, model: Any) -> None:
         """Score actions with ``model`` as the frozen reference from the next ``reset`` on.

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "weight; the reference is the same body with the adapters off")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the body's activations in the backward pass (less memory)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="TOKENS",
+                        help="write a checkpoint every TOKENS generated tokens, beside the saved agent in "
+                             "<agent>-checkpoints/ (an exact resume point)")
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=3, help="newest checkpoints to keep")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue a run: 'auto' (its newest readable checkpoint, or a fresh start) or a "
+                             "checkpoint file; the same arguments as the first start")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -80,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = {} if args.group_size is None else {"group_size": args.group_size}
     if args.save_path:
         check_writable(parser, "--save-path", Path(args.save_path).expanduser().parent)
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        parser.error(f"argument --resume: no checkpoint at {args.resume!r}. Fix: pass a checkpoint-<tokens>.zip "
+                     "file, or 'auto'.")
     if args.tensorboard_log:
         check_writable(parser, "--tensorboard-log", args.tensorboard_log)
     check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs,
@@ -115,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.env, args.algo, args.total_timesteps, n_envs=args.n_envs, seed=args.seed,
         env_kwargs=None if args.model is None else {"model": args.model}, eval_episodes=args.eval_episodes,
         tensorboard_log=args.tensorboard_log or None, save_path=args.save_path, progress_bar=not args.quiet,
-        print_scores=True, device=str(resolve_device(args.device)), **agent_kwargs,
+        print_scores=True, device=str(resolve_device(args.device)), checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, **agent_kwargs,
     )
     summary = run.summary()
     print(json.dumps(summary, indent=2))

@@ -1,0 +1,145 @@
+"""Checkpoints that resume exactly: a run killed at any moment goes on as if it never stopped.
+
+A checkpoint is taken at a rollout's start, right after the previous update, and is
+one agent zip (written atomically, ``textenv.files``) that holds, besides what SB3
+saves (weights, optimizer state, the KL controller, ``num_timesteps``, the last
+observation, the learning-rate schedule's progress), a ``resume_state``:
+
+- the random number generators: Python's, NumPy's, torch's (and CUDA's);
+- the batched env's running episodes and its per-episode prompt samplers
+  (``BatchedTextGenVecEnv.get_state``);
+- what the caller adds (``extra``: e.g. the score before training).
+
+The KL of the episodes still running is an agent attribute (``kl_episode_sums``), so
+it is in the zip too. ``CheckpointCallback`` writes them every ``every_tokens``
+generated tokens and keeps the newest ``keep``; ``latest_checkpoint`` finds the
+newest one that reads back whole (a truncated file, from a crash during a copy, is
+skipped with a warning); ``resume_agent`` loads one and restores the state, after
+which ``learn(total - agent.num_timesteps, reset_num_timesteps=False)`` continues
+the run in the same TensorBoard run.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.type_aliases import GymEnv
+
+from agents.registry import load_agent
+
+CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.zip$")
+
+
+def random_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(agent: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """The agent and everything needed to continue its run exactly, in one atomic write."""
+    env = agent.get_env()
+    agent.resume_state = {
+        "random": random_states(),
+        "env": env.get_state() if hasattr(env, "get_state") else None,
+        "extra": dict(extra or {}),
+    }
+    try:
+        agent.save(path)
+    finally:
+        del agent.resume_state
+    return Path(path)
+
+
+def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, dict[str, Any]]:
+    """The agent of a checkpoint on ``env`` (built as the run built it), its episodes and
+    random states restored; returns it with the checkpoint's ``extra``."""
+    # force_reset=False: SB3's load would otherwise reset the env, dropping the saved last
+    # observation, and the run would go on with new episodes.
+    agent = load_agent(str(path), env=env, force_reset=False)
+    state = getattr(agent, "resume_state", None)
+    if state is None:
+        raise ValueError(f"{path} is an agent, not a checkpoint (no resume_state). Fix: resume from a file written "
+                         "by CheckpointCallback (checkpoint-<tokens>.zip).")
+    del agent.resume_state
+    if state["env"] is not None:
+        agent.get_env().set_state(state["env"])
+    set_random_states(state["random"])
+    return agent, state["extra"]
+
+
+def checkpoints_in(folder: str | Path) -> list[Path]:
+    """The checkpoint files of ``folder``, oldest first (by tokens)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(match.group(1)), path) for path in folder.iterdir() if (match := CHECKPOINT_NAME.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def is_readable(path: Path) -> bool:
+    """A zip whose every member reads back with a good CRC (a truncated copy does not)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint of ``folder`` that reads back whole; damaged newer ones are
+    skipped with a warning naming them."""
+    for path in reversed(checkpoints_in(folder)):
+        if is_readable(path):
+            return path
+        warnings.warn(f"Skipping the damaged checkpoint {path} (it does not read back whole); using an older one.",
+                      RuntimeWarning, stacklevel=2)
+    return None
+
+
+class CheckpointCallback(BaseCallback):
+    """Every ``every_tokens`` generated tokens, at the start of a rollout (right after an
+    update), write ``folder/checkpoint-<num_timesteps>.zip``; keep the newest ``keep``.
+
+    :param extra: saved with every checkpoint, returned by ``resume_agent``.
+    """
+
+    def __init__(self, folder: str | Path, every_tokens: int, keep: int = 3, extra: dict[str, Any] | None = None):
+        super().__init__()
+        if every_tokens < 1 or keep < 1:
+            raise ValueError(f"every_tokens and keep must be at least 1, got {every_tokens} and {keep}")
+        self.folder, self.every_tokens, self.keep = Path(folder), every_tokens, keep
+        self.extra = dict(extra or {})
+        self._last_saved = None
+
+    def _on_training_start(self) -> None:
+        self._last_saved = self.num_timesteps  # the start (or the resumed checkpoint) needs no new file
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps - self._last_saved < self.every_tokens:
+            return
+        save_checkpoint(self.model, self.folder / f"checkpoint-{self.num_timesteps}.zip", self.extra)
+        self._last_saved = self.num_timesteps
+        for old in checkpoints_in(self.folder)[: -self.keep]:
+            old.unlink(missing_ok=True)
+
+    def _on_step(self) -> bool:
+        return True
