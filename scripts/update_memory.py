@@ -70,9 +70,18 @@ def child_command(args: argparse.Namespace, setting: str, model_dir: str) -> lis
     return command
 
 
+# glibc serves blocks below its mmap threshold from the heap and keeps them after they
+# are freed; the threshold also rises by itself after large frees. Then a tensor can
+# reuse heap memory that the RSS before the update already counted, and the update's
+# peak hides (a clean CI run saw chunked and unchunked within 1 MB). A fixed threshold
+# of 1 MB maps every large tensor on its own: the RSS follows the live tensors.
+CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def run_child(args: argparse.Namespace, setting: str, model_dir: str) -> dict:
     """One setting in a fresh process; its result is the last line it prints (JSON)."""
-    done = subprocess.run(child_command(args, setting, model_dir), capture_output=True, text=True)
+    done = subprocess.run(child_command(args, setting, model_dir), capture_output=True, text=True,
+                          env={**os.environ, **CHILD_ENVIRONMENT})
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
         raise RuntimeError(f"measuring {setting!r} failed (exit code {done.returncode}); its stderr is above")
