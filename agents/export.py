@@ -7,7 +7,8 @@ weights, the tokenizer, the generation config) plus the value head
 the policy around it (``textenv_policy.json``). It loads with
 ``AutoModelForCausalLM.from_pretrained`` and works with ``generate`` and
 ``pipeline("text-generation")``; a task can name it as its ``model``;
-``load_exported_agent`` starts a textenv agent from it. A LoRA policy is exported
+``load_agent(folder, env)`` (``agents.registry.load_exported_agent``) starts a
+textenv agent from it. A LoRA policy is exported
 merged (plain weights).
 """
 
@@ -18,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from stable_baselines3.common.base_class import BaseAlgorithm
-from stable_baselines3.common.type_aliases import GymEnv
 
-from agents.registry import load_agent, make_agent
+from agents.registry import POLICY_FILE, VALUE_HEAD_FILE, load_agent, load_exported_agent  # noqa: F401
 from policies.lora import export_merged
 from textenv.files import atomic_write_text
 
-VALUE_HEAD_FILE = "value_head.safetensors"
-POLICY_FILE = "textenv_policy.json"
 # The policy's own arguments that rebuild it around the exported weights (the model path
 # becomes the folder; LoRA is merged into it).
 EXPORTED_POLICY_ARGUMENTS = ("value_head_init_std", "attn_implementation", "precision", "gradient_checkpointing",
@@ -59,24 +57,6 @@ def export_policy(agent: BaseAlgorithm | str, folder: str | Path, tokenizer: Any
         "kl_coef": float(agent.kl_controller.value) if hasattr(agent, "kl_controller") else None,
     }, indent=2))
     return folder
-
-
-def load_exported_agent(folder: str | Path, env: GymEnv | str, algo: str | None = None, **kwargs: Any) -> BaseAlgorithm:
-    """A textenv agent whose policy starts from an exported folder (its LM and value head);
-    ``algo`` defaults to the algorithm it was trained with. The optimizer starts afresh."""
-    folder = Path(folder)
-    if not (folder / VALUE_HEAD_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {VALUE_HEAD_FILE}: not a folder written by export_policy. "
-                                "Fix: export the agent with agents.export.export_policy (or textenv-export).")
-    saved = json.loads((folder / POLICY_FILE).read_text()) if (folder / POLICY_FILE).is_file() else {}
-    algo = algo or saved.get("algorithm") or "ppo"
-    policy_kwargs = {**saved.get("policy_kwargs", {}), **(kwargs.pop("policy_kwargs", None) or {}),
-                     "model_name_or_path": str(folder)}
-    agent = make_agent(algo, env, policy_kwargs=policy_kwargs, **kwargs)
-    value_head = load_file(str(folder / VALUE_HEAD_FILE), device=str(agent.device))
-    with torch.no_grad():
-        agent.policy.value_head.load_state_dict(value_head)
-    return agent
 
 
 def _tokenizer_of(agent: BaseAlgorithm) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
+from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -92,10 +93,18 @@ def make_agent(name: str, env: GymEnv | str | None, **kwargs: Any) -> BaseAlgori
     return cls(env=env, **kwargs)
 
 
+#: An exported policy folder (``agents.export``): the value head and the policy's own arguments.
+VALUE_HEAD_FILE = "value_head.safetensors"
+POLICY_FILE = "textenv_policy.json"
+
+
 def load_agent(
     path: str, env: GymEnv | str | None = None, algo: str | None = None, **kwargs: Any
 ) -> BaseAlgorithm:
     """Load a saved agent with the algorithm it was trained with, or continue with another.
+
+    ``path`` may also be a folder written by ``agents.export.export_policy`` (no pickle):
+    then ``load_exported_agent``.
 
     ``algo=None``: the saved agent as it was (optimizer and KL-controller state included).
     ``algo="a2c"`` (say) for an agent saved by PPO: a new agent of that algorithm whose
@@ -106,6 +115,10 @@ def load_agent(
     ``policy_kwargs`` passed here: what the caller passes wins. ``env`` may be a
     ``VecEnv``, a Gymnasium env or an env id, as for the agent classes.
     """
+    if Path(path).is_dir():
+        if env is None:
+            raise ValueError(f"Starting an agent from the exported folder {path} needs its env: pass env=...")
+        return load_exported_agent(path, env, algo, **kwargs)
     data, params, _ = load_from_zip_file(path, load_data=True, custom_objects=kwargs.get("custom_objects"))
     name = (data or {}).get("algorithm_name")
     if name is None:
@@ -134,4 +147,27 @@ def load_agent(
         raise ValueError(f"{path}'s policy does not fit a {algo} agent: {stray[:5]}")
     if hasattr(agent.policy, "refresh_mask_model"):
         agent.policy.refresh_mask_model()
+    return agent
+
+
+def load_exported_agent(folder: str | Path, env: GymEnv | str, algo: str | None = None, **kwargs: Any) -> BaseAlgorithm:
+    """A textenv agent whose policy starts from an exported folder (its LM and value head);
+    ``algo`` defaults to the algorithm it was trained with. The optimizer starts afresh."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / VALUE_HEAD_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {VALUE_HEAD_FILE}: not a folder written by export_policy. "
+                                "Fix: export the agent with agents.export.export_policy (or textenv-export).")
+    saved = json.loads((folder / POLICY_FILE).read_text()) if (folder / POLICY_FILE).is_file() else {}
+    algo = algo or saved.get("algorithm") or "ppo"
+    policy_kwargs = {**saved.get("policy_kwargs", {}), **(kwargs.pop("policy_kwargs", None) or {}),
+                     "model_name_or_path": str(folder)}
+    agent = make_agent(algo, env, policy_kwargs=policy_kwargs, **kwargs)
+    value_head = load_file(str(folder / VALUE_HEAD_FILE), device=str(agent.device))
+    with torch.no_grad():
+        agent.policy.value_head.load_state_dict(value_head)
     return agent

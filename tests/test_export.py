@@ -9,7 +9,7 @@ import torch
 from stable_baselines3.common.utils import obs_as_tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from agents import make_agent, make_text_vec_env
+from agents import load_agent, make_agent, make_text_vec_env
 from agents.export import VALUE_HEAD_FILE, export_policy, load_exported_agent
 
 TASK = "textenv/PositiveSentiment-v0"
@@ -54,7 +54,7 @@ def test_an_agent_starts_again_from_the_exported_folder(default_model_path, tmp_
     agent = trained_agent()
     folder = export_policy(agent, tmp_path / "policy")
     env = make_text_vec_env(TASK, n_envs=4, seed=0, env_kwargs={"device": "cpu", "model": str(folder)})
-    restarted = load_exported_agent(folder, env)
+    restarted = load_agent(str(folder), env=env)  # = load_exported_agent(folder, env)
     assert restarted.algorithm_name == "ppo"
     obs = obs_as_tensor(env.reset(), "cpu")
     actions = torch.tensor([3, 4, 5, 6])

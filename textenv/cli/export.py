@@ -6,7 +6,7 @@ The folder holds ``config.json``, safetensors weights, the tokenizer and the
 generation config, plus the value head (``value_head.safetensors``). It loads with
 ``AutoModelForCausalLM.from_pretrained(folder)`` and ``pipeline("text-generation",
 model=folder)``, a task can name it as its ``model``, and
-``agents.export.load_exported_agent(folder, env)`` starts an agent from it.
+``load_agent(folder, env=env)`` starts an agent from it.
 Reading the agent zip unpickles it: export only zips you trust (your own).
 """
 
