@@ -212,3 +212,37 @@ def test_logits_in_chunks_give_the_same_log_probs_entropies_and_gradients(tiny_m
         torch.testing.assert_close(chunked_grads[name], grads[name], atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="logits_chunk_size must be a positive number"):
         make_agent("ppo", tiny_env(tiny_model_path), policy_kwargs={"logits_chunk_size": 0})
+
+
+def bytes_saved_for_backward(agent, batch) -> int:
+    """What autograd keeps from the forward pass for the backward (parameters excluded):
+    the activation memory an update holds at its peak, counted exactly."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        if not isinstance(tensor, torch.nn.Parameter):
+            total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    agent.policy.set_training_mode(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        values, log_prob, entropy = agent.policy.evaluate_actions(batch.observations, batch.actions.flatten())
+    return total
+
+
+def test_chunked_logits_keep_a_chunk_not_the_minibatch_for_the_backward(tmp_path, default_tokenizer):
+    """The update's memory follows ``logits_chunk_size``: unchunked, autograd keeps several
+    (tokens x vocabulary) tensors; chunked and checkpointed, only the chunks' inputs."""
+    from conftest import save_tiny_gpt2
+
+    vocab = 20_000  # a large vocabulary against a 32-wide body: the logits dominate
+    model_path = save_tiny_gpt2(tmp_path / "wide-vocab", default_tokenizer, vocab_size=vocab)
+    saved = {}
+    for chunk in (None, 8):
+        agent = make_agent("ppo", tiny_env(model_path), n_steps=8, seed=0, policy_kwargs={"logits_chunk_size": chunk})
+        batch = next(collect_one_rollout(agent).get(None))
+        saved[chunk] = bytes_saved_for_backward(agent, batch)
+    one_logits_tensor = len(batch.actions) * vocab * 4
+    assert saved[None] - saved[8] > 2 * one_logits_tensor, saved  # e.g. the log-softmax output and its exp
+    assert saved[8] < one_logits_tensor / 2, saved  # the body's activations and each chunk's input only
