@@ -310,12 +310,19 @@ class BatchedTextGenVecEnv(VecEnv):
 
     def _refill_reference(self) -> None:
         """Prefill every row's reference slot from its current observation (after deferral)."""
-        rows = torch.arange(self.num_envs, device=self.device)
         columns = torch.arange(self.task.width, device=self.device)
         width = int((self._attention_mask * columns).argmax(-1).max()) + 1
-        hidden = self._reference.prefill(rows, self._input_ids[:, :width], self._attention_mask[:, :width])
-        self._ref_next_logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
+        self._prefill_reference(torch.arange(self.num_envs, device=self.device), width)
         self._reference_stale = False
+
+    def _prefill_reference(self, rows: torch.Tensor, width: int) -> None:
+        """Fill ``rows``' reference slots from their columns ``[0, width)`` and keep the
+        reference's next-token log-probs of each."""
+        hidden = self._reference.prefill(rows, self._input_ids[rows, :width], self._attention_mask[rows, :width])
+        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
+        if self._ref_next_logprobs is None:
+            self._ref_next_logprobs = torch.empty((self.num_envs, logprobs.shape[-1]), device=self.device)
+        self._ref_next_logprobs[rows] = logprobs
 
     def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
         """New prompts in ``envs``' rows (shared within groups when ``grouped``); prefill
@@ -338,13 +345,7 @@ class BatchedTextGenVecEnv(VecEnv):
         if self._reference_deferred:
             self._reference_stale = True  # these slots were not filled
             return
-        hidden = self._reference.prefill(
-            envs, self._input_ids[envs, : task.max_prompt_len], self._attention_mask[envs, : task.max_prompt_len]
-        )
-        logprobs = torch.log_softmax(lm_logits(task.reference, hidden), dim=-1)
-        if self._ref_next_logprobs is None:
-            self._ref_next_logprobs = torch.empty((self.num_envs, logprobs.shape[-1]), device=self.device)
-        self._ref_next_logprobs[envs] = logprobs
+        self._prefill_reference(envs, task.max_prompt_len)
 
     def _advance_reference(self, actions: torch.Tensor, columns: torch.Tensor, done: torch.Tensor) -> None:
         """One cached decode step of the reference for all rows; ``done`` rows (finished or
