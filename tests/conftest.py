@@ -67,6 +67,18 @@ def tiny_model_other_vocab_path(tmp_path_factory, default_tokenizer) -> Path:
 PROMPTS = ["The film was", "This phone is", "I bought the charger last week. The battery"]
 
 
+def assert_same_policy_outputs(agent, other, env, atol: float) -> None:
+    """Values, log-probs and entropies of both agents' policies agree (``atol``) on the env's
+    fresh observations and a few fixed actions, one per parallel episode."""
+    from stable_baselines3.common.utils import obs_as_tensor
+
+    obs = obs_as_tensor(env.reset(), "cpu")
+    actions = torch.arange(3, 3 + env.num_envs)
+    with torch.no_grad():
+        for expected, got in zip(agent.policy.evaluate_actions(obs, actions), other.policy.evaluate_actions(obs, actions)):
+            torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
 def collect_one_rollout(agent):
     """One rollout into the agent's buffer, as ``learn`` would collect it (no update)."""
     from agents import KLPenaltyCallback

@@ -13,12 +13,12 @@ saves and loads to the same outputs.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from stable_baselines3.common.utils import obs_as_tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from agents import load_agent, make_agent, make_text_vec_env
+from conftest import assert_same_policy_outputs
 from policies.observations import unpack_observation
 
 PROMPTS = ["hello world", "the cat sat on the", "a"]
@@ -109,9 +109,4 @@ def test_ppo_trains_saves_and_loads_to_the_same_outputs(zoo_model, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
     agent.save(tmp_path / "agent.zip")
     loaded = load_agent(str(tmp_path / "agent.zip"), env=env)
-    obs = obs_as_tensor(env.reset(), "cpu")
-    actions = torch.tensor([3, 4, 5])
-    with torch.no_grad():
-        for original, copy in zip(agent.policy.evaluate_actions(obs, actions),
-                                  loaded.policy.evaluate_actions(obs, actions)):
-            torch.testing.assert_close(original, copy, atol=1e-6, rtol=0)
+    assert_same_policy_outputs(agent, loaded, env, atol=1e-6)

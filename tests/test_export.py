@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from stable_baselines3.common.utils import obs_as_tensor
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from agents import load_agent, make_agent, make_text_vec_env
 from agents.export import VALUE_HEAD_FILE, export_policy, load_exported_agent
+from conftest import assert_same_policy_outputs
 
 TASK = "textenv/PositiveSentiment-v0"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".zip")
@@ -56,12 +56,7 @@ def test_an_agent_starts_again_from_the_exported_folder(default_model_path, tmp_
     env = make_text_vec_env(TASK, n_envs=4, seed=0, env_kwargs={"device": "cpu", "model": str(folder)})
     restarted = load_agent(str(folder), env=env)  # = load_exported_agent(folder, env)
     assert restarted.algorithm_name == "ppo"
-    obs = obs_as_tensor(env.reset(), "cpu")
-    actions = torch.tensor([3, 4, 5, 6])
-    with torch.no_grad():
-        for original, copy in zip(agent.policy.evaluate_actions(obs, actions),
-                                  restarted.policy.evaluate_actions(obs, actions)):
-            torch.testing.assert_close(copy, original, atol=1e-5, rtol=0)
+    assert_same_policy_outputs(agent, restarted, env, atol=1e-5)
     restarted.learn(8 * 4)  # and it trains
     assert np.isfinite(restarted.logger.name_to_value["train/loss"])
 

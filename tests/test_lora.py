@@ -10,6 +10,7 @@ from stable_baselines3.common.utils import obs_as_tensor
 from transformers import AutoModelForCausalLM
 
 from agents import load_agent, make_agent, make_text_vec_env
+from conftest import assert_same_policy_outputs
 from policies.lora import LoraReference, export_merged, save_adapters
 
 TASK = "textenv/PositiveSentiment-v0"
@@ -90,12 +91,7 @@ def test_a_saved_lora_agent_reloads_to_equal_outputs(default_model_path, tmp_pat
     env = make_text_vec_env(TASK, n_envs=3, seed=0, env_kwargs={"device": "cpu"})
     loaded = load_agent(str(tmp_path / "agent.zip"), env=env)
     assert loaded.policy.lora == agent.policy.lora and isinstance(env.task.reference, LoraReference)
-    obs = obs_as_tensor(env.reset(), "cpu")
-    actions = torch.tensor([3, 4, 5])
-    with torch.no_grad():
-        for original, copy in zip(agent.policy.evaluate_actions(obs, actions),
-                                  loaded.policy.evaluate_actions(obs, actions)):
-            torch.testing.assert_close(copy, original, atol=1e-6, rtol=0)
+    assert_same_policy_outputs(agent, loaded, env, atol=1e-6)
 
 
 def test_adapters_and_the_merged_export_load_without_textenv(default_model_path, tmp_path):
