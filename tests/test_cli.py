@@ -65,6 +65,8 @@ BAD_TRAIN_ARGUMENTS = [
     (["--group-size", "4"], "argument --group-size: ppo draws one completion per prompt. Fix: drop --group-size"),
     (["--algo", "trpo", "--lora-r", "8"], "argument --lora-r: TRPO cannot train LoRA adapters"),
     (["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (["--resume", "no/such/checkpoint-32.zip"],
+     "argument --resume: No checkpoint at 'no/such/checkpoint-32.zip'. Fix: pass a checkpoint-<tokens>.zip"),
     (["--save-path", "/proc/nope/agent.zip"],
      "argument --save-path: cannot write into '/proc/nope'"),
 ]

@@ -87,9 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group = {} if args.group_size is None else {"group_size": args.group_size}
     if args.save_path:
         check_writable(parser, "--save-path", Path(args.save_path).expanduser().parent)
-    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
-        parser.error(f"argument --resume: no checkpoint at {args.resume!r}. Fix: pass a checkpoint-<tokens>.zip "
-                     "file, or 'auto'.")
+    if args.resume not in (None, "auto"):  # 'auto' is looked up when the run starts
+        from agents.training_run import find_checkpoint
+
+        try:
+            find_checkpoint(args.resume, Path())
+        except FileNotFoundError as error:
+            parser.error(f"argument --resume: {error}")
     if args.tensorboard_log:
         check_writable(parser, "--tensorboard-log", args.tensorboard_log)
     check_algorithm_kwargs(parser, args.algo, {**group, **args.algo_kwargs}, n_envs=args.n_envs,
