@@ -128,7 +128,10 @@ class FastRolloutMixin:
                 rollout_buffer.end_finished_episodes(dones, infos)
                 input_ids, attention_mask = observation_tensors(new_obs, self.device)
                 new_episode = torch.as_tensor(dones, device=self.device).bool()
-                decoder.observe(actions, input_ids, attention_mask, new_episode)
+                if n_steps < n_rollout_steps:
+                    decoder.observe(actions, input_ids, attention_mask, new_episode)
+                else:  # only the values of running episodes are needed now (the next rollout starts afresh)
+                    decoder.observe_last(actions, input_ids, attention_mask, new_episode)
                 self._last_obs = new_obs
                 self._last_episode_starts = dones
         finally:

@@ -71,35 +71,49 @@ class GroupRolloutMixin(LMAgentMixin):
         self.policy.set_training_mode(False)
         rollout_buffer.reset()
         callback.on_rollout_start()
-        obs = env.reset()  # new prompts, k episodes each
-        input_ids, attention_mask = observation_tensors(obs, self.device)
-        decoder = self._rollout_decoder(env.num_envs)
-        decoder.start(input_ids, attention_mask)
-        episode_starts = np.ones(env.num_envs, dtype=np.float32)
-
-        for _ in range(n_rollout_steps):
-            active = env.active.clone()
-            actions, log_probs, values = decoder.act(self._sample_actions)
-            # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
-            log_probs = log_probs * active
-            state_columns = last_token_index(attention_mask)
-            new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
-            self.num_timesteps += int(active.sum())
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return False
-            self._update_info_buffer(infos, dones)
-            ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
-            rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns, ref_log_probs)
-            episode_starts = np.zeros(env.num_envs, dtype=np.float32)
-            rollout_buffer.end_finished_episodes(dones, infos)
-            if not bool(env.active.any()):
-                break
-            input_ids, attention_mask = observation_tensors(new_obs, self.device)
-            # Episodes never restart within a group rollout. Frozen rows decode a throw-away
-            # step (their logits go unused; the next rollout's `start` refills their slots).
-            decoder.observe(actions, input_ids, attention_mask, new_episode=torch.zeros_like(active))
+        reference_deferred = self._defers_reference_scoring(env)  # scored after the rollout, as PPO's
+        step_dones: list[np.ndarray] = []
+        if reference_deferred:
+            env.defer_reference_scoring(True)
+        try:
+            obs = env.reset()  # new prompts, k episodes each
+            input_ids, attention_mask = observation_tensors(obs, self.device)
+            decoder = self._rollout_decoder(env.num_envs)
+            decoder.start(input_ids, attention_mask)
+            episode_starts = np.ones(env.num_envs, dtype=np.float32)
+            for _ in range(n_rollout_steps):
+                active = env.active.clone()
+                actions, log_probs, values = decoder.act(self._sample_actions)
+                # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
+                log_probs = log_probs * active
+                state_columns = last_token_index(attention_mask)
+                new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
+                self.num_timesteps += int(active.sum())
+                callback.update_locals(locals())
+                if not callback.on_step():
+                    return False
+                self._update_info_buffer(infos, dones)
+                if reference_deferred:
+                    ref_log_probs = np.zeros(env.num_envs, dtype=np.float32)  # scored after the rollout
+                    step_dones.append(dones)
+                else:
+                    ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
+                rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns,
+                                        ref_log_probs)
+                episode_starts = np.zeros(env.num_envs, dtype=np.float32)
+                rollout_buffer.end_finished_episodes(dones, infos)
+                if not bool(env.active.any()):
+                    break
+                input_ids, attention_mask = observation_tensors(new_obs, self.device)
+                # Episodes never restart within a group rollout. Frozen rows decode a throw-away
+                # step (their logits go unused; the next rollout's `start` refills their slots).
+                decoder.observe(actions, input_ids, attention_mask, new_episode=torch.zeros_like(active))
+        finally:
+            if reference_deferred:
+                env.defer_reference_scoring(False)
         rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
+        if reference_deferred:
+            self._score_reference(env, rollout_buffer, callback, np.stack(step_dones))
         if self._recomputes_old_log_probs(rollout_buffer):
             rollout_buffer.recompute_log_probs(self.policy, self.batch_size)
         self._set_group_advantages(rollout_buffer)

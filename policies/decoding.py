@@ -46,13 +46,15 @@ def step_slots(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     new_episode: torch.Tensor,
+    prefill_new_episodes: bool = True,
 ) -> torch.Tensor:
     """Move every slot to the state of its new observation; returns its hidden state.
 
     Running episodes decode the action they just took (it is the last token of their
     new observation). Rows in ``new_episode`` were reset by the environment: they
     take part in the batched decode with a throw-away token in their (masked) last
-    column, then are prefilled from their prompt.
+    column, then are prefilled from their prompt, unless ``prefill_new_episodes`` is
+    off (their slot and hidden state are then left stale, for a caller that refills them).
     """
     columns = last_token_index(attention_mask)
     decode_mask = attention_mask
@@ -62,7 +64,7 @@ def step_slots(
         decode_mask[new_episode] = 0
         decode_mask[new_episode, slots.width - 1] = 1
     hidden = slots.decode(actions, columns, decode_mask)
-    if new_episode.any():
+    if prefill_new_episodes and new_episode.any():
         rows = new_episode.nonzero()[:, 0]
         hidden = hidden.clone()
         hidden[rows] = prefill_rows(slots, rows, input_ids[rows], attention_mask[rows])
@@ -115,6 +117,23 @@ class PolicyRolloutDecoder:
         prompt instead."""
         with self.policy.compute_context():
             self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, new_episode))
+
+    @torch.no_grad()
+    def observe_last(
+        self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
+    ) -> None:
+        """``observe`` at a rollout's last step, when only ``values`` are still needed (to
+        bootstrap running episodes) and the next call is ``start``, which refills every slot.
+        Episodes that ended get no prefill of their successor (the floor of a rollout
+        decodes nothing after its last token either): their value is 0, unused by GAE after
+        a terminal step, and when every episode ended nothing is decoded at all."""
+        if bool(new_episode.all()):
+            self.logits, self.values = None, torch.zeros(len(new_episode), device=new_episode.device)
+            return
+        with self.policy.compute_context():
+            hidden = step_slots(self.slots, actions, input_ids, attention_mask, new_episode, prefill_new_episodes=False)
+            self.logits = None  # "start" comes next
+            self.values = self.policy.value(hidden).flatten().masked_fill(new_episode, 0.0)
 
 
 class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):

@@ -123,3 +123,32 @@ def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
         torch.testing.assert_close(p_fast, p_stock, atol=1e-5, rtol=0, msg=name)
     moved = max((p - q).abs().max().item() for p, q in zip(fast.policy.parameters(), before))
     assert moved > 1e-3  # the update did change the weights that agree
+
+
+def test_last_step_of_a_rollout_gives_the_same_values_without_refilling_ended_episodes(default_model_path):
+    """``observe_last`` (a rollout's last step) skips the prefill of episodes that just ended:
+    the running episodes' values equal ``observe``'s, the ended ones' are 0 (GAE does not
+    bootstrap past a terminal step), and when every episode ended nothing is decoded."""
+    env = make_text_vec_env("textenv/TextGen-v0", n_envs=3, seed=0, env_kwargs=dict(
+        prompts=["The film was", "This phone is"], model="default", reward="vader",
+        max_prompt_len=MAX_PROMPT_LEN, max_new_tokens=MAX_NEW_TOKENS))
+    agent = make_agent("ppo", env, seed=0)
+    obs = env.reset()
+    decoders = [agent.policy.rollout_decoder(3, env.task.width) for _ in range(2)]
+    input_ids, attention_mask = (torch.as_tensor(obs[k]).long() for k in ("input_ids", "attention_mask"))
+    for decoder in decoders:
+        decoder.start(input_ids, attention_mask)
+    actions, _, _ = decoders[0].act()
+    new_obs, _, _, _ = env.step(actions.numpy())
+    input_ids, attention_mask = (torch.as_tensor(new_obs[k]).long() for k in ("input_ids", "attention_mask"))
+    ended = torch.tensor([False, True, False])  # as if the env had restarted row 1
+    decoders[0].observe(actions, input_ids, attention_mask, ended)
+    decoders[1].observe_last(actions, input_ids, attention_mask, ended)
+    running = ~ended
+    torch.testing.assert_close(decoders[1].values[running], decoders[0].values[running], atol=1e-6, rtol=0)
+    assert decoders[1].values[1] == 0 and decoders[0].values[1] != 0
+
+    calls = []
+    decoders[1].slots.decode = lambda *args: calls.append(args)
+    decoders[1].observe_last(actions, input_ids, attention_mask, torch.ones(3, dtype=torch.bool))
+    assert calls == [] and torch.equal(decoders[1].values, torch.zeros(3))

@@ -160,26 +160,33 @@ def test_kl_controller_counts_episodes_not_tokens(default_model_path, path):
     assert model.kl_controller.value != pytest.approx(0.1)  # the controller did move
 
 
-def test_deferred_reference_scoring_stores_what_per_step_scoring_stores(default_model_path):
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
+def test_deferred_reference_scoring_stores_what_per_step_scoring_stores(default_model_path, algo):
     """Same seed, same sampled tokens: the rollout's reference log-probs, rewards, advantages
-    and the KL fed to the controller agree between the two ways of scoring the reference."""
-    from conftest import PROMPTS, collect_one_rollout
+    and the KL fed to the controller agree between the two ways of scoring the reference
+    (PPO's rollouts run across episode ends; the group methods' freeze finished episodes)."""
+    from agents import KLPenaltyCallback
+    from conftest import PROMPTS
 
     buffers, kls = {}, {}
     for deferred in (False, True):
         env = make_text_vec_env("textenv/TextGen-v0", n_envs=4, seed=3, env_kwargs=dict(
             prompts=PROMPTS, model="default", reward="vader", max_prompt_len=MAX_PROMPT_LEN,
             max_new_tokens=MAX_NEW_TOKENS, device="cpu"))
-        agent = make_agent("ppo", env, seed=0, kl_coef=0.2, kl_target=None, n_steps=3 * MAX_NEW_TOKENS + 1,
-                           deferred_reference=deferred)
+        hyper = dict(n_steps=3 * MAX_NEW_TOKENS + 1) if algo == "ppo" else dict(group_size=2)
+        agent = make_agent(algo, env, seed=0, kl_coef=0.2, kl_target=None, deferred_reference=deferred, **hyper)
         with torch.no_grad():  # a policy away from the reference: a KL to score
             for parameter in agent.policy.lm.parameters():
                 parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-        buffers[deferred] = collect_one_rollout(agent)
+        _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback(add_to_reward=agent.kl_in_reward)])
+        callback.on_training_start(locals(), globals())
+        assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
+        buffers[deferred] = agent.rollout_buffer
         kls[deferred] = agent.logger.name_to_value["rollout/kl"]
     per_step, deferred = buffers[False], buffers[True]
     assert np.array_equal(per_step.actions, deferred.actions)
-    assert np.abs(deferred.ref_log_probs).min() > 0  # really scored
+    valid = deferred.token_mask()
+    assert np.abs(deferred.ref_log_probs[valid]).min() > 0  # really scored
     np.testing.assert_allclose(deferred.ref_log_probs, per_step.ref_log_probs, atol=2e-5)
     np.testing.assert_allclose(deferred.rewards, per_step.rewards, atol=1e-5)
     np.testing.assert_allclose(deferred.advantages, per_step.advantages, atol=1e-4)
