@@ -1,27 +1,33 @@
 """Benchmark the fast path against the tight bare PyTorch floor and SB3's stock path.
 
-    python scripts/benchmark.py --workloads S --skip-stock    # about a minute on a 2-core CPU
-    python scripts/benchmark.py                               # S and M, stock included (~15 min, see below)
-    python scripts/benchmark.py --workloads S --repeats 3     # median of 3 runs, with the spread
+    python scripts/benchmark.py                               # everything below, one table each (~1 h on a 2-core CPU)
+    python scripts/benchmark.py --workloads S --lengths       # about two minutes on a 2-core CPU
+    python scripts/benchmark.py --workloads S M --repeats 3   # median of 3 runs, with the spread
     python scripts/benchmark.py --device cuda --autocast --workloads M L
 
-Prints one Markdown table; every figure is measured in this run, each variant
-(and each repeat) in its own child process, so peak memory is that variant's
-own. The "floor" is the one-page PPO (``scripts/ppo_reference.py``), a tight bare
-PyTorch loop doing the work of one PPO iteration and nothing more; see
+Prints Markdown tables; every figure is measured in this run, each variant (and
+each repeat) in its own child process, so peak memory is that variant's own. The
+"floor" is the one-page PPO (``scripts/ppo_reference.py``), a tight bare PyTorch
+loop doing the work of one PPO iteration and nothing more; see
 ``scripts/bench/measure.py`` for what each figure measures.
 
+1. Workloads S, M and L (``bench.workloads``): rollout, update and end to end,
+   fast path against the floor, and peak memory.
+2. Episode length (``--lengths``, default 32 128 512 new tokens on S): end-to-end
+   tokens/s of the fast path and the floor, and the fast path's cost per generated
+   token relative to the shortest length.
+
 Timing: by default every variant times 32 iterations on S (16,384 generated
-tokens), 4 on M (8,192) and 2 on L (16,384), after one untimed warm-up
-iteration; that is seconds per variant on a 2-core CPU. SB3's stock path gets the
-same iterations, and it is slow: on a 2-core CPU about 2.6 s per S iteration
-(~1.5 min) and about 3 min per M iteration (~12 min). ``--skip-stock`` leaves it out, ``--stock-iterations``
-shortens it. Shared machines are noisy (+-20% between runs): use ``--repeats``
-and compare medians; tok/s rows are medians over repeats, ratio rows the median
-of the per-repeat ratios with their min-max. The load average is printed: when
-other work oversubscribes the cores, torch's threads stall each other (tens of
-times slower on small models) and the figures mean nothing; ``--threads 1``
-suffers less.
+tokens), 4 on M (8,192) and 1 on L (2,048), after one untimed warm-up iteration;
+that is seconds per variant on S and M and minutes on L on a 2-core CPU. SB3's
+stock path is measured on ``--stock-workloads`` (default S) with the same
+iterations, and it is slow: about 2.6 s per S iteration, 3 min per M iteration
+on a 2-core CPU; ``--stock-iterations`` shortens it. Shared machines are noisy
+(+-20% between runs): use ``--repeats`` and compare medians; tok/s rows are
+medians over repeats, ratio rows the median of the per-repeat ratios with their
+min-max. The load average is printed: when other work oversubscribes the cores,
+torch's threads stall each other (tens of times slower on small models) and the
+figures mean nothing; ``--threads 1`` suffers less.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ import sys
 import tempfile
 
 VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
+LENGTH_VARIANTS = ("bare_ppo", "fast")  # end to end only
+DEFAULT_WORKLOADS = ("S", "M", "L")
+DEFAULT_LENGTHS = (32, 128, 512)
 
 ROLLOUT_FLOOR = "tight bare rollout (KV-cached policy decode with log-probs+values, one teacher-forced reference pass)"
 UPDATE_FLOOR = "bare update (same epochs x minibatches of forward + backward + clip_grad_norm + Adam)"
@@ -43,7 +52,11 @@ PPO_FLOOR = ("tight bare PyTorch PPO loop (scripts/ppo_reference.py: KV-cached d
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workloads", nargs="+", default=["S", "M"], help="names from bench.workloads.WORKLOADS")
+    parser.add_argument("--workloads", nargs="*", default=None,
+                        help="names from bench.workloads.WORKLOADS (default: S M L; none: only the length table)")
+    parser.add_argument("--lengths", nargs="*", type=int, default=None,
+                        help="new tokens per episode for the episode-length table on S (bare --lengths: 32 128 512; "
+                             "default: 32 128 512 when every workload runs, else none)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--autocast", action="store_true",
                         help="bf16: the framework with precision='bf16-mixed', the bare loop under bf16 autocast")
@@ -52,7 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stock-iterations", type=int, default=None,
                         help="timed iterations of SB3's stock path (default: same as --iterations; "
                              "~2.6 s per S iteration, ~3 min per M iteration on a 2-core CPU)")
-    parser.add_argument("--skip-stock", action="store_true", help="leave out SB3's stock path")
+    parser.add_argument("--stock-workloads", nargs="*", default=["S"],
+                        help="workloads on which SB3's stock path is measured too (default S: it is slow)")
+    parser.add_argument("--skip-stock", action="store_true", help="leave out SB3's stock path everywhere")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every variant this many times (each in its own process); report medians "
                              "and the min-max of each ratio")
@@ -60,17 +75,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    full_run = args.workloads is None
+    if full_run:
+        args.workloads = list(DEFAULT_WORKLOADS)
+    if args.lengths is None:  # the length table: in a full run, or when --lengths is given
+        args.lengths = list(DEFAULT_LENGTHS) if full_run else []
+    elif not args.lengths:
+        args.lengths = list(DEFAULT_LENGTHS)
+    if args.skip_stock:
+        args.stock_workloads = []
     return args
 
 
 def iterations_for(args: argparse.Namespace, workload: str, variant: str) -> int:
     """Timed iterations of ``variant`` on ``workload``: the stock path gets as many as the others."""
-    from bench.workloads import WORKLOADS
+    from bench.workloads import workload_named
 
-    iterations = args.iterations if args.iterations is not None else WORKLOADS[workload].iterations
+    iterations = args.iterations if args.iterations is not None else workload_named(workload).iterations
     if variant == "stock" and args.stock_iterations is not None:
         return args.stock_iterations
     return iterations
+
+
+def length_workloads(args: argparse.Namespace) -> list[str]:
+    """``S@32``, ``S@128``, ...: workload S at each of ``--lengths`` new tokens."""
+    return [f"S@{tokens}" for tokens in args.lengths]
 
 
 def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
@@ -79,9 +108,10 @@ def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     from bench.measure import run_measurement
 
     context = multiprocessing.get_context("spawn")
-    variants = [v for v in VARIANTS if not (v == "stock" and args.skip_stock)]
-    results: dict[str, dict[str, list[dict]]] = {w: {v: [] for v in variants} for w in args.workloads}
-    for workload in args.workloads:
+    plan = {w: [v for v in VARIANTS if v != "stock" or w in args.stock_workloads] for w in args.workloads}
+    plan.update({w: list(LENGTH_VARIANTS) for w in length_workloads(args)})
+    results: dict[str, dict[str, list[dict]]] = {w: {v: [] for v in variants} for w, variants in plan.items()}
+    for workload, variants in plan.items():
         for repeat in range(args.repeats):
             for variant in variants:
                 iterations = iterations_for(args, workload, variant)
@@ -116,6 +146,24 @@ def format_ratio(values: list[float], digits: int = 2, suffix: str = "") -> str:
     return text
 
 
+def peak_mb(runs: list[dict]) -> float:
+    return max(run["peak_mb"] for run in runs)
+
+
+def format_length_table(results: dict[str, dict[str, list[dict]]], lengths: list[int]) -> str:
+    """End-to-end tok/s at each episode length on S, and the fast path's cost per generated
+    token relative to the shortest length (the target: within 1.3x)."""
+    lines = ["| new tokens per episode | fast path tok/s | tight floor tok/s | fast / tight floor "
+             "| fast path: cost per token vs shortest |", "|---|---|---|---|---|"]
+    shortest = median_tps(results[f"S@{min(lengths)}"]["fast"])
+    for tokens in lengths:
+        runs = results[f"S@{tokens}"]
+        fast = median_tps(runs["fast"])
+        lines.append(f"| {tokens} | {fast:,.0f} | {median_tps(runs['bare_ppo']):,.0f} | "
+                     f"{format_ratio(ratios(runs['fast'], runs['bare_ppo']))} | {shortest / fast:.2f}x |")
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     """One Markdown table, a column per workload; "n/a" where a variant was not measured."""
     workloads = list(results)
@@ -146,7 +194,8 @@ def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
         add(f"share of a fast iteration: {part}",
             lambda r, p=part: f"{statistics.median(100 * x['parts'][p] / x['seconds'] for x in r['fast']):.0f}%")
     for variant, name in (("fast", "fast path"), ("stock", "stock path"), ("bare_ppo", "tight floor")):
-        add(f"peak memory MB: {name}", lambda r, v=variant: f"{max(x['peak_mb'] for x in r[v]):,.0f}")
+        add(f"peak memory MB: {name}", lambda r, v=variant: f"{peak_mb(r[v]):,.0f}")
+    add("**peak memory: fast / tight floor**", lambda r: f"**{peak_mb(r['fast']) / peak_mb(r['bare_ppo']):.2f}x**")
     header = "| figure | " + " | ".join(workloads) + " |"
     lines = [header, "|---|" + "---|" * len(workloads)]
     lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
@@ -158,33 +207,39 @@ def main(argv=None) -> str:
     import torch
 
     from bench.measure import measure_sampling
-    from bench.workloads import WORKLOADS
+    from bench.workloads import workload_named
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     results = measure_all(args)
     load_after = os.getloadavg()[0]
-    table = format_table(results)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nDevice: {name}; torch {torch.__version__}; autocast bf16: {args.autocast}; "
           f"repeats: {args.repeats} (tok/s: medians; ratios: median (min-max) over repeats)")
     # Other work on the machine skews every figure (threads oversubscribed): say how busy it was.
     print(f"Load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} CPUs")
-    for w in args.workloads:
-        spec = WORKLOADS[w]
-        iterations = {v: iterations_for(args, w, v) for v in ("fast", "stock")}
-        stock = "skipped" if args.skip_stock else f"{iterations['stock']}"
+    for w in [*args.workloads, *length_workloads(args)]:
+        spec = workload_named(w)
+        stock = f"stock {iterations_for(args, w, 'stock')}" if w in args.stock_workloads else "stock not measured"
         print(f"Workload {w}: {spec.n_layer} layers, {spec.n_embd} dims, vocab {spec.vocab_size}, "
               f"{spec.n_envs} episodes x {spec.new_tokens} new tokens, {spec.n_epochs} epochs, "
-              f"{spec.minibatches} minibatches; timed iterations: {iterations['fast']} per variant, stock {stock}")
-    print()
-    print(table)
-    sampling = measure_sampling(WORKLOADS[args.workloads[-1]].vocab_size, WORKLOADS[args.workloads[-1]].n_envs, device)
-    print(f"\nSampling one token per episode ({args.workloads[-1]}): SB3 Categorical.sample "
+              f"{spec.minibatches} minibatches; timed iterations: {iterations_for(args, w, 'fast')} per variant, {stock}")
+    tables = []
+    if args.workloads:
+        tables.append(format_table({w: results[w] for w in args.workloads}))
+        print()
+        print(tables[-1])
+    if args.lengths:
+        tables.append(format_length_table(results, args.lengths))
+        print("\nEpisode length (workload S, end to end):\n")
+        print(tables[-1])
+    last = workload_named([*args.workloads, *length_workloads(args)][-1])
+    sampling = measure_sampling(last.vocab_size, last.n_envs, device)
+    print(f"\nSampling one token per episode ({last.name}): SB3 Categorical.sample "
           f"{sampling['categorical']:.0f} us, inverse-CDF {sampling['inverse_cdf']:.0f} us")
-    return table
+    return "\n\n".join(tables)
 
 
 if __name__ == "__main__":

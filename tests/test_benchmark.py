@@ -47,9 +47,46 @@ def test_table_reports_medians_and_the_spread_over_repeats():
     assert "n/a" in next(line for line in table.splitlines() if "fast / stock" in line)
 
 
+def test_a_full_run_covers_s_m_l_and_the_episode_lengths():
+    args = benchmark.parse_args([])
+    assert args.workloads == ["S", "M", "L"] and args.lengths == [32, 128, 512] and args.stock_workloads == ["S"]
+    assert benchmark.length_workloads(args) == ["S@32", "S@128", "S@512"]
+    assert benchmark.parse_args(["--workloads", "S"]).lengths == []
+    assert benchmark.parse_args(["--workloads", "--lengths"]).lengths == [32, 128, 512]
+    assert benchmark.parse_args(["--skip-stock"]).stock_workloads == []
+
+
+def test_workload_l_has_gpt2_124m_shape_and_lengths_keep_the_token_count():
+    from bench.workloads import workload_named
+
+    large = workload_named("L")
+    assert (large.n_layer, large.n_embd, large.vocab_size, large.n_envs, large.new_tokens) == (12, 768, 50_257, 16, 128)
+    long = workload_named("S@512")
+    assert long.new_tokens == 512 and long.n_layer == WORKLOADS["S"].n_layer
+    assert long.iterations * long.tokens_per_iteration == WORKLOADS["S"].iterations * WORKLOADS["S"].tokens_per_iteration
+    with pytest.raises(KeyError, match="unknown workload"):
+        workload_named("XL")
+
+
+def test_length_table_gives_the_cost_per_token_relative_to_the_shortest_episodes():
+    results = {"S@32": {"fast": [_fake_run(100)], "bare_ppo": [_fake_run(200)]},
+               "S@512": {"fast": [_fake_run(80)], "bare_ppo": [_fake_run(100)]}}
+    table = benchmark.format_length_table(results, [32, 512])
+    rows = table.splitlines()[2:]
+    assert rows[0] == "| 32 | 100 | 200 | **0.50** | 1.00x |"
+    assert rows[1] == "| 512 | 80 | 100 | **0.80** | 1.25x |"
+
+
+def test_memory_ratio_row_divides_the_peaks():
+    runs = {"fast": [_fake_run(100)], "bare_rollout": [_fake_run(1000)], "bare_update": [_fake_run(1000)],
+            "bare_ppo": [dict(_fake_run(100), peak_mb=80.0)]}
+    row = next(line for line in benchmark.format_table({"X": runs}).splitlines() if "peak memory: fast /" in line)
+    assert "**1.25x**" in row
+
+
 @pytest.mark.slow
 def test_benchmark_prints_every_figure_for_a_tiny_workload(capsys):
-    table = benchmark.main(["--workloads", "tiny", "--iterations", "1"])
+    table = benchmark.main(["--workloads", "tiny", "--stock-workloads", "tiny", "--iterations", "1"])
     printed = capsys.readouterr().out
     assert table in printed
     for label in ("rollout: fast / tight floor", "update: fast / bare update", "fast / stock", "fast / tight floor",
@@ -58,7 +95,7 @@ def test_benchmark_prints_every_figure_for_a_tiny_workload(capsys):
     assert "n/a" not in table
     assert "target" not in table
     ratios = [line for line in table.splitlines() if "fast / " in line]
-    assert len(ratios) == 4
+    assert len(ratios) == 5  # rollout, update, vs stock, vs floor, peak memory
     for line in ratios:  # every ratio is a positive number
         value = line.split("|")[2].strip().strip("*").rstrip("x")
         assert float(value) > 0

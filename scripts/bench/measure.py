@@ -36,7 +36,7 @@ from typing import Any, Callable
 import torch
 
 import ppo_reference
-from bench.workloads import WORKLOADS, Workload, build_assets
+from bench.workloads import Workload, build_assets, workload_named
 
 
 def synchronize(device: torch.device) -> None:
@@ -278,7 +278,7 @@ def run_measurement(
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    workload = WORKLOADS[workload_name]
+    workload = workload_named(workload_name)
     torch_device = torch.device(device)
     model_path, prompts = build_assets(workload, Path(folder))
     gc.collect()

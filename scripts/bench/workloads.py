@@ -3,12 +3,15 @@
 Randomly initialised GPT-2 models and a word-level tokenizer over the project's
 review corpus; prompts are 8-16 random words, and the tokenizer has no EOS token,
 so every episode runs its full ``new_tokens``. ``Workload.iterations`` is the
-default number of timed iterations: 16,384 generated tokens per variant on S and
-L, 8,192 on M (seconds per variant on a 2-core CPU, except SB3's stock path).
+default number of timed iterations: 16,384 generated tokens per variant on S,
+8,192 on M, 2,048 on L (one iteration: minutes on a 2-core CPU). ``workload_named``
+also reads ``"S@512"``: workload S with 512 new tokens per episode, for the
+episode-length scaling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +45,25 @@ class Workload:
 WORKLOADS = {
     "S": Workload("S", n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_envs=16, new_tokens=32, iterations=32),
     "M": Workload("M", n_layer=4, n_embd=256, n_head=4, vocab_size=8000, n_envs=32, new_tokens=64, iterations=4),
-    "L": Workload("L", n_layer=12, n_embd=768, n_head=12, vocab_size=50_000, n_envs=64, new_tokens=128, iterations=2),
+    # GPT-2-124M's shape and vocabulary; 16 x 128 tokens keeps an iteration at minutes on a 2-core CPU.
+    "L": Workload("L", n_layer=12, n_embd=768, n_head=12, vocab_size=50_257, n_envs=16, new_tokens=128, iterations=1),
     # A seconds-long workload for smoke tests of the benchmark itself.
     "tiny": Workload("tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_envs=4, new_tokens=6, minibatches=2),
 }
+
+
+def workload_named(name: str) -> Workload:
+    """``"S"`` or ``"S@512"`` (``S`` with 512 new tokens per episode and as many timed
+    iterations as keep its generated tokens per variant)."""
+    base, _, new_tokens = name.partition("@")
+    if base not in WORKLOADS:
+        raise KeyError(f"unknown workload {base!r}: choose from {sorted(WORKLOADS)}")
+    workload = WORKLOADS[base]
+    if not new_tokens:
+        return workload
+    tokens = int(new_tokens)
+    iterations = max(1, workload.iterations * workload.new_tokens // tokens)
+    return dataclasses.replace(workload, name=name, new_tokens=tokens, iterations=iterations)
 
 
 def build_assets(workload: Workload, folder: Path, seed: int = 0) -> tuple[Path, list[str]]:
