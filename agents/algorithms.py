@@ -41,6 +41,7 @@ from stable_baselines3 import A2C, PPO
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents import distributed
 from agents.config import log_config
 from agents.envs import env_device, resolve_env
 from agents.fast_rollout import FastRolloutMixin
@@ -177,6 +178,10 @@ class LMAgentMixin(FastRolloutMixin):
     kl_in_reward = True  # the KL penalty goes into the rewards (False: the algorithm's loss has it)
     default_kl_coef = KL_DEFAULTS["kl_coef"]
     default_policy_class: type = LMActorCriticPolicy
+    #: Trains data-parallel under torchrun (``agents.distributed``); TRPO's line search and
+    #: NLPO's masked update are not synchronised across ranks.
+    supports_data_parallel = True
+    trains_value_head = True  # False for critic-free methods: DDP must then expect unused parameters
 
     def __init__(
         self,
@@ -192,6 +197,8 @@ class LMAgentMixin(FastRolloutMixin):
         deferred_reference: bool = True,
         **kwargs: Any,
     ):
+        if distributed.is_distributed():
+            kwargs = self._data_parallel_kwargs(fast, kwargs)
         kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
         self.kl_controller = make_kl_controller(kl_coef, kl_target, kl_horizon)
         # An instance attribute, so that save() stores it and load_agent() finds the class.
@@ -209,6 +216,10 @@ class LMAgentMixin(FastRolloutMixin):
         policy = policy or self.default_policy_class
         env = resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0),
                           device=kwargs.get("device", "auto"))
+        if distributed.is_distributed() and env is not None and kwargs.get("seed") is not None:
+            # Each rank its own samples; SB3 seeds env i with seed + i, so rank r's envs get the
+            # seeds of envs r*n_envs ... of one process running all ranks' envs (as make_text_vec_env).
+            kwargs["seed"] = kwargs["seed"] + distributed.rank() * env.num_envs
         if precision is not None:
             kwargs["policy_kwargs"] = {**(kwargs.get("policy_kwargs") or {}), "precision": precision}
         if kwargs.get("_init_setup_model", True):  # (load() restores the saved policy_kwargs instead)
@@ -227,6 +238,22 @@ class LMAgentMixin(FastRolloutMixin):
         kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
         warn_if_env_elsewhere(self.env, self.device)
+
+    def _data_parallel_kwargs(self, fast: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Under torchrun: refuse what is not synchronised across ranks; only rank 0 prints."""
+        name = type(self).algorithm_name
+        if not self.supports_data_parallel:
+            raise ValueError(f"{name} does not train data-parallel (its update is not synchronised across ranks). "
+                             "Fix: use ppo, a2c, rloo or grpo under torchrun, or run one process.")
+        if not fast:
+            raise ValueError("Data-parallel training runs the fast path only. Fix: drop fast=False under torchrun.")
+        if kwargs.get("target_kl") is not None:
+            raise ValueError("target_kl stops an epoch early on one rank's own estimate, which would leave the "
+                             "ranks running different numbers of updates. Fix: drop target_kl under torchrun.")
+        kwargs = dict(kwargs)
+        if not distributed.is_main_process():
+            kwargs["verbose"] = 0
+        return kwargs
 
     def _resolve_policy_kwargs(self, policy: Any, env: VecEnv | None, policy_kwargs: dict | None) -> dict[str, Any]:
         """The user's ``policy_kwargs`` over the class's ``policy_defaults``; an LM policy
@@ -250,7 +277,10 @@ class LMAgentMixin(FastRolloutMixin):
     def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
         """SB3's ``save``, written atomically (``textenv.files.atomic_write``): a crash or a
         full disk during the write leaves the previous file whole. ``path`` without a suffix
-        gets ``.zip``, as in SB3; a file object is written as SB3 writes it."""
+        gets ``.zip``, as in SB3; a file object is written as SB3 writes it. In data-parallel
+        training only rank 0 writes (every rank holds the same weights)."""
+        if not distributed.is_main_process():
+            return
         if not isinstance(path, (str, os.PathLike)):
             return super().save(path, exclude=exclude, include=include)  # type: ignore[misc]
         target = Path(path)
@@ -271,22 +301,42 @@ class LMAgentMixin(FastRolloutMixin):
         reference = self.policy.reference_model() if isinstance(self.policy, LMPolicyMixin) else None
         if reference is not None and isinstance(self.env, BatchedTextGenVecEnv):
             self.env.use_reference(reference)
+        if distributed.is_distributed() and isinstance(self.policy, LMPolicyMixin):
+            # DDP around the policy's evaluation of actions (it broadcasts rank 0's weights);
+            # every rank forms as many minibatches per epoch (agents.distributed).
+            self.policy.data_parallel = distributed.DataParallelEvaluation(
+                self.policy, find_unused_parameters=not self.trains_value_head)
+            if isinstance(self.rollout_buffer, SequenceRolloutBuffer):
+                self.rollout_buffer.agree_on_minibatch_count = distributed.agree_on_minibatch_count
 
     def _setup_learn(self, *args: Any, **kwargs: Any):
         """SB3's set-up (it makes the logger), then the resolved configuration into it:
-        TensorBoard gets it at the run's first dump (``agents.config.log_config``)."""
+        TensorBoard gets it at the run's first dump (``agents.config.log_config``). Ranks
+        other than 0 of a data-parallel run log nowhere."""
+        if not distributed.is_main_process():  # only rank 0 writes TensorBoard and the console log
+            self.tensorboard_log, self.verbose = None, 0
         result = super()._setup_learn(*args, **kwargs)  # type: ignore[misc]
         log_config(self.logger, self, self.env)
         return result
 
     def collect_rollouts(self, env: VecEnv, callback: Any, rollout_buffer: Any, n_rollout_steps: int, **kwargs: Any) -> bool:
-        """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation."""
+        """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation.
+        In data-parallel training ``num_timesteps`` counts every rank's tokens, so all ranks
+        stop after the same rollout."""
+        timesteps_before = self.num_timesteps
         if not super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps):
             return False
+        self._count_every_ranks_timesteps(timesteps_before)
         if self._recomputes_old_log_probs(rollout_buffer):
             rollout_buffer.recompute_log_probs(self.policy, getattr(self, "batch_size", None))
         self._normalize_advantages(rollout_buffer)
         return True
+
+    def _count_every_ranks_timesteps(self, timesteps_before: int) -> None:
+        """Data-parallel training: the tokens generated since ``timesteps_before`` by all ranks."""
+        if distributed.is_distributed():
+            generated = distributed.global_sums([self.num_timesteps - timesteps_before])[0]
+            self.num_timesteps = timesteps_before + int(generated)
 
     def _recomputes_old_log_probs(self, rollout_buffer: Any) -> bool:
         if not isinstance(rollout_buffer, SequenceRolloutBuffer):
@@ -298,7 +348,8 @@ class LMAgentMixin(FastRolloutMixin):
     def _normalize_advantages(self, rollout_buffer: Any) -> None:
         """With ``advantage_normalization="rollout"``: standardise over the whole rollout."""
         if self.advantage_normalization == "rollout":
-            normalize_rollout_advantages(rollout_buffer)
+            normalize_rollout_advantages(rollout_buffer,
+                                         sums=distributed.global_sums if distributed.is_distributed() else None)
 
     def learn(self, total_timesteps: int, callback: Any = None, **kwargs: Any):
         # A rollout of an LM is expensive: log every one (SB3's A2C default is every 100th).
@@ -336,6 +387,7 @@ class LMTRPO(LMAgentMixin, TRPO):
 
     algorithm_name = "trpo"
     defaults = TRPO_DEFAULTS
+    supports_data_parallel = False
     policy_defaults = {"attn_implementation": "eager"}
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -361,6 +413,7 @@ class LMNLPO(LMAgentMixin, MaskablePPO):
 
     algorithm_name = "nlpo"
     defaults = PPO_DEFAULTS
+    supports_data_parallel = False
     default_policy_class = TopPMaskedLMPolicy
 
     def __init__(self, policy: Any = None, env: VecEnv | str | None = None, mask_update_interval: int = 5,

@@ -8,6 +8,9 @@ observation, the learning-rate schedule's progress), a ``resume_state``:
 - the random number generators: Python's, NumPy's, torch's (and CUDA's);
 - the batched env's running episodes and its per-episode prompt samplers
   (``BatchedTextGenVecEnv.get_state``);
+- the agent's view of those episodes (``PER_RANK_AGENT_STATE``: the last observation,
+  the KL summed so far, the episode statistics);
+- all three of every rank, in data-parallel training;
 - what the caller adds (``extra``: e.g. the score before training).
 
 The KL of the episodes still running is an agent attribute (``kl_episode_sums``), so
@@ -34,9 +37,14 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv
 
+from agents import distributed
 from agents.registry import load_agent
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.zip$")
+# The agent's attributes that describe its own episodes, not the shared weights: in
+# data-parallel training each rank has its own (SB3 saves only rank 0's in the zip).
+PER_RANK_AGENT_STATE = ("_last_obs", "_last_episode_starts", "_last_original_obs", "kl_episode_sums",
+                        "ep_info_buffer", "ep_success_buffer")
 
 
 def random_states() -> dict[str, Any]:
@@ -55,23 +63,26 @@ def set_random_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(agent: BaseAlgorithm, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """The agent and everything needed to continue its run exactly, in one atomic write."""
+    """The agent and everything needed to continue its run exactly, in one atomic write.
+
+    In data-parallel training every rank calls it: each rank's episodes and random states
+    are gathered (``rank_states``, in rank order) and rank 0 writes the one file."""
     env = agent.get_env()
-    agent.resume_state = {
-        "random": random_states(),
-        "env": env.get_state() if hasattr(env, "get_state") else None,
-        "extra": dict(extra or {}),
-    }
+    own_state = {"random": random_states(), "env": env.get_state() if hasattr(env, "get_state") else None,
+                 "agent": {name: getattr(agent, name, None) for name in PER_RANK_AGENT_STATE}}
+    agent.resume_state = {"rank_states": distributed.gather_objects(own_state), "extra": dict(extra or {})}
     try:
-        agent.save(path)
+        agent.save(path)  # rank 0 only (LMAgentMixin.save)
     finally:
         del agent.resume_state
+    distributed.barrier()  # the file is whole before any rank goes on (and may resume from it)
     return Path(path)
 
 
 def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, dict[str, Any]]:
     """The agent of a checkpoint on ``env`` (built as the run built it), its episodes and
-    random states restored; returns it with the checkpoint's ``extra``."""
+    random states restored (this rank's, in data-parallel training: the run must resume
+    on as many ranks as it was saved from); returns it with the checkpoint's ``extra``."""
     # force_reset=False: SB3's load would otherwise reset the env, dropping the saved last
     # observation, and the run would go on with new episodes.
     agent = load_agent(str(path), env=env, force_reset=False)
@@ -80,9 +91,16 @@ def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, di
         raise ValueError(f"{path} is an agent, not a checkpoint (no resume_state). Fix: resume from a file written "
                          "by CheckpointCallback (checkpoint-<tokens>.zip).")
     del agent.resume_state
-    if state["env"] is not None:
-        agent.get_env().set_state(state["env"])
-    set_random_states(state["random"])
+    rank_states = state["rank_states"]
+    if len(rank_states) != distributed.world_size():
+        raise ValueError(f"{path} was saved by {len(rank_states)} rank(s); this run has {distributed.world_size()}. "
+                         f"Fix: resume with torchrun --nproc-per-node {len(rank_states)} (in total), as it was saved.")
+    own_state = rank_states[distributed.rank()]
+    for name, value in own_state["agent"].items():
+        setattr(agent, name, value)
+    if own_state["env"] is not None:
+        agent.get_env().set_state(own_state["env"])
+    set_random_states(own_state["random"])
     return agent, state["extra"]
 
 
@@ -138,8 +156,9 @@ class CheckpointCallback(BaseCallback):
             return
         save_checkpoint(self.model, self.folder / f"checkpoint-{self.num_timesteps}.zip", self.extra)
         self._last_saved = self.num_timesteps
-        for old in checkpoints_in(self.folder)[: -self.keep]:
-            old.unlink(missing_ok=True)
+        if distributed.is_main_process():
+            for old in checkpoints_in(self.folder)[: -self.keep]:
+                old.unlink(missing_ok=True)
 
     def _on_step(self) -> bool:
         return True

@@ -11,6 +11,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 import textenv  # noqa: F401  (registers the textenv/... ids)
+from agents import distributed
 from textenv.env import TextGenEnv
 from textenv.vector import BatchedTextGenVecEnv
 
@@ -35,9 +36,14 @@ def make_text_vec_env(
     The arguments are kept on the returned env as ``make_args`` (id, ``n_envs``,
     seed, ``batched``, ``env_kwargs``) so that ``agents.config.resolved_config``
     can report how the environment was made.
+
+    In data-parallel training (``agents.distributed``) rank ``r``'s episodes are seeded
+    from ``seed + r * n_envs``: its envs are envs ``r*n_envs ... (r+1)*n_envs - 1`` of one
+    process running ``world_size * n_envs`` of them.
     """
     if n_envs < 1:
         raise ValueError(f"n_envs must be at least 1, got {n_envs}")
+    seed = seed + distributed.rank() * n_envs
     env_kwargs = dict(env_kwargs or {})
     make_args = dict(env_id=env_id, n_envs=n_envs, seed=seed, batched=batched, env_kwargs=dict(env_kwargs))
     if batched and gym.spec(env_id).entry_point in ("textenv.env:TextGenEnv", TextGenEnv):

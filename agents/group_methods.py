@@ -47,6 +47,7 @@ class GroupRolloutMixin(LMAgentMixin):
     critic-free clipped update (the value head is neither trained nor logged)."""
 
     default_advantage_normalization = "none"  # advantages are already relative to the group
+    trains_value_head = False
 
     def __init__(self, policy: Any = None, env: VecEnv | str | None = None, group_size: int = 4, **kwargs: Any):
         if group_size < 2:
@@ -71,6 +72,7 @@ class GroupRolloutMixin(LMAgentMixin):
         self.policy.set_training_mode(False)
         rollout_buffer.reset()
         callback.on_rollout_start()
+        timesteps_before = self.num_timesteps
         reference_deferred = self._defers_reference_scoring(env)  # scored after the rollout, as PPO's
         step_dones: list[np.ndarray] = []
         if reference_deferred:
@@ -112,6 +114,7 @@ class GroupRolloutMixin(LMAgentMixin):
             if reference_deferred:
                 env.defer_reference_scoring(False)
         rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
+        self._count_every_ranks_timesteps(timesteps_before)
         if reference_deferred:
             self._score_reference(env, rollout_buffer, callback, np.stack(step_dones))
         if self._recomputes_old_log_probs(rollout_buffer):

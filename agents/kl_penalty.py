@@ -16,13 +16,16 @@ instead (``agents.fast_rollout``): the steps carry no ``ref_logprob``, and
 ``apply_rollout_penalty`` adds the same penalty to the stored rewards, step by step
 in the same order, before GAE. It also logs the task score, the KL and ``beta`` per rollout,
 text samples for TensorBoard, and feeds the mean per-episode KL and the number of
-episodes finished in the rollout to the coefficient controller.
+episodes finished in the rollout to the coefficient controller (both over every
+rank's episodes in data-parallel training, ``agents.distributed``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
+
+from agents.distributed import global_sums
 
 TEXT_ONLY_FOR_TENSORBOARD = ("stdout", "log", "json", "csv")
 
@@ -110,13 +113,16 @@ class KLPenaltyCallback(BaseCallback):
     def _on_rollout_end(self) -> None:
         controller = self.model.kl_controller
         self.logger.record("train/kl_coef", controller.value)
-        if self._rollout_kls:
-            mean_kl = float(np.mean(self._rollout_kls))
+        # Over every rank's episodes in data-parallel training, so that beta moves alike on all.
+        n_kls, kl_sum, n_scores, score_sum = global_sums(
+            [len(self._rollout_kls), sum(self._rollout_kls), len(self._rollout_scores), sum(self._rollout_scores)])
+        if n_kls:
+            mean_kl = float(kl_sum / n_kls)
             self.logger.record("rollout/kl", mean_kl)
             self.logger.record("rollout/kl_penalty", -controller.value * mean_kl)
-            controller.update(mean_kl, n_episodes=len(self._rollout_kls))  # Ziegler et al. count episodes
-        if self._rollout_scores:
-            self.logger.record("rollout/task_score", float(np.mean(self._rollout_scores)))
+            controller.update(mean_kl, n_episodes=int(n_kls))  # Ziegler et al. count episodes
+        if n_scores:
+            self.logger.record("rollout/task_score", float(score_sum / n_scores))
         if self._rollout_samples:
             self.logger.record(
                 "samples/text", format_samples(self._rollout_samples), exclude=TEXT_ONLY_FOR_TENSORBOARD

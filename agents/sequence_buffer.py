@@ -15,7 +15,7 @@ per-token tensors.
 
 from __future__ import annotations
 
-from typing import Generator, NamedTuple
+from typing import Callable, Generator, NamedTuple
 
 import numpy as np
 import torch
@@ -24,14 +24,26 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from policies.sequences import TokenSequences
 
 
-def normalize_rollout_advantages(buffer: RolloutBuffer) -> None:
+def normalize_rollout_advantages(buffer: RolloutBuffer, sums: Callable[[list[float]], np.ndarray] | None = None) -> None:
     """Standardise the advantages of every token of the rollout, in place, before any
     minibatch is drawn (SB3's convention: unbiased std, ``+ 1e-8``). Returns are left as
-    they are: the critic still regresses onto the unnormalised returns."""
+    they are: the critic still regresses onto the unnormalised returns.
+
+    ``sums`` (data-parallel training: ``agents.distributed.global_sums``) adds up the
+    count, sum and sum of squares over every rank's rollout, so that all ranks standardise
+    with the global mean and std."""
     valid = buffer.token_mask() if isinstance(buffer, SequenceRolloutBuffer) else np.ones_like(buffer.advantages, bool)
     advantages = buffer.advantages[valid]
-    if advantages.size > 1:
-        buffer.advantages[valid] = (advantages - advantages.mean()) / (advantages.std(ddof=1) + 1e-8)
+    if sums is None:
+        if advantages.size > 1:
+            buffer.advantages[valid] = (advantages - advantages.mean()) / (advantages.std(ddof=1) + 1e-8)
+        return
+    local = advantages.astype(np.float64)
+    count, total, total_of_squares = sums([local.size, local.sum(), np.square(local).sum()])
+    if count > 1:
+        mean = total / count
+        std = np.sqrt(max(total_of_squares - count * mean**2, 0.0) / (count - 1))
+        buffer.advantages[valid] = (local - mean) / (std + 1e-8)
 
 
 class SequenceRolloutSamples(NamedTuple):
@@ -49,6 +61,10 @@ class SequenceRolloutSamples(NamedTuple):
 
 
 class SequenceRolloutBuffer(RolloutBuffer):
+    #: Data-parallel training (``agents.distributed.agree_on_minibatch_count``): maps the
+    #: number of minibatches this rank would form to the number every rank forms.
+    agree_on_minibatch_count: Callable[[int], int] | None = None
+
     def reset(self) -> None:
         shape = (self.buffer_size, self.n_envs)
         self.actions = np.zeros((*shape, 1), dtype=np.float32)
@@ -124,21 +140,28 @@ class SequenceRolloutBuffer(RolloutBuffer):
             yield self._get_samples(segments)
 
     def minibatch_segments(self, batch_size: int | None = None) -> Generator[np.ndarray, None, None]:
-        """The segment indices of each minibatch ``get`` yields (one shuffle of all segments)."""
+        """The segment indices of each minibatch ``get`` yields (one shuffle of all segments).
+
+        With ``agree_on_minibatch_count`` set (data-parallel training), the shuffled segments
+        are split into the agreed number of minibatches of about equal segment counts
+        instead, so that every rank runs as many backward passes."""
         assert self.full, "the rollout is not complete"
         self._prepare_segments()
         if batch_size is None:
             batch_size = self.buffer_size * self.n_envs
-        batch: list[int] = []
-        n_tokens = 0
-        for segment in np.random.permutation(len(self.segment_spans)):
-            batch.append(int(segment))
+        order = np.random.permutation(len(self.segment_spans))
+        batches: list[np.ndarray] = []
+        first, n_tokens = 0, 0
+        for position, segment in enumerate(order):
             n_tokens += len(self._segment_tokens[segment])
-            if n_tokens >= batch_size:
-                yield np.array(batch)
-                batch, n_tokens = [], 0
-        if batch:
-            yield np.array(batch)
+            if n_tokens >= batch_size or position == len(order) - 1:
+                batches.append(order[first : position + 1])
+                first, n_tokens = position + 1, 0
+        if self.agree_on_minibatch_count is not None:
+            count = self.agree_on_minibatch_count(len(batches))
+            if count != len(batches):
+                batches = np.array_split(order, count)
+        yield from batches
 
     @torch.no_grad()
     def recompute_log_probs(self, policy, batch_size: int | None = None) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.utils import set_random_seed
 
+from agents import distributed
 from agents.checkpoints import CheckpointCallback, latest_checkpoint, resume_agent
 from agents.config import resolved_config
 from agents.envs import DEFAULT_N_ENVS, make_text_vec_env
@@ -27,14 +28,15 @@ EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed: the training seed + this
 
 @dataclass
 class TrainingRun:
-    """What a run produced: the trained agent, its scores before and after, where it went."""
+    """What a run produced: the trained agent, its scores before and after, where it went.
+    In data-parallel training only rank 0 evaluates: other ranks' scores are ``None``."""
 
     agent: BaseAlgorithm
     env_id: str
     algo: str
     total_timesteps: int
-    before: EvaluationResult
-    after: EvaluationResult
+    before: EvaluationResult | None
+    after: EvaluationResult | None
     train_seconds: float
     saved_to: str
     tensorboard_dir: str | None
@@ -124,11 +126,18 @@ def train_and_evaluate(
         its starting point at once) and after it, with a few samples.
     :param agent_kwargs: the algorithm's arguments (``make_agent``); the agent's
         defaults fill the rest.
+
+    Under ``torchrun`` (``agents.distributed``, process group joined by the caller) every
+    rank runs this with the same arguments: each trains on its own ``n_envs`` episodes,
+    ``total_timesteps`` counts every rank's tokens, and only rank 0 evaluates, prints,
+    writes TensorBoard and checkpoints and saves the agent.
     """
-    set_random_seed(seed)
+    main = distributed.is_main_process()
+    print_scores = print_scores and main
+    set_random_seed(seed + distributed.rank())
     env_kwargs = {"device": device, **(env_kwargs or {})}
     env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
-    eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs)
+    eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs) if main else None
     save_path = save_path or default_save_path(env_id, algo, seed)
     checkpoint_path = find_checkpoint(resume, checkpoint_folder(save_path))
     if checkpoint_path is not None:
@@ -138,7 +147,7 @@ def train_and_evaluate(
             print(f"resuming from {checkpoint_path} at {agent.num_timesteps} tokens")
     else:
         agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, device=device, **agent_kwargs)
-        before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
+        before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
     config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
     if print_scores:
         print(f"before training: mean task score {before.task_score:+.3f}, KL {before.kl:.3f}")
@@ -147,10 +156,10 @@ def train_and_evaluate(
         callbacks.append(CheckpointCallback(checkpoint_folder(save_path), checkpoint_every, keep_checkpoints,
                                             extra={"score_before": before}))
     start = time.perf_counter()
-    agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=run_name(env_id, algo), progress_bar=progress_bar,
-                callback=callbacks, reset_num_timesteps=checkpoint_path is None)
+    agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=run_name(env_id, algo),
+                progress_bar=progress_bar and main, callback=callbacks, reset_num_timesteps=checkpoint_path is None)
     train_seconds = time.perf_counter() - start
-    after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed)
+    after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
     if print_scores:
         print(f"after training:  mean task score {after.task_score:+.3f}, KL {after.kl:.3f} "
               f"(beta now {agent.kl_controller.value:.4f})")
@@ -158,7 +167,7 @@ def train_and_evaluate(
         for prompt, completion, score in after.samples[:4]:
             print(f"  [{score:+.2f}] {prompt}|{completion}")
 
-    agent.save(save_path)
+    agent.save(save_path)  # rank 0 only
     return TrainingRun(
         agent=agent, env_id=env_id, algo=algo, total_timesteps=total_timesteps, before=before, after=after,
         train_seconds=train_seconds, saved_to=save_path,

@@ -57,6 +57,10 @@ class LMPolicyMixin:
     (``LMActorCriticPolicy``) or sb3-contrib's ``MaskableActorCriticPolicy``
     (``policies.masked.TopPMaskedLMPolicy``). Arguments: see ``LMActorCriticPolicy``."""
 
+    #: Set by a data-parallel agent (``agents.distributed.DataParallelEvaluation``): the
+    #: synchronised ``evaluate_actions`` for evaluations under gradient; ``None``: one process.
+    data_parallel: Any = None
+
     def __init__(
         self,
         observation_space: spaces.Space,
@@ -218,7 +222,17 @@ class LMPolicyMixin:
         self, obs: dict[str, torch.Tensor] | TokenSequences, actions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Values, log-probs and entropies of ``actions``; ``obs`` may be SB3's batch of
-        observations or ``TokenSequences`` (one body pass per sequence)."""
+        observations or ``TokenSequences`` (one body pass per sequence). In data-parallel
+        training (``agents.distributed``), evaluations under gradient go through DDP, so
+        their backward synchronises the gradients across ranks."""
+        if self.data_parallel is not None and torch.is_grad_enabled():
+            return self.data_parallel(obs, actions)
+        return self.evaluate_actions_locally(obs, actions)
+
+    def evaluate_actions_locally(
+        self, obs: dict[str, torch.Tensor] | TokenSequences, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``evaluate_actions`` in this process alone."""
         hidden = self.last_hidden_state(obs)
         log_prob, entropy = self.chunked_log_prob_entropy(hidden, actions)
         return self.value(hidden), log_prob, entropy

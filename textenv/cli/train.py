@@ -9,6 +9,7 @@ environment argument; TensorBoard gets it too, under config/ and HPARAMS).
 
     textenv-train
     textenv-train --algo grpo --env textenv/Arithmetic-v0 --total-timesteps 65536
+    torchrun --nproc-per-node 2 scripts/train.py   # data-parallel: one process per GPU (or CPU, gloo)
 
 Defaults are the Python API's: an option left out is not passed on, so
 ``textenv-train --algo ppo`` trains what ``LMPPO(env=make_text_vec_env(id))``
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    from agents.distributed import distributed_from_environment, is_main_process
     from agents.training_run import train_and_evaluate
     from textenv.task import resolve_device
 
@@ -125,14 +127,21 @@ def main(argv: list[str] | None = None) -> dict:
     if policy_kwargs:
         agent_kwargs["policy_kwargs"] = policy_kwargs
     agent_kwargs.update(args.algo_kwargs)
-    run = train_and_evaluate(
-        args.env, args.algo, args.total_timesteps, n_envs=args.n_envs, seed=args.seed,
-        env_kwargs=None if args.model is None else {"model": args.model}, eval_episodes=args.eval_episodes,
-        tensorboard_log=args.tensorboard_log or None, save_path=args.save_path, progress_bar=not args.quiet,
-        print_scores=True, device=str(resolve_device(args.device)), checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints, resume=args.resume, **agent_kwargs,
-    )
+    # Under torchrun: join its process group, one device per rank (agents.distributed).
+    with distributed_from_environment(args.device) as context:
+        run = train_and_evaluate(
+            args.env, args.algo, args.total_timesteps, n_envs=args.n_envs, seed=args.seed,
+            env_kwargs=None if args.model is None else {"model": args.model}, eval_episodes=args.eval_episodes,
+            tensorboard_log=args.tensorboard_log or None, save_path=args.save_path, progress_bar=not args.quiet,
+            print_scores=True, device=str(context.device if context else resolve_device(args.device)),
+            checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
+            **agent_kwargs,
+        )
+        if not is_main_process():
+            return {}
     summary = run.summary()
+    if context is not None:
+        summary["data_parallel"] = {"world_size": context.world_size, "backend": context.backend}
     print(json.dumps(summary, indent=2))
     if args.tensorboard_log:
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard_log}")
