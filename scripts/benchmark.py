@@ -16,6 +16,9 @@ loop doing the work of one PPO iteration and nothing more; see
 2. Episode length (``--lengths``, default 32 128 512 new tokens on S): end-to-end
    tokens/s of the fast path and the floor, and the fast path's cost per generated
    token relative to the shortest length.
+3. Data parallel (``--data-parallel``, default 1 2 processes, ``bench.data_parallel``):
+   end-to-end tokens/s of the fast path on S with each number of processes (on CPU
+   the cores are split between them; on GPUs one GPU per process).
 
 Timing: by default every variant times 32 iterations on S (16,384 generated
 tokens), 4 on M (8,192) and 1 on L (2,048), after one untimed warm-up iteration;
@@ -43,6 +46,7 @@ VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
 LENGTH_VARIANTS = ("bare_ppo", "fast")  # end to end only
 DEFAULT_WORKLOADS = ("S", "M", "L")
 DEFAULT_LENGTHS = (32, 128, 512)
+DEFAULT_PROCESSES = (1, 2)
 
 ROLLOUT_FLOOR = "tight bare rollout (KV-cached policy decode with log-probs+values, one teacher-forced reference pass)"
 UPDATE_FLOOR = "bare update (same epochs x minibatches of forward + backward + clip_grad_norm + Adam)"
@@ -65,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stock-iterations", type=int, default=None,
                         help="timed iterations of SB3's stock path (default: same as --iterations; "
                              "~2.6 s per S iteration, ~3 min per M iteration on a 2-core CPU)")
+    parser.add_argument("--data-parallel", nargs="*", type=int, default=None, metavar="PROCESSES",
+                        help="the data-parallel table on S: end-to-end tok/s with each number of processes "
+                             "(bare --data-parallel: 1 2; default: 1 2 in a full run, else none)")
     parser.add_argument("--stock-workloads", nargs="*", default=["S"],
                         help="workloads on which SB3's stock path is measured too (default S: it is slow)")
     parser.add_argument("--skip-stock", action="store_true", help="leave out SB3's stock path everywhere")
@@ -82,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lengths = list(DEFAULT_LENGTHS) if full_run else []
     elif not args.lengths:
         args.lengths = list(DEFAULT_LENGTHS)
+    if args.data_parallel is None:
+        args.data_parallel = list(DEFAULT_PROCESSES) if full_run else []
+    elif not args.data_parallel:
+        args.data_parallel = list(DEFAULT_PROCESSES)
     if args.skip_stock:
         args.stock_workloads = []
     return args
@@ -123,6 +134,33 @@ def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
                       f"{result['tokens'] / result['seconds']:,.0f} tok/s, load average {os.getloadavg()[0]:.1f}",
                       file=sys.stderr, flush=True)
     return results
+
+
+def measure_data_parallel_runs(args: argparse.Namespace) -> dict[int, list[dict]]:
+    """``results[processes]``: one data-parallel measurement on S per repeat."""
+    from bench.data_parallel import measure_data_parallel
+
+    results: dict[int, list[dict]] = {n: [] for n in args.data_parallel}
+    for repeat in range(args.repeats):
+        for processes in args.data_parallel:
+            result = measure_data_parallel("S", processes, args.device, iterations_for(args, "S", "fast"))
+            results[processes].append(result)
+            print(f"  measured data-parallel S on {processes} process(es) (repeat {repeat + 1}/{args.repeats}): "
+                  f"{result['tokens_per_second']:,.0f} tok/s, load average {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+def format_data_parallel_table(results: dict[int, list[dict]]) -> str:
+    """Global end-to-end tok/s with each number of processes, and the speed-up over the first."""
+    lines = ["| processes | torch threads per process | end-to-end tok/s, all processes | per process "
+             "| speed-up over 1 process |", "|---|---|---|---|---|"]
+    base = statistics.median(r["tokens_per_second"] for r in results[min(results)])
+    for processes, runs in sorted(results.items()):
+        tps = statistics.median(r["tokens_per_second"] for r in runs)
+        lines.append(f"| {processes} | {runs[0]['threads_per_rank']} | {tps:,.0f} | {tps / processes:,.0f} "
+                     f"| {tps / base:.2f}x |")
+    return "\n".join(lines)
 
 
 def tokens_per_second(result: dict, part: str | None = None) -> float:
@@ -213,6 +251,7 @@ def main(argv=None) -> str:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     results = measure_all(args)
+    data_parallel = measure_data_parallel_runs(args) if args.data_parallel else {}
     load_after = os.getloadavg()[0]
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -235,7 +274,12 @@ def main(argv=None) -> str:
         tables.append(format_length_table(results, args.lengths))
         print("\nEpisode length (workload S, end to end):\n")
         print(tables[-1])
-    last = workload_named([*args.workloads, *length_workloads(args)][-1])
+    if data_parallel:
+        tables.append(format_data_parallel_table(data_parallel))
+        print(f"\nData-parallel (agents.distributed; workload S, fast path, end to end, "
+              f"{'gloo' if device.type == 'cpu' else 'nccl'}; each process runs S's 16 episodes):\n")
+        print(tables[-1])
+    last = workload_named(args.workloads[-1] if args.workloads else "S")
     sampling = measure_sampling(last.vocab_size, last.n_envs, device)
     print(f"\nSampling one token per episode ({last.name}): SB3 Categorical.sample "
           f"{sampling['categorical']:.0f} us, inverse-CDF {sampling['inverse_cdf']:.0f} us")

@@ -54,6 +54,15 @@ def test_a_full_run_covers_s_m_l_and_the_episode_lengths():
     assert benchmark.parse_args(["--workloads", "S"]).lengths == []
     assert benchmark.parse_args(["--workloads", "--lengths"]).lengths == [32, 128, 512]
     assert benchmark.parse_args(["--skip-stock"]).stock_workloads == []
+    assert args.data_parallel == [1, 2] and benchmark.parse_args(["--workloads", "S"]).data_parallel == []
+    assert benchmark.parse_args(["--workloads", "--data-parallel"]).data_parallel == [1, 2]
+
+
+def test_data_parallel_table_gives_the_speed_up_over_one_process():
+    results = {1: [{"tokens_per_second": 1000.0, "threads_per_rank": 2}],
+               2: [{"tokens_per_second": 1500.0, "threads_per_rank": 1}]}
+    rows = benchmark.format_data_parallel_table(results).splitlines()[2:]
+    assert rows == ["| 1 | 2 | 1,000 | 1,000 | 1.00x |", "| 2 | 1 | 1,500 | 750 | 1.50x |"]
 
 
 def test_workload_l_has_gpt2_124m_shape_and_lengths_keep_the_token_count():

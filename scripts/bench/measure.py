@@ -134,20 +134,26 @@ def measure_framework(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int,
     precision: str = "fp32",
 ) -> Measurement:
-    """Full PPO iterations through ``learn``, split into rollout, scoring and update."""
+    """Full PPO iterations through ``learn``, split into rollout, scoring and update. In
+    data-parallel training (``bench.data_parallel``) every rank runs ``iterations`` of
+    them and the tokens are every rank's (``num_timesteps`` counts them all)."""
+    from agents.distributed import world_size
+
     agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device, precision)
-    agent.learn(workload.tokens_per_iteration)  # warm-up iteration (allocations, caches)
+    agent.learn(workload.tokens_per_iteration * world_size())  # warm-up iteration (allocations, caches)
     for timer in reward_timers:
         timer.seconds = 0.0
     phases = PhaseTimer(device)
+    timesteps_before = agent.num_timesteps
     synchronize(device)
     start = time.perf_counter()
-    agent.learn(workload.tokens_per_iteration * iterations, callback=phases.callback, reset_num_timesteps=False)
+    agent.learn(workload.tokens_per_iteration * iterations * world_size(), callback=phases.callback,
+                reset_num_timesteps=False)
     synchronize(device)
     total = time.perf_counter() - start
     scoring = sum(t.seconds for t in reward_timers)
     parts = {"rollout": phases.rollout_seconds - scoring, "scoring": scoring, "update": total - phases.rollout_seconds}
-    return Measurement(total, workload.tokens_per_iteration * iterations, parts)
+    return Measurement(total, agent.num_timesteps - timesteps_before, parts)
 
 
 # -- the floor: the one-page PPO ----------------------------------------------------------------
