@@ -25,6 +25,9 @@ class EvaluationResult:
     distinct_1: float  # distinct words / words, over all completions
     distinct_2: float  # distinct word bigrams / bigrams
     samples: list[tuple[str, str, float]] = field(default_factory=list)
+    # Multi-turn environments (textenv.multiturn) only, else None:
+    success_rate: float | None = None  # share of episodes the turn-level env counted as a success
+    turns: float | None = None  # agent turns per episode
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -45,6 +48,8 @@ class EvaluatedEpisode:
     kl: float  # sum_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t))
     ref_logprob: float  # sum_t log pi_ref(a_t|s_t)
     length: int  # generated tokens
+    success: bool | None = None  # multi-turn episodes: the turn-level env's verdict
+    turns: int | None = None  # multi-turn episodes: agent turns
 
 
 @torch.no_grad()
@@ -98,6 +103,7 @@ def sample_episodes(
                     number=int(done_per_env[i]), slot=int(i), prompt=info["prompt"], completion=info["completion"],
                     task_score=float(info["task_score"]), kl=float(running_kl[i]),
                     ref_logprob=float(running_ref_logprob[i]), length=int(running_len[i]),
+                    success=info.get("success"), turns=info.get("turns"),
                 ))
                 done_per_env[i] += 1
             running_kl[i] = running_ref_logprob[i] = running_len[i] = 0
@@ -119,7 +125,10 @@ def evaluate_agent(
     episodes = sample_episodes(model, env, n_episodes, seed)
     completions = [episode.completion for episode in episodes]
     lengths = [episode.length for episode in episodes]
+    multi_turn = all(episode.turns is not None for episode in episodes)
     return EvaluationResult(
+        success_rate=float(np.mean([bool(episode.success) for episode in episodes])) if multi_turn else None,
+        turns=float(np.mean([episode.turns for episode in episodes])) if multi_turn else None,
         task_score=float(np.mean([episode.task_score for episode in episodes])),
         kl=float(np.mean([episode.kl for episode in episodes])),
         episode_length=float(np.mean(lengths)),
@@ -151,6 +160,8 @@ METRICS = [
     ("distinct-1", "distinct_1", "{:.3f}"),
     ("distinct-2", "distinct_2", "{:.3f}"),
     ("episode length (tokens)", "episode_length", "{:.1f}"),
+    ("success rate (multi-turn)", "success_rate", "{:.3f}"),
+    ("agent turns per episode (multi-turn)", "turns", "{:.2f}"),
 ]
 
 
@@ -159,6 +170,8 @@ def format_report(results: dict[str, EvaluationResult], n_samples: int = 5) -> s
     names = list(results)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, attribute, fmt in METRICS:
+        if any(getattr(results[n], attribute) is None for n in names):
+            continue  # e.g. success rate on a single-turn task
         lines.append(f"| {label} | " + " | ".join(fmt.format(getattr(results[n], attribute)) for n in names) + " |")
     lines += ["", "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for i in range(min(n_samples, *(len(results[n].samples) for n in names))):

@@ -42,6 +42,13 @@ class TrainingRun:
     tensorboard_dir: str | None
     config: dict[str, Any]
 
+    def _multi_turn_summary(self) -> dict[str, Any]:
+        if self.before is None or self.after is None or self.after.success_rate is None:
+            return {}
+        return {"success_rate_before": round(self.before.success_rate, 4),
+                "success_rate_after": round(self.after.success_rate, 4),
+                "turns_before": round(self.before.turns, 3), "turns_after": round(self.after.turns, 3)}
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the scores, the KL, the speed, the paths and the resolved configuration."""
         return {
@@ -55,10 +62,19 @@ class TrainingRun:
             "kl_before": round(self.before.kl, 4),
             "kl_after": round(self.after.kl, 4),
             "kl_coef_final": round(self.agent.kl_controller.value, 5),
+            **self._multi_turn_summary(),
             "saved_to": self.saved_to,
             "tensorboard_log": self.tensorboard_dir,
             "config": self.config,
         }
+
+
+def describe(result: EvaluationResult) -> str:
+    """One line: score and KL, and on a multi-turn task the success rate and turns."""
+    text = f"mean task score {result.task_score:+.3f}, KL {result.kl:.3f}"
+    if result.success_rate is not None:
+        text += f", success rate {result.success_rate:.3f}, {result.turns:.2f} turns per episode"
+    return text
 
 
 def default_save_path(env_id: str, algo: str, seed: int) -> str:
@@ -150,7 +166,7 @@ def train_and_evaluate(
         before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
     config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
     if print_scores:
-        print(f"before training: mean task score {before.task_score:+.3f}, KL {before.kl:.3f}")
+        print(f"before training: {describe(before)}")
     callbacks = []
     if checkpoint_every is not None:
         callbacks.append(CheckpointCallback(checkpoint_folder(save_path), checkpoint_every, keep_checkpoints,
@@ -161,7 +177,7 @@ def train_and_evaluate(
     train_seconds = time.perf_counter() - start
     after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
     if print_scores:
-        print(f"after training:  mean task score {after.task_score:+.3f}, KL {after.kl:.3f} "
+        print(f"after training:  {describe(after)} "
               f"(beta now {agent.kl_controller.value:.4f})")
         print("samples after training:")
         for prompt, completion, score in after.samples[:4]:

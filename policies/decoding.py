@@ -45,27 +45,30 @@ def step_slots(
     actions: torch.Tensor,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    new_episode: torch.Tensor,
-    prefill_new_episodes: bool = True,
+    refill: torch.Tensor,
+    skip: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Move every slot to the state of its new observation; returns its hidden state.
 
     Running episodes decode the action they just took (it is the last token of their
-    new observation). Rows in ``new_episode`` were reset by the environment: they
-    take part in the batched decode with a throw-away token in their (masked) last
-    column, then are prefilled from their prompt, unless ``prefill_new_episodes`` is
-    off (their slot and hidden state are then left stale, for a caller that refills them).
+    new observation). Rows in ``refill`` take part in the batched decode with a
+    throw-away token in their (masked) last column, then are prefilled from their whole
+    observation: an episode the environment reset, or one whose observation gained
+    tokens the agent did not choose (a multi-turn env's reply, ``textenv.multiturn``).
+    Rows in ``skip`` decode a throw-away token too and are left stale (their hidden
+    state is not used), for a caller that refills them later.
     """
+    off = refill if skip is None else refill | skip
     columns = last_token_index(attention_mask)
     decode_mask = attention_mask
-    if new_episode.any():
-        columns = torch.where(new_episode, slots.width - 1, columns)
+    if off.any():
+        columns = torch.where(off, slots.width - 1, columns)
         decode_mask = attention_mask.clone()
-        decode_mask[new_episode] = 0
-        decode_mask[new_episode, slots.width - 1] = 1
+        decode_mask[off] = 0
+        decode_mask[off, slots.width - 1] = 1
     hidden = slots.decode(actions, columns, decode_mask)
-    if prefill_new_episodes and new_episode.any():
-        rows = new_episode.nonzero()[:, 0]
+    if refill.any():
+        rows = refill.nonzero()[:, 0]
         hidden = hidden.clone()
         hidden[rows] = prefill_rows(slots, rows, input_ids[rows], attention_mask[rows])
     return hidden
@@ -84,6 +87,15 @@ class PolicyRolloutDecoder:
         self.slots = SlotDecoder(policy.causal_lm, n_envs, width)
         self.logits: torch.Tensor | None = None  # (n_envs, V) of the current states
         self.values: torch.Tensor | None = None  # (n_envs,) V(s) of the current states
+        self.last_columns: torch.Tensor | None = None  # (n_envs,) the last real column of each state
+
+    def _rows_to_refill(self, attention_mask: torch.Tensor, new_episode: torch.Tensor) -> torch.Tensor:
+        """New episodes, and running ones that gained more than the action just taken (a
+        multi-turn env's reply): their slots are prefilled from the whole observation."""
+        columns = last_token_index(attention_mask)
+        gained_other_tokens = columns > self.last_columns + 1
+        self.last_columns = columns
+        return new_episode | gained_other_tokens
 
     def _read_heads(self, hidden: torch.Tensor) -> None:
         """Actor and critic heads on the body's hidden state of each current state."""
@@ -95,6 +107,7 @@ class PolicyRolloutDecoder:
         """(Re)fill every slot from the current observations: at the first step, and after
         an update (the cached keys of running episodes came from the old weights)."""
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        self.last_columns = last_token_index(attention_mask)
         with self.policy.compute_context():
             self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask))
 
@@ -114,9 +127,11 @@ class PolicyRolloutDecoder:
     ) -> None:
         """Move to the new observations after the env took ``actions``: one cached decode step
         for all episodes; rows in ``new_episode`` (reset by the env) are prefilled from their
-        prompt instead."""
+        prompt instead, and so are rows whose observation gained tokens the agent did not
+        choose (``step_slots``)."""
+        refill = self._rows_to_refill(attention_mask, new_episode)
         with self.policy.compute_context():
-            self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, new_episode))
+            self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, refill))
 
     @torch.no_grad()
     def observe_last(
@@ -130,8 +145,9 @@ class PolicyRolloutDecoder:
         if bool(new_episode.all()):
             self.logits, self.values = None, torch.zeros(len(new_episode), device=new_episode.device)
             return
+        refill = self._rows_to_refill(attention_mask, new_episode) & ~new_episode
         with self.policy.compute_context():
-            hidden = step_slots(self.slots, actions, input_ids, attention_mask, new_episode, prefill_new_episodes=False)
+            hidden = step_slots(self.slots, actions, input_ids, attention_mask, refill, skip=new_episode)
             self.logits = None  # "start" comes next
             self.values = self.policy.value(hidden).flatten().masked_fill(new_episode, 0.0)
 
@@ -160,7 +176,8 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
     def observe(
         self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
     ) -> None:
+        refill = new_episode | (last_token_index(attention_mask) > self.last_columns + 1)
         super().observe(actions, input_ids, attention_mask, new_episode)
         with self.policy.compute_context():
-            mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, new_episode)
+            mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, refill)
         self.logits = self._masked(self.logits, mask_hidden)

@@ -38,15 +38,21 @@ def test_heldout_prompts_are_not_training_prompts():
         assert heldout() and not training & set(heldout()), env_id
 
 
-def test_every_builtin_task_keeps_heldout_prompts():
+def test_every_builtin_prompt_task_keeps_heldout_prompts():
+    """Prompt tasks keep held-out prompts; a multi-turn game draws its episodes from a seed."""
+    from textenv.multiturn import MULTI_TURN_ENTRY_POINT
+
     builtin = [env_id for env_id in gym.registry if env_id.startswith("textenv/") and env_id != "textenv/TextGen-v0"]
-    assert len(builtin) == 4 and set(builtin) <= set(HELDOUT_PROMPTS)
+    prompt_tasks = [env_id for env_id in builtin if gym.spec(env_id).entry_point != MULTI_TURN_ENTRY_POINT]
+    assert len(prompt_tasks) == 4 and set(prompt_tasks) <= set(HELDOUT_PROMPTS)
+    assert sorted(set(builtin) - set(prompt_tasks)) == ["textenv/GuessTheNumber-v0"]
 
 
 def test_builtin_model_names_resolve_and_unknown_ones_are_refused():
     from textenv.models import BUILTIN_MODELS, resolve_model_path
 
-    assert {"default", "textenv:default", "textenv:arithmetic", "textenv:sentiment-reward-model"} <= set(BUILTIN_MODELS)
+    assert {"default", "textenv:default", "textenv:arithmetic", "textenv:sentiment-reward-model",
+            "textenv:guess-number"} <= set(BUILTIN_MODELS)
     with pytest.raises(ValueError, match="Unknown built-in model 'textenv:nope'.*textenv:arithmetic"):
         resolve_model_path("textenv:nope")
 

@@ -2,7 +2,9 @@
 
 - ``sentiment``: ``textenv/PositiveSentiment-v0``, ``textenv/LearnedRewardSentiment-v0``,
   ``textenv/ShortPositive-v0`` (continue a review opening so the text reads positive);
-- ``arithmetic``: ``textenv/Arithmetic-v0`` (answer ``a+b=`` exactly).
+- ``arithmetic``: ``textenv/Arithmetic-v0`` (answer ``a+b=`` exactly);
+- ``guess_number``: ``textenv/GuessTheNumber-v0`` (a multi-turn game: find a number
+  from 1 to 10 from "higher"/"lower" replies; ``textenv.multiturn``).
 
 Their data: ``corpus`` (the review corpus, also what the default model is trained
 on) and ``preferences`` (the preference pairs the learned reward model is trained
@@ -13,9 +15,9 @@ on). Tasks name their models (``"default"``, ``"textenv:arithmetic"``,
 
 from __future__ import annotations
 
-from textenv.tasks import arithmetic, sentiment
+from textenv.tasks import arithmetic, guess_number, sentiment
 
-TASK_MODULES = (sentiment, arithmetic)
+TASK_MODULES = (sentiment, arithmetic, guess_number)
 
 
 def register_builtin_tasks() -> None:

@@ -4,6 +4,7 @@
 |---|---|---|
 | ``"default"`` (= ``"textenv:default"``) | the embedded GPT-2-style LM and tokenizer | ``default_model`` |
 | ``"textenv:arithmetic"`` | the arithmetic task's starting model | the default model + SFT on the task's training problems |
+| ``"textenv:guess-number"`` | the guess-the-number game's starting model | the default model + SFT on transcripts of random play |
 | ``"textenv:sentiment-reward-model"`` | the learned sentiment reward model | the default model's body + Bradley-Terry on the built-in preference pairs |
 
 Each is built once, on first use, into the cache (``textenv.cache``; a folder
@@ -19,6 +20,7 @@ from pathlib import Path
 from textenv.cache import cache_root, ensure_built
 from textenv.models import DEFAULT_MODEL_NAME, load_causal_lm, load_tokenizer, register_builtin_model
 from textenv.tasks.arithmetic import arithmetic_problems
+from textenv.tasks.guess_number import random_play_transcripts
 from textenv.tasks.preferences import builtin_preference_pairs
 from textenv.training.default_model import ensure_default_model
 from textenv.training.loop import save_model_and_tokenizer
@@ -59,6 +61,47 @@ def build_arithmetic_model(folder: Path, progress: bool = True) -> None:
 
 def ensure_arithmetic_model(progress: bool = True) -> Path:
     return ensure_built(arithmetic_model_dir().name, build_arithmetic_model, "the arithmetic model", progress)
+
+
+# -- the guess-the-number game's starting model ----------------------------------------------
+
+GUESS_NUMBER_MODEL_VERSION = "v1"
+GUESS_NUMBER_SFT_STEPS = 300
+N_GAME_TRANSCRIPTS, N_HELDOUT_GAME_TRANSCRIPTS = 4000, 200
+
+
+def guess_number_model_dir() -> Path:
+    return cache_root() / f"guess-number-lm-{GUESS_NUMBER_MODEL_VERSION}"
+
+
+def build_guess_number_model(folder: Path, progress: bool = True) -> None:
+    """The default model fine-tuned on transcripts of legal but random play: it speaks the
+    game (a number from 1 to 10, then its end-of-turn token) without using the replies."""
+    model = load_causal_lm(DEFAULT_MODEL_NAME)
+    tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
+    transcripts = random_play_transcripts(N_GAME_TRANSCRIPTS + N_HELDOUT_GAME_TRANSCRIPTS, tokenizer.eos_token, seed=0)
+    examples = [SFTExample(prompt, rest) for prompt, rest in transcripts]
+    result = supervised_finetune(
+        model,
+        tokenizer,
+        examples[:N_GAME_TRANSCRIPTS],
+        examples[N_GAME_TRANSCRIPTS:],
+        steps=GUESS_NUMBER_SFT_STEPS,
+        batch_size=32,
+        learning_rate=1e-3,
+        max_length=64,
+        progress=progress,
+        description="guess-the-number SFT",
+    )
+    if progress:
+        print(f"textenv: guess-the-number model held-out loss {result.heldout_loss_before:.2f} -> "
+              f"{result.heldout_loss_after:.2f}")
+    save_model_and_tokenizer(model, tokenizer, folder)
+
+
+def ensure_guess_number_model(progress: bool = True) -> Path:
+    return ensure_built(guess_number_model_dir().name, build_guess_number_model, "the guess-the-number model",
+                        progress)
 
 
 # -- the learned sentiment reward model -----------------------------------------------------
@@ -104,4 +147,5 @@ def register_builtin_models() -> None:
     register_builtin_model(DEFAULT_MODEL_NAME, ensure_default_model)
     register_builtin_model("textenv:default", ensure_default_model)
     register_builtin_model("textenv:arithmetic", ensure_arithmetic_model)
+    register_builtin_model("textenv:guess-number", ensure_guess_number_model)
     register_builtin_model("textenv:sentiment-reward-model", ensure_learned_sentiment_reward_model)
