@@ -78,7 +78,12 @@ class TextArenaTurnEnv:
         self.format_action, self.format_observation = format_action, format_observation
 
     def _game_messages(self) -> str:
+        """The game's messages since the agent's last turn. A raw TextArena env (ids ending
+        in ``-raw``) gives them as ``(sender, message, kind)`` entries (the game is sender
+        -1); a wrapped one as the text its wrappers made."""
         _, observations = self.env.get_observation()
+        if isinstance(observations, str):
+            return observations
         return "\n".join(message for sender, message, _ in observations if sender == -1)
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:

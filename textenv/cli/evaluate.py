@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     transformers.utils.logging.disable_progress_bar()
     from agents import load_agent, make_text_vec_env
     from agents.evaluation import compare_with_reference, format_report, report_json, save_report_json
+    import gymnasium as gym
+
+    from textenv.multiturn import MULTI_TURN_ENTRY_POINT
     from textenv.registration import HELDOUT_PROMPTS
 
     env_kwargs = dict(args.env_kwargs)
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         env_kwargs["prompts"] = args.prompts
     elif args.env in HELDOUT_PROMPTS:
         env_kwargs["prompts"] = HELDOUT_PROMPTS[args.env]()
-    else:
+    elif gym.spec(args.env).entry_point != MULTI_TURN_ENTRY_POINT:  # a game draws its episodes from the seed
         print(f"note: no held-out prompts known for {args.env}; evaluating on its own prompts", file=sys.stderr)
     env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
     agent = load_agent(args.agent)  # only its policy is used: the env stays as built here

@@ -37,7 +37,7 @@ FIRST_MESSAGE_TEMPLATE = "{message} Guess:"
 REPLY_TEMPLATE = "\n{reply} Guess:"
 RIGHT, WRONG, INVALID = 1.0, -0.05, -0.1
 CORRECT_REPLY, HIGHER_REPLY, LOWER_REPLY = "Correct!", "Higher.", "Lower."
-INVALID_REPLY = f"Say a number from {LOW} to {HIGH}."
+INVALID_REPLY = "Not a guess."
 
 
 def parse_guess(text: str) -> int | None:
@@ -112,13 +112,13 @@ def to_dialogue(message: str) -> str:
         return LOWER_REPLY
     if "maximum number of turns" in text or "turn limit" in text:
         return "Out of turns."
-    if "invalid" in text or "outside the range" in text or "already guessed" in text:
+    if "invalid" in text or "valid guess" in text or "outside the range" in text or "already guessed" in text:
         return INVALID_REPLY
     return message
 
 
 #: The dialogue's settings, shared by the built-in game and its GEM and TextArena versions.
-DIALOGUE = dict(model="textenv:guess-number", max_prompt_len=16, max_turn_tokens=4, max_episode_tokens=48,
+DIALOGUE = dict(model="textenv:guess-number", max_prompt_len=24, max_turn_tokens=4, max_episode_tokens=64,
                 first_message_template=FIRST_MESSAGE_TEMPLATE, reply_template=REPLY_TEMPLATE)
 GEM_ID, TEXTARENA_ID = "gem/GuessTheNumber-v0-easy", "textarena/GuessTheNumber-v0"
 
@@ -129,5 +129,5 @@ def register() -> None:
     register_multi_turn_task(GUESS_THE_NUMBER_ID, turn_env=GuessTheNumber, max_turns=MAX_TURNS, **DIALOGUE)
     register_gem_game(GEM_ID, "game:GuessTheNumber-v0-easy", format_observation=to_dialogue, max_turns=MAX_TURNS,
                       **DIALOGUE)
-    register_textarena_game(TEXTARENA_ID, "GuessTheNumber-v0", format_observation=to_dialogue, max_turns=10,
-                            **{**DIALOGUE, "max_episode_tokens": 96})
+    register_textarena_game(TEXTARENA_ID, "GuessTheNumber-v0-raw", format_observation=to_dialogue, max_turns=10,
+                            **{**DIALOGUE, "max_episode_tokens": 104})
