@@ -17,7 +17,9 @@ passes wins over the class's defaults (``defaults``, ``policy_defaults``).
   fixed), an attribute of the agent so that ``model.save`` stores its state and
   ``load`` restores it;
 - ``learn`` puts the ``KLPenaltyCallback`` first in the callback chain, so every
-  stored reward carries the per-token KL penalty;
+  stored reward carries the per-token KL penalty; ``kl_estimator`` ("k1", "k2", "k3":
+  ``agents.kl_penalty.kl_estimate``) and ``kl_placement`` ("reward", or "loss" where the
+  update has a place for it: PPO and the group methods) choose its form and place;
 - ``advantage_normalization``: advantages are standardised once over the whole
   rollout (``"rollout"``, as TRL and OpenRLHF do), not per minibatch as SB3 does
   (``"minibatch"``): a minibatch of whole sequences holds only a few episodes, and
@@ -42,11 +44,12 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents import distributed
+from agents.clipped_update import clipped_update
 from agents.config import log_config
 from agents.envs import env_device, resolve_env
 from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
-from agents.kl_penalty import KLPenaltyCallback
+from agents.kl_penalty import KL_ESTIMATORS, KLEstimator, KLPenaltyCallback
 from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_advantages
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
@@ -99,6 +102,8 @@ TRPO_DEFAULTS: dict[str, Any] = dict(
 
 AdvantageNormalization = Literal["rollout", "minibatch", "none"]
 ADVANTAGE_NORMALIZATIONS = ("rollout", "minibatch", "none")
+KLPlacement = Literal["reward", "loss"]
+KL_PLACEMENTS = ("reward", "loss")
 # SB3 keywords that textenv agents replace with their own, and what replaces them.
 REPLACED_KEYWORDS = {
     "normalize_advantage": "advantage_normalization='minibatch' for SB3's behaviour ('rollout', the "
@@ -155,11 +160,21 @@ class LMAgentMixin(FastRolloutMixin):
     :param kl_target: the per-episode KL that the adaptive controller steers beta toward
         (``KL_DEFAULTS``); ``None`` keeps beta fixed.
     :param kl_horizon: the adaptive controller's horizon, in episodes (``KL_DEFAULTS``).
+    :param kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``, the per-token estimator of
+        KL(pi || ref) (``agents.kl_penalty.kl_estimate``: their biases and gradients);
+        ``None``: k1 in the reward, k3 in the loss.
+    :param kl_placement: ``"reward"`` (a per-token penalty in the rewards, Ziegler et al.)
+        or ``"loss"`` (``beta * KL`` added to the update's loss, as GRPO); ``None``: the
+        algorithm's ``default_kl_placement`` (GRPO "loss", the others "reward"). "loss"
+        needs an update with a place for it (``supports_kl_in_loss``) and the fast path.
     :param fast: the KV-cached rollout and whole-sequence update (``False``: SB3's own path).
     :param advantage_normalization: ``"rollout"``, ``"minibatch"`` or ``"none"`` (module doc);
         ``None``: the algorithm's default.
     :param precision: the policy's ``"fp32"`` (default), ``"bf16-mixed"`` or ``"bf16"``
         (``policies.lm_policy``); the same as ``policy_kwargs={"precision": ...}``.
+    :param critic: ``"shared"`` (the value head on the policy's body, default) or
+        ``"separate"`` (its own body: PPO and A2C); the same as ``policy_kwargs={"critic": ...}``,
+        where ``critic_model_name_or_path`` and ``critic_learning_rate`` configure it.
     :param recompute_old_log_probs: after each rollout, replace the KV-cached decode's
         log-probs with one teacher-forced pass (``SequenceRolloutBuffer.recompute_log_probs``);
         ``None``: on under bf16 precisions (where the two paths differ by bf16 rounding,
@@ -175,13 +190,17 @@ class LMAgentMixin(FastRolloutMixin):
     defaults: dict[str, Any] = {}
     policy_defaults: dict[str, Any] = {}  # under the user's policy_kwargs (TRPO: eager attention)
     default_advantage_normalization: AdvantageNormalization = "rollout"
-    kl_in_reward = True  # the KL penalty goes into the rewards (False: the algorithm's loss has it)
+    default_kl_placement: KLPlacement = "reward"
+    #: Whether the update has a place for ``kl_placement="loss"``: PPO and the group methods
+    #: (``agents.clipped_update``); A2C, TRPO and NLPO run their library's update.
+    supports_kl_in_loss = False
     default_kl_coef = KL_DEFAULTS["kl_coef"]
     default_policy_class: type = LMActorCriticPolicy
     #: Trains data-parallel under torchrun (``agents.distributed``); TRPO's line search and
     #: NLPO's masked update are not synchronised across ranks.
     supports_data_parallel = True
     trains_value_head = True  # False for critic-free methods: DDP must then expect unused parameters
+    supports_separate_critic = False  # policy_kwargs={"critic": "separate"}: PPO and A2C
 
     def __init__(
         self,
@@ -190,9 +209,12 @@ class LMAgentMixin(FastRolloutMixin):
         kl_coef: float | None = None,
         kl_target: float | None = KL_DEFAULTS["kl_target"],
         kl_horizon: int = KL_DEFAULTS["kl_horizon"],
+        kl_estimator: KLEstimator | None = None,
+        kl_placement: KLPlacement | None = None,
         fast: bool = True,
         advantage_normalization: AdvantageNormalization | None = None,
         precision: str | None = None,
+        critic: str | None = None,
         recompute_old_log_probs: bool | None = None,
         deferred_reference: bool = True,
         **kwargs: Any,
@@ -201,6 +223,8 @@ class LMAgentMixin(FastRolloutMixin):
             kwargs = self._data_parallel_kwargs(fast, kwargs)
         kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
         self.kl_controller = make_kl_controller(kl_coef, kl_target, kl_horizon)
+        self.kl_placement, self.kl_estimator = self._resolve_kl_options(kl_placement, kl_estimator, fast, kwargs)
+        self.kl_in_reward = self.kl_placement == "reward"  # read by KLPenaltyCallback
         # An instance attribute, so that save() stores it and load_agent() finds the class.
         self.algorithm_name = type(self).algorithm_name
         refuse_replaced_keywords(kwargs)
@@ -222,14 +246,21 @@ class LMAgentMixin(FastRolloutMixin):
             kwargs["seed"] = kwargs["seed"] + distributed.rank() * env.num_envs
         if precision is not None:
             kwargs["policy_kwargs"] = {**(kwargs.get("policy_kwargs") or {}), "precision": precision}
+        if critic is not None:
+            kwargs["policy_kwargs"] = {**(kwargs.get("policy_kwargs") or {}), "critic": critic}
         if kwargs.get("_init_setup_model", True):  # (load() restores the saved policy_kwargs instead)
             kwargs["policy_kwargs"] = self._resolve_policy_kwargs(policy, env, kwargs.get("policy_kwargs"))
+            if kwargs["policy_kwargs"].get("critic", "shared") != "shared" and not self.supports_separate_critic:
+                raise ValueError(f"{type(self).algorithm_name} cannot use a separate critic (it has no critic to "
+                                 "train on its own, or its update trains the value head alone). Fix: use "
+                                 "critic='separate' with ppo or a2c, or leave critic='shared'.")
         kwargs = {**self.defaults, **kwargs}
         if fast:  # the fast path is a choice of rollout buffer; SB3's own otherwise
             kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
         # What the constructor resolved, for agents.config.resolved_config (and saved with the agent).
         self._init_kwargs = dict(
-            kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon, fast=fast,
+            kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon, kl_estimator=self.kl_estimator,
+            kl_placement=self.kl_placement, fast=fast,
             advantage_normalization=advantage_normalization, recompute_old_log_probs=recompute_old_log_probs,
             deferred_reference=deferred_reference,
             **{key: value for key, value in kwargs.items() if not key.startswith("_")},
@@ -238,6 +269,27 @@ class LMAgentMixin(FastRolloutMixin):
         kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
         warn_if_env_elsewhere(self.env, self.device)
+
+    def _resolve_kl_options(self, placement: KLPlacement | None, estimator: KLEstimator | None, fast: bool,
+                            kwargs: dict[str, Any]) -> tuple[KLPlacement, KLEstimator]:
+        """``(kl_placement, kl_estimator)`` after the defaults; a ``ValueError`` naming the fix
+        for a combination the update cannot run."""
+        name = type(self).algorithm_name
+        placement = placement or self.default_kl_placement
+        if placement not in KL_PLACEMENTS:
+            raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {placement!r}")
+        estimator = estimator or ("k1" if placement == "reward" else "k3")
+        if estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+        if placement == "loss" and not self.supports_kl_in_loss:
+            raise ValueError(f"{name} runs its library's own update, which has no place for a KL term. Fix: use "
+                             "kl_placement='reward' (any kl_estimator), or ppo, rloo or grpo for the KL in the loss.")
+        buffer_class = kwargs.get("rollout_buffer_class") or (SequenceRolloutBuffer if fast else None)
+        keeps_reference = isinstance(buffer_class, type) and issubclass(buffer_class, SequenceRolloutBuffer)
+        if placement == "loss" and not keeps_reference:
+            raise ValueError("kl_placement='loss' needs the reference's log-prob of each token in the update, which "
+                             "only the fast path's buffer keeps. Fix: drop fast=False (and rollout_buffer_class).")
+        return placement, estimator
 
     def _data_parallel_kwargs(self, fast: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Under torchrun: refuse what is not synchronised across ranks; only rank 0 prints."""
@@ -270,6 +322,14 @@ class LMAgentMixin(FastRolloutMixin):
         gradients so far (``policies.guarded_optimizer``)."""
         super().train()  # type: ignore[misc]
         self._record_skipped_updates()
+
+    def _update_learning_rate(self, optimizers: Any) -> None:
+        """SB3's schedule, then each parameter group's ``lr_scale`` (a separate critic's own
+        learning rate, ``policies.lm_policy``), which SB3's update would overwrite."""
+        super()._update_learning_rate(optimizers)  # type: ignore[misc]
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                group["lr"] *= group.get("lr_scale", 1.0)
 
     def _record_skipped_updates(self) -> None:
         self.logger.record("train/skipped_updates", getattr(self.policy.optimizer, "skipped_steps", 0))
@@ -360,10 +420,20 @@ class LMAgentMixin(FastRolloutMixin):
 
 
 class LMPPO(LMAgentMixin, PPO):
-    """PPO with the per-token KL penalty toward the reference model."""
+    """PPO with the per-token KL penalty toward the reference model (or, with
+    ``kl_placement="loss"``, the KL term in the loss)."""
 
     algorithm_name = "ppo"
     defaults = PPO_DEFAULTS
+    supports_separate_critic = True
+    supports_kl_in_loss = True
+
+    def train(self) -> None:
+        """SB3's ``PPO.train``; with ``kl_placement="loss"``, the same update plus ``beta * KL``
+        in the loss (``agents.clipped_update``: SB3's loss has no place for it)."""
+        if self.kl_in_reward:
+            return super().train()
+        clipped_update(self)
 
 
 class LMA2C(LMAgentMixin, A2C):
@@ -371,6 +441,7 @@ class LMA2C(LMAgentMixin, A2C):
 
     algorithm_name = "a2c"
     defaults = A2C_DEFAULTS
+    supports_separate_critic = True
     default_advantage_normalization = "none"  # SB3's A2C default: raw advantages
 
 

@@ -1,7 +1,15 @@
-"""Compare algorithms (and seeds) on one task for the same budget of generated tokens."""
+"""Compare algorithms, or variants of them, (and seeds) on one task for the same budget of
+generated tokens.
+
+A variant is an algorithm name with keyword overrides, written ``NAME:KEY=VALUE,KEY=VALUE``
+(``parse_variant``), e.g. ``grpo:loss_aggregation=sequence_mean`` or
+``ppo:kl_estimator=k3,kl_placement=loss``; it is labelled by the whole string.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,27 +61,33 @@ def run_comparison(
     eval_episodes: int = 64,
     tensorboard_log: str | None = None,
     algo_kwargs: dict[str, dict[str, Any]] | None = None,
+    variants: list[str] | None = None,
 ) -> list[RunResult]:
-    """Train every (algorithm, seed) for ``total_tokens`` generated tokens; evaluate each
-    before and after on the same held-out-seeded episodes. Every run keeps its resolved
-    configuration (``RunResult.config``); the agents' defaults apply where
-    ``algo_kwargs`` say nothing (beta adapted toward 4 nats per episode).
+    """Train every (algorithm or variant, seed) for ``total_tokens`` generated tokens;
+    evaluate each before and after on the same held-out-seeded episodes. Every run keeps
+    its resolved configuration (``RunResult.config``); the agents' defaults apply where
+    the arguments say nothing (beta adapted toward 4 nats per episode).
 
     An entry of ``algos`` is an algorithm name, or ``LABEL:NAME`` for a variant of it
-    (e.g. ``ppo-minibatch:ppo``) whose arguments are ``algo_kwargs[LABEL]``."""
+    (e.g. ``ppo-minibatch:ppo``) whose arguments are ``algo_kwargs[LABEL]``. An entry of
+    ``variants`` is ``NAME:KEY=VALUE,...`` (``parse_variant``), labelled by the whole
+    string; its overrides go over ``algo_kwargs[entry]``."""
+    algo_kwargs = algo_kwargs or {}
+    runs = [(label, algo, algo_kwargs.get(label, {})) for label, algo in map(split_variant, algos)]
+    for entry in variants or []:
+        algo, overrides = parse_variant(entry)
+        runs.append((entry, algo, {**algo_kwargs.get(entry, {}), **overrides}))
     results = []
-    for entry in algos:
-        label, algo = split_variant(entry)
+    for label, algo, kwargs in runs:
         for seed in seeds:
             env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed)
             eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=10_000 + seed)
-            agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log,
-                               **(algo_kwargs or {}).get(label, {}))
+            agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, **kwargs)
             config = resolved_config(agent, env)
             before = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             curve = LearningCurve()
             start = time.perf_counter()
-            agent.learn(total_tokens, callback=curve, tb_log_name=f"{label}_seed{seed}")
+            agent.learn(total_tokens, callback=curve, tb_log_name=f"{folder_name(label)}_seed{seed}")
             seconds = time.perf_counter() - start
             after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             results.append(RunResult(label, seed, before.task_score, after.task_score, after.kl,
@@ -85,6 +99,36 @@ def split_variant(entry: str) -> tuple[str, str]:
     """``"ppo"`` -> ``("ppo", "ppo")``; ``"ppo-minibatch:ppo"`` -> ``("ppo-minibatch", "ppo")``."""
     label, _, algo = entry.rpartition(":")
     return (label or algo), algo
+
+
+def folder_name(label: str) -> str:
+    """``label`` as a TensorBoard run folder: a variant's ':', '=' and ',' become '_'
+    (not every file system takes them)."""
+    return re.sub(r"[^\w.+-]", "_", label)
+
+
+def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
+    """``"ppo:kl_estimator=k3,kl_placement=loss"`` -> ``("ppo", {"kl_estimator": "k3", "kl_placement": "loss"})``.
+
+    Each value is read as JSON where it is JSON (``0.28``, ``false``, ``null``,
+    ``{"top_p": 0.9}``), else kept as a string (``k3``). Pairs are split at the commas
+    followed by ``KEY=``, so a JSON value may hold commas itself. A ``ValueError`` names
+    the fix for text that is not of this form."""
+    algo, _, overrides = entry.partition(":")
+    kwargs: dict[str, Any] = {}
+    for pair in re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", overrides) if overrides.strip() else []:
+        key, equals, text = pair.partition("=")
+        key = key.strip()
+        if not equals or not key.isidentifier():
+            raise ValueError(f"{pair!r} in variant {entry!r} is not KEY=VALUE. Fix: write NAME:KEY=VALUE,KEY=VALUE, "
+                             "e.g. ppo:kl_estimator=k3,kl_placement=loss.")
+        if key in kwargs:
+            raise ValueError(f"{key!r} appears twice in variant {entry!r}. Fix: give each keyword once.")
+        try:
+            kwargs[key] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[key] = text.strip()
+    return algo.strip(), kwargs
 
 
 def markdown_table(results: list[RunResult]) -> str:

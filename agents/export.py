@@ -3,8 +3,9 @@
 An SB3 agent zip is a pickle: loading one from a stranger runs their code. The
 exported folder is what ``save_pretrained`` writes (``config.json``, safetensors
 weights, the tokenizer, the generation config) plus the value head
-(``value_head.safetensors``) and a small JSON of what textenv needs to rebuild
-the policy around it (``textenv_policy.json``). It loads with
+(``value_head.safetensors``; with a separate critic, its body in ``critic/``) and a
+small JSON of what textenv needs to rebuild the policy around it
+(``textenv_policy.json``). It loads with
 ``AutoModelForCausalLM.from_pretrained`` and works with ``generate`` and
 ``pipeline("text-generation")``; a task can name it as its ``model``;
 ``load_agent(folder, env)`` (``agents.registry.load_exported_agent``) starts a
@@ -22,14 +23,14 @@ import torch
 from safetensors.torch import save_file
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-from agents.registry import POLICY_FILE, VALUE_HEAD_FILE, load_agent, load_exported_agent  # noqa: F401
+from agents.registry import CRITIC_FOLDER, POLICY_FILE, VALUE_HEAD_FILE, load_agent, load_exported_agent  # noqa: F401
 from policies.lora import export_merged
 from textenv.files import atomic_write_text
 
 # The policy's own arguments that rebuild it around the exported weights (the model path
 # becomes the folder; LoRA is merged into it).
 EXPORTED_POLICY_ARGUMENTS = ("value_head_init_std", "attn_implementation", "precision", "gradient_checkpointing",
-                             "logits_chunk_size", "top_p")
+                             "logits_chunk_size", "top_p", "critic", "critic_learning_rate")
 
 
 def export_policy(agent: BaseAlgorithm | str, folder: str | Path, tokenizer: Any = None) -> Path:
@@ -47,6 +48,8 @@ def export_policy(agent: BaseAlgorithm | str, folder: str | Path, tokenizer: Any
     else:
         policy.causal_lm.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
+    if getattr(policy, "critic_body", None) is not None:  # a separate critic: its body beside the policy
+        policy.critic_body.save_pretrained(folder / CRITIC_FOLDER, safe_serialization=True)
     save_file({name: tensor.detach().cpu().contiguous() for name, tensor in policy.value_head.state_dict().items()},
               str(folder / VALUE_HEAD_FILE))
     constructor = {key: value for key, value in policy._get_constructor_parameters().items()

@@ -12,9 +12,29 @@ form one advantage, given to every token of the episode:
   The update is SB3's ``PPO.train`` without the value term (no critic).
 - GRPO (Shao et al., 2024): the return is the task score alone, normalised within
   the group, ``A_i = (R_i - mean(R)) / (std(R) + eps)``; the KL to the reference
-  enters the *loss*, per token, with the unbiased "k3" estimator
+  enters the *loss*, per token, with the "k3" estimator
   ``exp(ref - logp) - (ref - logp) - 1``, weighted by ``beta``. The update is
   SB3's ``PPO.train`` without the value term, plus that KL term.
+
+Either may take the KL the other way (``kl_placement``, ``kl_estimator``:
+``agents.kl_penalty.kl_estimate``). The variants of the GRPO-family loss that
+later papers proposed are options of both:
+
+- ``loss_aggregation`` (``aggregate_token_losses``): ``"token_mean"``, the mean over
+  every token of the minibatch (DAPO, Yu et al., 2025; the default, and SB3's);
+  ``"sequence_mean"``, the mean over each sequence's tokens, then over sequences
+  (the original GRPO, Shao et al., 2024); ``"sequence_sum_normalized"``, the sum over
+  tokens divided by a constant, ``max_new_tokens * n_sequences`` (Dr. GRPO, Liu et
+  al., 2025, "Understanding R1-Zero-Like Training"), free of the length bias of the
+  per-sequence mean.
+- ``clip_range_high``: DAPO's clip-higher, the ratio clipped to
+  ``[1 - clip_range, 1 + clip_range_high]`` (default ``None``: symmetric, as PPO).
+- ``kl_coef=0``: no KL term (TRL's default, DAPO, Dr. GRPO).
+- GRPO's ``scale_rewards=False``: advantages ``R_i - mean(R)``, without dividing by
+  the group's std (Dr. GRPO: the std weights easy and hard prompts unequally).
+
+``agents.clipped_update.clipped_update`` is the update of both, and of PPO with
+``kl_placement="loss"``.
 """
 
 from __future__ import annotations
@@ -28,9 +48,11 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents import distributed
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
 from agents.envs import resolve_env
 from agents.fast_rollout import observation_tensors
+from agents.clipped_update import LOSS_AGGREGATIONS, LossAggregation, clipped_update
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies.observations import last_token_index
 from textenv.vector import BatchedTextGenVecEnv
@@ -44,15 +66,38 @@ GROUP_DEFAULTS: dict[str, Any] = {
 
 class GroupRolloutMixin(LMAgentMixin):
     """One rollout = one complete episode in every slot, k slots per prompt; a
-    critic-free clipped update (the value head is neither trained nor logged)."""
+    critic-free clipped update (the value head is neither trained nor logged).
+
+    :param group_size: completions drawn per prompt (k).
+    :param loss_aggregation: ``"token_mean"`` (DAPO, the default), ``"sequence_mean"``
+        (GRPO) or ``"sequence_sum_normalized"`` (Dr. GRPO); see ``aggregate_token_losses``.
+        Data-parallel training takes ``"token_mean"`` only.
+    :param clip_range_high: DAPO's clip-higher upper bound (``1 + clip_range_high``);
+        ``None``: ``clip_range``, symmetric.
+    """
 
     default_advantage_normalization = "none"  # advantages are already relative to the group
     trains_value_head = False
+    supports_kl_in_loss = True
 
-    def __init__(self, policy: Any = None, env: VecEnv | str | None = None, group_size: int = 4, **kwargs: Any):
+    def __init__(self, policy: Any = None, env: VecEnv | str | None = None, group_size: int = 4,
+                 loss_aggregation: LossAggregation = "token_mean", clip_range_high: float | None = None,
+                 **kwargs: Any):
         if group_size < 2:
             raise ValueError(f"{type(self).algorithm_name} needs group_size >= 2 completions per prompt")
+        if loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {loss_aggregation!r}")
+        if loss_aggregation != "token_mean" and distributed.is_distributed():
+            # DDP weights each rank's gradient by its share of the tokens: exact for a token mean only.
+            raise ValueError(f"loss_aggregation={loss_aggregation!r} is not a mean over the minibatch's tokens, "
+                             "which is what data-parallel training combines across ranks exactly. Fix: use "
+                             "loss_aggregation='token_mean' under torchrun, or run one process.")
+        if clip_range_high is not None and not clip_range_high > 0:
+            raise ValueError(f"clip_range_high must be positive (the ratio's upper bound is 1 + clip_range_high), "
+                             f"got {clip_range_high!r}. Fix: e.g. clip_range_high=0.28 (DAPO), or None.")
         self.group_size = group_size
+        self.loss_aggregation = loss_aggregation
+        self.clip_range_high = clip_range_high
         env = resolve_env(env, seed=kwargs.get("seed"))  # an env id becomes the batched env
         if env is not None:
             if not isinstance(env, BatchedTextGenVecEnv):
@@ -130,84 +175,20 @@ class GroupRolloutMixin(LMAgentMixin):
         returns = np.zeros(buffer.n_envs)
         for env, first, last in buffer.segment_spans:
             returns[env] = buffer.rewards[first : last + 1, env].sum()
-        advantages = self.group_advantages(returns.reshape(-1, self.group_size)).reshape(-1)
+        advantages = self.advantages_of_groups(returns.reshape(-1, self.group_size)).reshape(-1)
         buffer.advantages[:] = 0.0
         for env, first, last in buffer.segment_spans:
             buffer.advantages[first : last + 1, env] = advantages[env]
         buffer.returns[:] = buffer.advantages  # unused: there is no critic to regress onto returns
 
-    def kl_loss(self, log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor | None:
-        """The KL term of the loss, or ``None`` where the KL is in the reward (RLOO)."""
-        return None
-
     def train(self) -> None:
-        """SB3's ``PPO.train`` without the value term, plus (GRPO) a KL term in the loss.
+        """SB3's ``PPO.train`` without the value term, plus the KL term where it is in the loss
+        (GRPO's default), with this agent's loss options (``clipped_update``)."""
+        clipped_update(self, self.loss_aggregation, self.clip_range_high)
 
-        Step for step as SB3's: ``n_epochs`` passes over the rollout in minibatches; the
-        clipped surrogate on the (group) advantages, standardised per minibatch only with
-        ``advantage_normalization="minibatch"``; the entropy bonus; the ``target_kl`` early
-        stop before the minibatch's step; gradient clipping; the same logs. Left out: the
-        value loss and ``explained_variance`` (there is no critic; the value head is not
-        trained). Added: ``beta * kl_loss`` where the method puts the KL into the loss
-        (GRPO: the per-token k3 estimator; RLOO has its KL in the reward, ``kl_loss`` None).
-        """
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
-        clip_range = self.clip_range(self._current_progress_remaining)
-        beta = self.kl_controller.value
-        pg_losses, kl_losses, entropy_losses, clip_fractions = [], [], [], []
-        continue_training = True
-        for _ in range(self.n_epochs):
-            approx_kls = []  # as SB3: the logged approx_kl is the last epoch's
-            for batch in self.rollout_buffer.get(self.batch_size):
-                actions = batch.actions.long().flatten()
-                _, log_prob, entropy = self.policy.evaluate_actions(batch.observations, actions)
-                advantages = batch.advantages
-                if self.normalize_advantage and len(advantages) > 1:  # advantage_normalization="minibatch"
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-                # Clipped surrogate, as SB3's PPO.
-                ratio = torch.exp(log_prob - batch.old_log_prob)
-                surrogate = torch.min(
-                    advantages * ratio, advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-                )
-                policy_loss = -surrogate.mean()
-                pg_losses.append(policy_loss.item())
-                clip_fractions.append(torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())
-                entropy_loss = -entropy.mean()
-                entropy_losses.append(entropy_loss.item())
-
-                # SB3's loss is policy + ent_coef * entropy + vf_coef * value: no value term here.
-                loss = policy_loss + self.ent_coef * entropy_loss
-                kl_loss = self.kl_loss(log_prob, batch.ref_log_prob)
-                if kl_loss is not None:  # GRPO: KL to the reference in the loss
-                    loss = loss + beta * kl_loss
-                    kl_losses.append(kl_loss.item())
-
-                with torch.no_grad():  # Schulman's estimator of KL(old || new), as SB3's PPO logs it
-                    log_ratio = log_prob - batch.old_log_prob
-                    approx_kls.append(torch.mean(torch.exp(log_ratio) - 1 - log_ratio).item())
-                if self.target_kl is not None and approx_kls[-1] > 1.5 * self.target_kl:
-                    continue_training = False  # SB3's early stop, before this minibatch's step
-                    break
-
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
-            self._n_updates += 1
-            if not continue_training:
-                break
-        self.logger.record("train/policy_gradient_loss", np.mean(pg_losses))
-        if kl_losses:
-            self.logger.record("train/kl_loss", np.mean(kl_losses))
-        self.logger.record("train/entropy_loss", np.mean(entropy_losses))
-        self.logger.record("train/clip_fraction", np.mean(clip_fractions))
-        self.logger.record("train/approx_kl", np.mean(approx_kls))
-        self.logger.record("train/loss", loss.item())
-        self.logger.record("train/clip_range", clip_range)
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self._record_skipped_updates()
+    def advantages_of_groups(self, returns: np.ndarray) -> np.ndarray:
+        """``group_advantages`` with this agent's options."""
+        return self.group_advantages(returns)
 
     @staticmethod
     def group_advantages(returns: np.ndarray) -> np.ndarray:
@@ -229,21 +210,31 @@ class LMRLOO(GroupRolloutMixin, PPO):
 
 
 class LMGRPO(GroupRolloutMixin, PPO):
-    """Group-relative policy optimisation: normalised group advantages, KL in the loss."""
+    """Group-relative policy optimisation: normalised group advantages, KL in the loss.
+
+    :param scale_rewards: divide each group's centred returns by the group's std (GRPO);
+        ``False``: centre only (Dr. GRPO).
+    """
 
     algorithm_name = "grpo"
     defaults = GROUP_DEFAULTS
-    kl_in_reward = False  # GRPO puts the KL into the loss (see ``kl_loss``)
+    default_kl_placement = "loss"  # GRPO puts the KL into the loss (k3 unless kl_estimator says otherwise)
     default_kl_coef = 0.3  # per-token k3 KL in the loss: 0.05 let the KL run to ~14 nats/episode here
 
-    @staticmethod
-    def group_advantages(returns: np.ndarray) -> np.ndarray:
-        mean = returns.mean(axis=1, keepdims=True)
-        std = returns.std(axis=1, ddof=1, keepdims=True)
-        return (returns - mean) / (std + 1e-4)
+    def __init__(self, policy: Any = None, env: VecEnv | str | None = None, scale_rewards: bool = True,
+                 **kwargs: Any):
+        if not isinstance(scale_rewards, bool):
+            raise ValueError(f"scale_rewards must be True (GRPO) or False (Dr. GRPO), got {scale_rewards!r}")
+        self.scale_rewards = scale_rewards
+        super().__init__(policy, env, **kwargs)
 
-    def kl_loss(self, log_prob: torch.Tensor, ref_log_prob: torch.Tensor) -> torch.Tensor:
-        """The "k3" estimator of KL(pi || ref) per token, ``exp(ref - logp) - (ref - logp) - 1``,
-        averaged over the minibatch's tokens."""
-        log_ratio_ref = ref_log_prob - log_prob
-        return (torch.exp(log_ratio_ref) - log_ratio_ref - 1).mean()
+    @staticmethod
+    def group_advantages(returns: np.ndarray, scale_rewards: bool = True) -> np.ndarray:
+        centred = returns - returns.mean(axis=1, keepdims=True)
+        if not scale_rewards:  # Dr. GRPO
+            return centred
+        std = returns.std(axis=1, ddof=1, keepdims=True)
+        return centred / (std + 1e-4)
+
+    def advantages_of_groups(self, returns: np.ndarray) -> np.ndarray:
+        return self.group_advantages(returns, scale_rewards=self.scale_rewards)

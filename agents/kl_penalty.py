@@ -8,41 +8,104 @@ agent adds the penalty. This callback runs inside SB3's
 ``collect_rollouts`` right after ``env.step`` and before the step is stored, and
 edits that step's rewards in place::
 
-    reward_t = score * [t is last] - beta * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t))
+    reward_t = score * [t is last] - beta * k(log pi_old(a_t|s_t), log pi_ref(a_t|s_t))
 
-so everything SB3 computes afterwards (returns, GAE, ``ep_info``) sees the
-penalised reward. On the fast path the reference is scored after the rollout
-instead (``agents.fast_rollout``): the steps carry no ``ref_logprob``, and
-``apply_rollout_penalty`` adds the same penalty to the stored rewards, step by step
-in the same order, before GAE. It also logs the task score, the KL and ``beta`` per rollout,
-text samples for TensorBoard, and feeds the mean per-episode KL and the number of
-episodes finished in the rollout to the coefficient controller (both over every
-rank's episodes in data-parallel training, ``agents.distributed``).
+with ``k`` the agent's ``kl_estimator`` (``kl_estimate``; "k1" by default,
+``log pi_old - log pi_ref``), so everything SB3 computes afterwards (returns, GAE,
+``ep_info``) sees the penalised reward. Agents with ``kl_placement="loss"`` put the
+estimator into their loss instead (``agents.clipped_update``); the
+callback then only measures the KL. On the fast path the reference is scored after
+the rollout instead (``agents.fast_rollout``): the steps carry no ``ref_logprob``,
+and ``apply_rollout_penalty`` adds the same penalty to the stored rewards, step by
+step in the same order, before GAE. It also logs the task score, the KL and ``beta``
+per rollout, text samples for TensorBoard, and feeds the mean per-episode KL and the
+number of episodes finished in the rollout to the coefficient controller (both over
+every rank's episodes in data-parallel training, ``agents.distributed``). The KL it
+logs (``rollout/kl``, and ``rollout/kl_penalty = -beta * rollout/kl``) and feeds to
+the controller is always the k1 sum ``sum_t log pi_old - log pi_ref`` (unbiased for
+the episode's KL), whatever the estimator, so that runs with different estimators
+are steered toward, and compared on, the same quantity.
 """
 
 from __future__ import annotations
 
+from typing import Literal, TypeVar
+
 import numpy as np
+import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.distributed import global_sums
 
 TEXT_ONLY_FOR_TENSORBOARD = ("stdout", "log", "json", "csv")
 
+KLEstimator = Literal["k1", "k2", "k3"]
+KL_ESTIMATORS = ("k1", "k2", "k3")
+LogProbs = TypeVar("LogProbs", np.ndarray, torch.Tensor)
+
+
+def kl_estimate(log_prob: LogProbs, ref_log_prob: LogProbs, estimator: KLEstimator = "k1") -> LogProbs:
+    """Per-token estimate of KL(pi || ref) from tokens sampled from pi (Schulman, 2020,
+    "Approximating KL divergence"), on NumPy arrays (the reward) or tensors (the loss).
+
+    With ``log_ratio = log ref(a) - log pi(a)`` and ``a ~ pi``:
+
+    - ``"k1" = -log_ratio``: unbiased, ``E_pi[k1] = KL(pi || ref)``; high variance, and
+      negative wherever ref(a) > pi(a).
+    - ``"k2" = log_ratio**2 / 2``: biased; ``E_pi[k2] = E_pi[log(pi/ref)**2] / 2``, the
+      f-divergence of ``f(t) = log(t)**2 / 2``, which matches KL to second order in
+      ``log(pi/ref)`` (both are half the Fisher metric near pi = ref; they differ at
+      third order). Low variance, always >= 0.
+    - ``"k3" = exp(log_ratio) - 1 - log_ratio``: unbiased (``E_pi[ref/pi] = 1``) and
+      always >= 0 (``e^x >= 1 + x``); low variance when pi is close to ref.
+
+    Off-policy (PPO epochs after the first: tokens from pi_old, the loss evaluated at the
+    current pi) none of them estimates KL(pi || ref) without the weight ``pi/pi_old``:
+    ``E_old[k1] = KL(old || ref) - KL(old || pi)``, ``E_old[k3] = E_old[ref/pi] - 1 +
+    E_old[k1]``, ``E_old[k2] = E_old[log(pi/ref)**2] / 2``; ``E_old[(pi/old) k1]`` and
+    ``E_old[(pi/old) k3]`` are KL(pi || ref) again. In the reward the estimate is always
+    on-policy: the penalty scores pi_old, the policy that sampled the tokens.
+
+    In a loss (``kl_placement="loss"``; the tokens held fixed, the gradient through
+    ``log_prob``), the expected gradient on-policy is: k1, zero (the score function has
+    mean zero); k2, exactly the gradient of KL(pi || ref); k3, the gradient of the
+    *forward* KL(ref || pi) (``tests/test_kl_estimators.py`` checks all three).
+    """
+    log_ratio = ref_log_prob - log_prob
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        expm1 = torch.expm1 if isinstance(log_ratio, torch.Tensor) else np.expm1  # exp(x) - 1, exact near 0
+        return expm1(log_ratio) - log_ratio
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
 
 class KLPenaltyCallback(BaseCallback):
-    """Adds ``-beta * (log pi_old - log pi_ref)`` to each step's reward; logs the episode stats.
+    """Adds ``-beta * k(log pi_old, log pi_ref)`` to each step's reward; logs the episode stats.
 
-    ``beta`` is read from ``model.kl_controller`` at every step, so the coefficient is
-    part of the agent (and saved with it), not of this callback.
+    ``beta`` is read from ``model.kl_controller`` and the estimator ``k`` from
+    ``model.kl_estimator`` (``kl_estimate``; "k1" for an agent without one) at every step,
+    so both are part of the agent (and saved with it), not of this callback.
     """
 
-    def __init__(self, n_text_samples: int = 4, add_to_reward: bool = True):
-        """``add_to_reward=False``: only measure and log the KL (for algorithms that put
-        the KL into their loss, e.g. GRPO)."""
+    def __init__(self, n_text_samples: int = 4, add_to_reward: bool | None = None):
+        """``add_to_reward=False``: only measure and log the KL (for agents that put the KL
+        into their loss, e.g. GRPO); ``None``: as the agent says (``model.kl_in_reward``)."""
         super().__init__()
         self.n_text_samples = n_text_samples
         self.add_to_reward = add_to_reward
+
+    @property
+    def adds_to_reward(self) -> bool:
+        if self.add_to_reward is not None:
+            return self.add_to_reward
+        return getattr(self.model, "kl_in_reward", True)
+
+    @property
+    def estimator(self) -> KLEstimator:
+        return getattr(self.model, "kl_estimator", "k1")
 
     def _on_training_start(self) -> None:
         # Episodes run across rollout boundaries: per-env KL sums persist between rollouts.
@@ -76,10 +139,11 @@ class KLPenaltyCallback(BaseCallback):
                 "reports the reference model's log-prob of each action)."
             ) from None
 
-        token_kl = policy_logprob - reference_logprob
+        token_kl = kl_estimate(policy_logprob, reference_logprob, "k1")  # the measured KL
         beta = self.model.kl_controller.value
-        if self.add_to_reward:
-            rewards += (-beta * token_kl).astype(rewards.dtype)
+        if self.adds_to_reward:
+            penalty = kl_estimate(policy_logprob, reference_logprob, self.estimator)
+            rewards += (-beta * penalty).astype(rewards.dtype)
         self._episode_kl += token_kl
         self._record_finished_episodes(dones, infos, episode_kls=self._episode_kl)
         return True
@@ -90,9 +154,11 @@ class KLPenaltyCallback(BaseCallback):
         ended at each step. Rewards and episode KLs come out as the per-step path's."""
         beta = self.model.kl_controller.value
         valid = buffer.token_mask()
-        token_kl = (buffer.log_probs.astype(np.float64) - buffer.ref_log_probs.astype(np.float64)) * valid
-        if self.add_to_reward:
-            buffer.rewards += (-beta * token_kl).astype(buffer.rewards.dtype)
+        policy_logprob, reference_logprob = buffer.log_probs.astype(np.float64), buffer.ref_log_probs.astype(np.float64)
+        token_kl = kl_estimate(policy_logprob, reference_logprob, "k1") * valid  # the measured KL
+        if self.adds_to_reward:
+            penalty = kl_estimate(policy_logprob, reference_logprob, self.estimator) * valid
+            buffer.rewards += (-beta * penalty).astype(buffer.rewards.dtype)
         for step, dones in enumerate(step_dones):
             self._episode_kl += token_kl[step]
             for env_index in np.flatnonzero(dones):

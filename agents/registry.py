@@ -96,6 +96,7 @@ def make_agent(name: str, env: GymEnv | str | None, **kwargs: Any) -> BaseAlgori
 #: An exported policy folder (``agents.export``): the value head and the policy's own arguments.
 VALUE_HEAD_FILE = "value_head.safetensors"
 POLICY_FILE = "textenv_policy.json"
+CRITIC_FOLDER = "critic"  # a separate critic's body, beside the exported policy
 
 
 def load_agent(
@@ -166,6 +167,8 @@ def load_exported_agent(folder: str | Path, env: GymEnv | str, algo: str | None 
     algo = algo or saved.get("algorithm") or "ppo"
     policy_kwargs = {**saved.get("policy_kwargs", {}), **(kwargs.pop("policy_kwargs", None) or {}),
                      "model_name_or_path": str(folder)}
+    if policy_kwargs.get("critic") == "separate":
+        policy_kwargs["critic_model_name_or_path"] = str(folder / CRITIC_FOLDER)
     agent = make_agent(algo, env, policy_kwargs=policy_kwargs, **kwargs)
     value_head = load_file(str(folder / VALUE_HEAD_FILE), device=str(agent.device))
     with torch.no_grad():

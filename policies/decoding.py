@@ -85,6 +85,9 @@ class PolicyRolloutDecoder:
     def __init__(self, policy: LMPolicyMixin, n_envs: int, width: int):
         self.policy = policy
         self.slots = SlotDecoder(policy.causal_lm, n_envs, width)
+        # A separate critic decodes alongside, in slots of its own.
+        critic_body = getattr(policy, "critic_body", None)
+        self.critic_slots = SlotDecoder(critic_body, n_envs, width) if critic_body is not None else None
         self.logits: torch.Tensor | None = None  # (n_envs, V) of the current states
         self.values: torch.Tensor | None = None  # (n_envs,) V(s) of the current states
         self.last_columns: torch.Tensor | None = None  # (n_envs,) the last real column of each state
@@ -97,10 +100,11 @@ class PolicyRolloutDecoder:
         self.last_columns = columns
         return new_episode | gained_other_tokens
 
-    def _read_heads(self, hidden: torch.Tensor) -> None:
-        """Actor and critic heads on the body's hidden state of each current state."""
+    def _read_heads(self, hidden: torch.Tensor, critic_hidden: torch.Tensor | None = None) -> None:
+        """Actor and critic heads on the hidden state of each current state (the critic's
+        own body's, with a separate critic)."""
         self.logits = self.policy.action_logits(hidden)
-        self.values = self.policy.value(hidden).flatten()
+        self.values = self.policy.value(hidden if critic_hidden is None else critic_hidden).flatten()
 
     @torch.no_grad()
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -109,7 +113,10 @@ class PolicyRolloutDecoder:
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         self.last_columns = last_token_index(attention_mask)
         with self.policy.compute_context():
-            self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask))
+            critic_hidden = None
+            if self.critic_slots is not None:
+                critic_hidden = prefill_rows(self.critic_slots, rows, input_ids, attention_mask)
+            self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask), critic_hidden)
 
     @torch.no_grad()
     def act(self, sample: Sampler = sample_tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,7 +138,10 @@ class PolicyRolloutDecoder:
         choose (``step_slots``)."""
         refill = self._rows_to_refill(attention_mask, new_episode)
         with self.policy.compute_context():
-            self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, refill))
+            critic_hidden = None
+            if self.critic_slots is not None:
+                critic_hidden = step_slots(self.critic_slots, actions, input_ids, attention_mask, refill)
+            self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, refill), critic_hidden)
 
     @torch.no_grad()
     def observe_last(
@@ -146,8 +156,9 @@ class PolicyRolloutDecoder:
             self.logits, self.values = None, torch.zeros(len(new_episode), device=new_episode.device)
             return
         refill = self._rows_to_refill(attention_mask, new_episode) & ~new_episode
+        slots = self.critic_slots if self.critic_slots is not None else self.slots  # only values are needed
         with self.policy.compute_context():
-            hidden = step_slots(self.slots, actions, input_ids, attention_mask, refill, skip=new_episode)
+            hidden = step_slots(slots, actions, input_ids, attention_mask, refill, skip=new_episode)
             self.logits = None  # "start" comes next
             self.values = self.policy.value(hidden).flatten().masked_fill(new_episode, 0.0)
 

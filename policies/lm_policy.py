@@ -4,7 +4,8 @@
   ``Discrete(V)`` action distribution;
 - critic: a linear value head (small init) on the last hidden state;
 - both read the hidden state of the last real token of the observation, so a
-  single body forward serves both heads.
+  single body forward serves both heads. ``critic="separate"`` gives the value head
+  a body of its own instead (one more forward per evaluation, its own learning rate).
 
 Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
 - no features extractor / MLP extractor: the LM body is the shared extractor;
@@ -42,7 +43,7 @@ from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
 from policies.observations import last_token_index, positions_from_mask, unpack_observation
 from policies.sampling import log_prob_of
 from policies.sequences import TokenSequences
-from textenv.models import load_causal_lm, vocab_size_of
+from textenv.models import load_causal_lm, load_model_body, vocab_size_of
 from textenv.slot_decoding import lm_logits
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ if TYPE_CHECKING:
 
 Precision = Literal["fp32", "bf16-mixed", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
+Critic = Literal["shared", "separate"]
+CRITICS: tuple[str, ...] = ("shared", "separate")
 
 
 class LMPolicyMixin:
@@ -73,8 +76,16 @@ class LMPolicyMixin:
         gradient_checkpointing: bool = False,
         logits_chunk_size: int | None = 512,
         lora: dict[str, Any] | None = None,
+        critic: Critic = "shared",
+        critic_model_name_or_path: str | None = None,
+        critic_learning_rate: float | None = None,
         **kwargs: Any,
     ):
+        if critic not in CRITICS:
+            raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
+        if critic == "shared" and (critic_model_name_or_path is not None or critic_learning_rate is not None):
+            raise ValueError("critic_model_name_or_path and critic_learning_rate configure a separate critic. "
+                             "Fix: pass critic='separate' as well.")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}. Fix: use 'fp32' (default), "
                              "'bf16-mixed' (fp32 weights, bf16 autocast) or 'bf16' (bf16 weights).")
@@ -97,6 +108,9 @@ class LMPolicyMixin:
             raise ValueError(f"logits_chunk_size must be a positive number of tokens or None, got {logits_chunk_size}")
         self.logits_chunk_size = logits_chunk_size
         self.lora = None if lora is None else dict(lora)
+        self.critic = critic
+        self.critic_model_name_or_path = None if critic_model_name_or_path is None else str(critic_model_name_or_path)
+        self.critic_learning_rate = critic_learning_rate
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -126,13 +140,31 @@ class LMPolicyMixin:
         if self.lora is not None:
             self.lm = add_lora_adapters(self.lm, self.lora)  # base weights frozen; see policies.lora
         self.lm_head = self.causal_lm.get_output_embeddings()  # the actor's head (an alias, kept in state dicts)
-        self.value_head = nn.Linear(self.lm_head.in_features, 1)
+        self.critic_body: nn.Module | None = None
+        if self.critic == "separate":  # its own body, by default a copy of the policy's start (OpenRLHF's critic)
+            self.critic_body = load_model_body(self.critic_model_name_or_path or self.model_name_or_path,
+                                               dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
+        critic_width = self.critic_body.config.get_text_config().hidden_size if self.critic_body is not None \
+            else self.lm_head.in_features
+        self.value_head = nn.Linear(critic_width, 1)
         nn.init.normal_(self.value_head.weight, std=self.value_head_init_std)
         nn.init.zeros_(self.value_head.bias)
         # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
-        self.optimizer = skipping_non_finite(self.optimizer_class)(
-            [p for p in self.parameters() if p.requires_grad], lr=lr_schedule(1), **self.optimizer_kwargs
-        )
+        self.optimizer = skipping_non_finite(self.optimizer_class)(self._parameter_groups(lr_schedule(1)),
+                                                                   lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    def _parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
+        """One group of trainable parameters, or two with a separate critic: its body and
+        value head learn at ``critic_learning_rate``, kept as ``lr_scale`` (the ratio to the
+        policy's rate) so that it follows the learning-rate schedule (the agent applies it)."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if self.critic_body is None:
+            return [{"params": trainable}]
+        critic_ids = {id(p) for module in (self.critic_body, self.value_head) for p in module.parameters()}
+        critic_lr = self.critic_learning_rate if self.critic_learning_rate is not None else learning_rate
+        return [{"params": [p for p in trainable if id(p) not in critic_ids]},
+                {"params": [p for p in trainable if id(p) in critic_ids], "lr": critic_lr,
+                 "lr_scale": critic_lr / learning_rate}]
 
     @property
     def causal_lm(self) -> nn.Module:
@@ -156,6 +188,9 @@ class LMPolicyMixin:
             gradient_checkpointing=self.gradient_checkpointing,
             logits_chunk_size=self.logits_chunk_size,
             lora=self.lora,
+            critic=self.critic,
+            critic_model_name_or_path=self.critic_model_name_or_path,
+            critic_learning_rate=self.critic_learning_rate,
         )
         return data
 
@@ -203,6 +238,13 @@ class LMPolicyMixin:
         with self.compute_context():
             return lm_logits(self.causal_lm, hidden)
 
+    def critic_hidden_state(self, obs: dict[str, torch.Tensor] | TokenSequences, policy_hidden: torch.Tensor) -> torch.Tensor:
+        """What the value head reads at each state: the policy body's hidden state (shared
+        critic) or the separate critic body's, at the same states."""
+        if self.critic_body is None:
+            return policy_hidden
+        return self.last_hidden_state(obs, lm=self.critic_body)
+
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) in float32 under every precision (autocast off: the head is one small matmul)."""
         with torch.autocast(device_type=self.device.type, enabled=False):
@@ -216,7 +258,7 @@ class LMPolicyMixin:
         hidden = self.last_hidden_state(obs)
         logits = self.action_logits(hidden)
         actions = self.action_dist.proba_distribution(action_logits=logits).get_actions(deterministic=deterministic)
-        return actions, self.value(hidden), log_prob_of(logits, actions)
+        return actions, self.value(self.critic_hidden_state(obs, hidden)), log_prob_of(logits, actions)
 
     def evaluate_actions(
         self, obs: dict[str, torch.Tensor] | TokenSequences, actions: torch.Tensor
@@ -235,7 +277,7 @@ class LMPolicyMixin:
         """``evaluate_actions`` in this process alone."""
         hidden = self.last_hidden_state(obs)
         log_prob, entropy = self.chunked_log_prob_entropy(hidden, actions)
-        return self.value(hidden), log_prob, entropy
+        return self.value(self.critic_hidden_state(obs, hidden)), log_prob, entropy
 
     def chunked_log_prob_entropy(
         self, hidden: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None = None
@@ -279,6 +321,8 @@ class LMPolicyMixin:
         return self.action_dist.proba_distribution(action_logits=self.action_logits(hidden))
 
     def predict_values(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.critic_body is not None:
+            return self.value(self.last_hidden_state(obs, lm=self.critic_body))
         return self.value(self.last_hidden_state(obs))
 
     def rollout_decoder(self, n_envs: int, width: int) -> "PolicyRolloutDecoder":
@@ -305,4 +349,11 @@ class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
         of the minibatch at once).
     :param lora: LoRA adapter options (``policies.lora``; e.g. ``{"r": 16}``): only the
         adapters and the value head train; ``None``: full fine-tuning.
+    :param critic: ``"shared"`` (default: the value head on the policy's body, the design
+        this project started from) or ``"separate"``: the value head on a body of its own,
+        as OpenRLHF's critic, so value regression does not pull on the policy's features.
+    :param critic_model_name_or_path: the separate critic's starting body (default: the
+        policy's start): any checkpoint with the same tokenizer, e.g. a reward model's.
+    :param critic_learning_rate: the separate critic's learning rate (default: the
+        policy's); it follows the policy's schedule in proportion.
     """

@@ -4,6 +4,7 @@ traceback) before any model is loaded or built; and the algorithm keyword check.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -206,3 +207,73 @@ def test_the_readme_main_command_runs_from_a_checkout():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: textenv-train")
+
+
+def test_compare_variants_reach_make_agent_with_their_keywords(tmp_path, monkeypatch):
+    """``--variants NAME:KEY=VALUE,...``: each variant is built by make_agent with its keywords
+    (JSON values parsed, others kept as strings) over the command's KL options, and labelled
+    by its whole string. No training: the env, agent and evaluation are stand-ins."""
+    import time
+    from types import SimpleNamespace
+
+    from agents import comparison
+    from textenv.cli import compare
+
+    made: list[dict] = []
+
+    class StandIn:
+        num_timesteps = 64
+
+        def learn(self, total_timesteps, callback, tb_log_name):
+            made[-1]["tb_log_name"] = tb_log_name
+            time.sleep(0.001)
+
+    def make_agent(algo, env, **kwargs):
+        made.append({"algo": algo, **kwargs})
+        return StandIn()
+
+    monkeypatch.setattr(comparison, "make_text_vec_env", lambda *args, **kwargs: None)
+    monkeypatch.setattr(comparison, "make_agent", make_agent)
+    monkeypatch.setattr(comparison, "resolved_config", lambda agent, env: {})
+    monkeypatch.setattr(comparison, "evaluate_agent", lambda *args, **kwargs: SimpleNamespace(task_score=0.5, kl=1.0))
+    monkeypatch.setattr(comparison, "plot_curves", lambda *args, **kwargs: None)
+    variants = ["grpo:loss_aggregation=token_mean", "grpo:loss_aggregation=sequence_mean",
+                "ppo:kl_estimator=k3,kl_placement=loss",
+                'grpo:clip_range_high=0.28,scale_rewards=false,policy_kwargs={"top_p": 0.9, "lora": null}']
+    table = compare.main(["--variants", *variants, "--seeds", "3", "--kl-target", "0", "--output", str(tmp_path),
+                          "--tensorboard-log", ""])
+    common = {"seed": 3, "tensorboard_log": None, "kl_target": None}
+    folders = [run.pop("tb_log_name") for run in made]
+    assert made == [
+        {"algo": "grpo", **common, "loss_aggregation": "token_mean"},
+        {"algo": "grpo", **common, "loss_aggregation": "sequence_mean"},
+        {"algo": "ppo", **common, "kl_estimator": "k3", "kl_placement": "loss"},
+        {"algo": "grpo", **common, "clip_range_high": 0.28, "scale_rewards": False,
+         "policy_kwargs": {"top_p": 0.9, "lora": None}},
+    ]
+    assert folders[2] == "ppo_kl_estimator_k3_kl_placement_loss_seed3"
+    assert all(re.fullmatch(r"[\w.+-]+_seed3", folder) for folder in folders) and len(set(folders)) == 4
+    for variant in variants:
+        assert f"| {variant} | 1 |" in table
+
+
+def test_compare_refuses_bad_variants_before_loading_a_model(tmp_path, capsys):
+    from textenv.cli import compare
+
+    output = ["--output", str(tmp_path), "--tensorboard-log", ""]
+
+    for args, expected in [
+        (["--variants", "ppo:n_epoch=2"], "did you mean 'n_epochs'?"),
+        (["--variants", "ppo:kl_estimator"], "argument --variants: 'kl_estimator' in variant 'ppo:kl_estimator' "
+                                             "is not KEY=VALUE. Fix:"),
+        (["--variants", "dqn:n_epochs=2"], "argument --variants: Unknown algorithm 'dqn'"),
+        (["--variants", "ppo:n_epochs=2", "ppo:n_epochs=2"], "argument --variants: a label appears twice"),
+        (["--algos", "grpo:loss_aggregation=sequence_mean"], "Fix: pass NAME:KEY=VALUE,... to --variants"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            compare.parse_args([*args, *output])
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err
+    args = compare.parse_args(["--variants", "ppo", "ppo:n_epochs=2", *output])
+    assert (args.algos, args.variants) == ([], ["ppo", "ppo:n_epochs=2"])  # --variants alone: no default --algos
+    assert compare.parse_args(output).algos == ["ppo", "a2c", "trpo", "rloo", "grpo"]

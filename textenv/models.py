@@ -19,6 +19,7 @@ from typing import Callable, Union
 import torch
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -142,6 +143,24 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
         except (OSError, ValueError) as error:
             raise _load_error("causal language model", name, error) from error
+    disable_dropout(model)
+    return model.to(device).eval()
+
+
+def load_model_body(spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The body (``AutoModel``: the transformer without any head) of a causal LM, a reward
+    model or any Hugging Face checkpoint, trainable, dropout off, ``dtype`` weights: what a
+    separate critic (``policies.lm_policy``) puts its value head on."""
+    if isinstance(spec, PreTrainedModel):
+        model = spec.base_model.to(dtype)
+    else:
+        name = resolve_model_path(spec)
+        try:
+            config = AutoConfig.from_pretrained(name)
+            zero_dropout_config(config)
+            model = AutoModel.from_pretrained(name, config=config, dtype=dtype)
+        except (OSError, ValueError) as error:
+            raise _load_error("model body", name, error) from error
     disable_dropout(model)
     return model.to(device).eval()
 

@@ -1,7 +1,12 @@
-"""Compare RL algorithms on one task for the same budget of generated tokens.
+"""Compare RL algorithms, or variants of them, on one task for the same budget of generated tokens.
 
     textenv-compare                                   # all algorithms, default task
     textenv-compare --algos ppo grpo rloo --seeds 0 1 2 --total-tokens 32768
+    textenv-compare --variants ppo 'ppo:kl_estimator=k3,kl_placement=loss' \
+        'grpo:loss_aggregation=sequence_mean' --seeds 0 1 2
+
+A variant is NAME:KEY=VALUE,KEY=VALUE (the algorithm's keyword arguments, values read
+as JSON where they are JSON, else as strings), labelled by the whole string.
 
 Writes a PNG plot of task score and KL against generated tokens, and a Markdown
 table of final score, KL and tokens/s (also printed). TensorBoard logs of every
@@ -31,7 +36,24 @@ def algorithm_entry(text: str) -> str:
     """An algorithm name, or ``LABEL:NAME`` for a variant of it (see ``run_comparison``)."""
     from agents.comparison import split_variant
 
-    algorithm_name(split_variant(text)[1])
+    algo = split_variant(text)[1]
+    if "=" in algo:
+        raise argparse.ArgumentTypeError(f"{text!r} holds keyword arguments. Fix: pass NAME:KEY=VALUE,... to "
+                                         "--variants (--algos takes NAME or LABEL:NAME).")
+    algorithm_name(algo)
+    return text
+
+
+def variant_entry(text: str) -> str:
+    """``NAME:KEY=VALUE,KEY=VALUE`` (``agents.comparison.parse_variant``); the keywords are
+    checked against the algorithm in ``parse_args``."""
+    from agents.comparison import parse_variant
+
+    try:
+        algo, _ = parse_variant(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    algorithm_name(algo)
     return text
 
 
@@ -39,8 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="textenv-compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0")
-    parser.add_argument("--algos", nargs="+", type=algorithm_entry, default=["ppo", "a2c", "trpo", "rloo", "grpo"],
-                        help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry")
+    parser.add_argument("--algos", nargs="+", type=algorithm_entry, default=None,
+                        help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry "
+                             "(default: ppo a2c trpo rloo grpo, unless --variants are given)")
+    parser.add_argument("--variants", nargs="+", type=variant_entry, default=[], metavar="NAME:KEY=VALUE,...",
+                        help="algorithms with keyword overrides, each labelled by its string, e.g. "
+                             "'grpo:loss_aggregation=sequence_mean' 'ppo:kl_estimator=k3,kl_placement=loss'")
     parser.add_argument("--seeds", nargs="+", type=non_negative_int, default=[0])
     parser.add_argument("--total-tokens", type=positive_int, default=16384, help="generated tokens per run")
     parser.add_argument("--n-envs", type=positive_int, default=None, help="parallel episodes (default 16)")
@@ -56,27 +82,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.tensorboard_log:
         check_writable(parser, "--tensorboard-log", args.tensorboard_log)
     # Checked here, before any model loads: every run's arguments, not just the first run's.
-    from agents.comparison import split_variant
+    from agents.comparison import parse_variant, split_variant
     from agents.envs import DEFAULT_N_ENVS
 
     if args.n_envs is None:
         args.n_envs = DEFAULT_N_ENVS
+    if args.algos is None:
+        args.algos = [] if args.variants else ["ppo", "a2c", "trpo", "rloo", "grpo"]
 
     runs = dict(split_variant(entry) for entry in args.algos)  # label -> algorithm
     if len(runs) < len(args.algos):
         parser.error(f"argument --algos: a label appears twice in {args.algos}. Fix: give each variant its own "
                      "label, e.g. ppo ppo-small:ppo.")
+    variants = {entry: parse_variant(entry) for entry in args.variants}  # label -> (algorithm, overrides)
+    if len(variants) < len(args.variants) or set(variants) & set(runs):
+        parser.error(f"argument --variants: a label appears twice in {args.algos + args.variants}. Fix: list "
+                     "each variant once.")
     example = '\'{"ppo": {"n_epochs": 2}}\''
     for label, kwargs in args.algo_kwargs.items():
-        if label not in runs:
-            parser.error(f"argument --algo-kwargs: {label!r} is not one of --algos {list(runs)}. Fix: key the "
-                         f"arguments by an algorithm (or LABEL) that runs, e.g. {example}.")
+        if label not in runs and label not in variants:
+            parser.error(f"argument --algo-kwargs: {label!r} is not one of --algos {list(runs)} or --variants. "
+                         f"Fix: key the arguments by an algorithm (or LABEL, or variant) that runs, e.g. {example}.")
         if not isinstance(kwargs, dict):
             parser.error(f"argument --algo-kwargs: the arguments for {label!r} must be a JSON object, got "
                          f"{json.dumps(kwargs)}. Fix: e.g. {example}.")
     set_by_command = {"seed": "--seeds", "tensorboard_log": "--tensorboard-log"}
     for label, algo in runs.items():
         check_algorithm_kwargs(parser, algo, args.algo_kwargs.get(label, {}), args.n_envs, set_by_command)
+    for label, (algo, overrides) in variants.items():
+        check_algorithm_kwargs(parser, algo, {**args.algo_kwargs.get(label, {}), **overrides}, args.n_envs,
+                               set_by_command)
     return args
 
 
@@ -88,10 +123,10 @@ def main(argv: list[str] | None = None) -> str:
     from agents.comparison import markdown_table, plot_curves, run_comparison, split_variant
 
     common = kl_agent_kwargs(args)
-    labels = [split_variant(entry)[0] for entry in args.algos]
+    labels = [split_variant(entry)[0] for entry in args.algos] + args.variants
     algo_kwargs = {label: {**common, **args.algo_kwargs.get(label, {})} for label in labels}
     results = run_comparison(args.env, args.algos, args.seeds, args.total_tokens, args.n_envs,
-                             args.eval_episodes, args.tensorboard_log or None, algo_kwargs)
+                             args.eval_episodes, args.tensorboard_log or None, algo_kwargs, args.variants)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
