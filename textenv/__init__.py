@@ -9,7 +9,10 @@ one module per task), and the names of the models the project builds itself
 - ``textenv/LearnedRewardSentiment-v0``: the same, scored by the reward model learned from
   the built-in preference pairs;
 - ``textenv/Arithmetic-v0``: answer ``a+b=`` exactly;
-- ``textenv/ShortPositive-v0``: say something short and positive, then stop.
+- ``textenv/ShortPositive-v0``: say something short and positive, then stop;
+- ``textenv/GuessTheNumber-v0``: a multi-turn game, find a number from 1 to 10 from
+  "Higher."/"Lower." replies (``textenv.multiturn``; GEM's and TextArena's versions
+  are ``gem/GuessTheNumber-v0-easy`` and ``textarena/GuessTheNumber-v0``).
 
 ``textenv.register_task`` registers your own.
 """
