@@ -79,11 +79,12 @@ def assert_same_policy_outputs(agent, other, env, atol: float) -> None:
             torch.testing.assert_close(got, expected, atol=atol, rtol=0)
 
 
-def collect_one_rollout(agent):
-    """One rollout into the agent's buffer, as ``learn`` would collect it (no update)."""
+def collect_one_rollout(agent, callbacks=()):
+    """One rollout into the agent's buffer, as ``learn`` would collect it (no update): the
+    KL penalty as the agent applies it, then ``callbacks``."""
     from agents import KLPenaltyCallback
 
-    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback()])
+    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback(), *callbacks])
     callback.on_training_start(locals(), globals())
     assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
     return agent.rollout_buffer

@@ -24,8 +24,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from agents import KLPenaltyCallback, make_agent, make_text_vec_env
+from agents import make_agent, make_text_vec_env
 from agents.distributed import distributed_from_environment, gather_objects, parameters_fingerprint
+from conftest import collect_one_rollout
 
 N_ENVS, N_STEPS, MAX_PROMPT_LEN, MAX_NEW_TOKENS = 2, 8, 12, 5
 ENV_KWARGS = dict(prompts=["The film was", "This phone is", "I bought the charger last week. The battery",
@@ -58,13 +59,6 @@ def run_on_two_ranks(tmp_path: Path, job: str, *job_args) -> list:
     """``JOBS[job](rank, *job_args)`` in two spawned processes; their results, in rank order."""
     mp.spawn(_rank_main, args=(free_port(), str(tmp_path), job, job_args), nprocs=WORLD_SIZE, join=True)
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
-
-
-def collect_rollout(agent) -> None:
-    """One rollout into the agent's buffer, as ``learn`` collects it (no update)."""
-    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback(add_to_reward=agent.kl_in_reward)])
-    callback.on_training_start(locals(), globals())
-    assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
 
 
 def perturb(policy) -> None:
@@ -138,8 +132,7 @@ def one_update(algo: str, n_envs: int, seed: int, actions: torch.Tensor | None) 
             return tokens
 
         agent._sample_actions = sample_ending_episode_zero_early
-    collect_rollout(agent)
-    buffer = agent.rollout_buffer
+    buffer = collect_one_rollout(agent)
     rollout = {name: getattr(buffer, name).copy()
                for name in ("rewards", "advantages", "returns", "ref_log_probs", "values")}
     rollout["tokens"] = int(buffer.token_mask().sum())

@@ -18,8 +18,9 @@ import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents import KLPenaltyCallback, make_agent, make_text_vec_env
+from agents import make_agent, make_text_vec_env
 from agents.sequence_buffer import SequenceRolloutBuffer
+from conftest import collect_one_rollout
 
 N_ENVS, N_STEPS, MAX_PROMPT_LEN, MAX_NEW_TOKENS = 3, 10, 12, 4
 LOSS_TAGS = ("train/policy_gradient_loss", "train/value_loss", "train/entropy_loss", "train/loss",
@@ -51,13 +52,6 @@ class ScriptedDictRolloutBuffer(DictRolloutBuffer):
             yield self._get_samples(envs * self.buffer_size + steps)
 
 
-def collect(model, callbacks) -> None:
-    """What ``learn`` does before its first rollout, then one rollout."""
-    _, callback = model._setup_learn(N_STEPS * N_ENVS, callback=[KLPenaltyCallback(), *callbacks])
-    callback.on_training_start(locals(), globals())
-    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, N_STEPS)
-
-
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
     env_kwargs = dict(prompts=["The film was", "This phone is", "I bought the charger last week. The battery"],
@@ -82,7 +76,7 @@ def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
 
     # 1. SB3's own rollout: full forward per step, Categorical sampling, its own buffer.
     stock_states = RecordStates()
-    collect(stock, [stock_states])
+    collect_one_rollout(stock, [stock_states])
     stock_buffer = stock.rollout_buffer
     stock_actions = torch.as_tensor(stock_buffer.actions[..., 0]).long()
 
@@ -90,7 +84,7 @@ def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
     replay = iter(stock_actions)
     fast._sample_actions = lambda logits: next(replay)
     fast_states = RecordStates()
-    collect(fast, [fast_states])
+    collect_one_rollout(fast, [fast_states])
     buffer = fast.rollout_buffer
     assert len(buffer.segment_spans) > N_ENVS  # episodes ended and restarted inside the rollout
     for step, (stock_state, fast_state) in enumerate(zip(stock_states.states, fast_states.states)):

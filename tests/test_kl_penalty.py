@@ -165,8 +165,7 @@ def test_deferred_reference_scoring_stores_what_per_step_scoring_stores(default_
     """Same seed, same sampled tokens: the rollout's reference log-probs, rewards, advantages
     and the KL fed to the controller agree between the two ways of scoring the reference
     (PPO's rollouts run across episode ends; the group methods' freeze finished episodes)."""
-    from agents import KLPenaltyCallback
-    from conftest import PROMPTS
+    from conftest import PROMPTS, collect_one_rollout
 
     buffers, kls = {}, {}
     for deferred in (False, True):
@@ -178,10 +177,7 @@ def test_deferred_reference_scoring_stores_what_per_step_scoring_stores(default_
         with torch.no_grad():  # a policy away from the reference: a KL to score
             for parameter in agent.policy.lm.parameters():
                 parameter.add_(0.02 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
-        _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback(add_to_reward=agent.kl_in_reward)])
-        callback.on_training_start(locals(), globals())
-        assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
-        buffers[deferred] = agent.rollout_buffer
+        buffers[deferred] = collect_one_rollout(agent)
         kls[deferred] = agent.logger.name_to_value["rollout/kl"]
     per_step, deferred = buffers[False], buffers[True]
     assert np.array_equal(per_step.actions, deferred.actions)

@@ -127,6 +127,7 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    from conftest import collect_one_rollout
     from test_fast_path import RecordStates, ScriptedDictRolloutBuffer
 
     if "test/Counting-v0" not in gym.registry:
@@ -151,20 +152,13 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
             parameter.add_(0.02 * torch.randn_like(parameter))
     stock.policy.load_state_dict(fast.policy.state_dict())
 
-    from agents import KLPenaltyCallback
-
-    def collect(model, callbacks):
-        _, callback = model._setup_learn(n_steps * n_envs, callback=[KLPenaltyCallback(), *callbacks])
-        callback.on_training_start(locals(), globals())
-        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
-
     stock_states = RecordStates()
-    collect(stock, [stock_states])
+    collect_one_rollout(stock, [stock_states])
     stock_buffer = stock.rollout_buffer
     replay = iter(torch.as_tensor(stock_buffer.actions[..., 0]).long())
     fast._sample_actions = lambda logits: next(replay)
     fast_states = RecordStates()
-    collect(fast, [fast_states])
+    collect_one_rollout(fast, [fast_states])
     buffer = fast.rollout_buffer
     # Env replies were inserted during the rollout (states grew by more than one token).
     lengths = [int(state["attention_mask"][0].sum()) for state in stock_states.states]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents import make_agent, make_text_vec_env
-from conftest import PROMPTS, assert_same_policy_outputs
+from conftest import PROMPTS, assert_same_policy_outputs, collect_one_rollout
 from policies.observations import last_token_index, unpack_observation
 
 ENV_KWARGS = dict(prompts=PROMPTS, model="default", reward="vader", max_prompt_len=12, max_new_tokens=4, device="cpu")
@@ -48,8 +48,6 @@ def test_fast_path_equals_stock_path_with_a_separate_critic(default_model_path, 
     and one update moves both bodies alike (the check of tests/test_fast_path.py)."""
     from test_fast_path import ScriptedDictRolloutBuffer
 
-    from agents import KLPenaltyCallback
-
     n_steps, n_envs = 6, 2
     hyper = dict(n_steps=n_steps, seed=0, kl_coef=0.2, learning_rate=0.1, critic="separate",
                  policy_kwargs=dict(model_name_or_path="default", optimizer_class=torch.optim.SGD))
@@ -64,15 +62,10 @@ def test_fast_path_equals_stock_path_with_a_separate_critic(default_model_path, 
             parameter.add_(0.02 * torch.randn_like(parameter))
     stock.policy.load_state_dict(fast.policy.state_dict())
 
-    def collect(model):
-        _, callback = model._setup_learn(n_steps * n_envs, callback=[KLPenaltyCallback()])
-        callback.on_training_start(locals(), globals())
-        assert model.collect_rollouts(model.env, callback, model.rollout_buffer, n_steps)
-
-    collect(stock)
+    collect_one_rollout(stock)
     replay = iter(torch.as_tensor(stock.rollout_buffer.actions[..., 0]).long())
     fast._sample_actions = lambda logits: next(replay)
-    collect(fast)
+    collect_one_rollout(fast)
     for name in ("log_probs", "values", "advantages", "returns"):
         np.testing.assert_allclose(getattr(fast.rollout_buffer, name), getattr(stock.rollout_buffer, name), atol=1e-5,
                                    err_msg=name)
