@@ -95,9 +95,7 @@ class PolicyRolloutDecoder:
     def _rows_to_refill(self, attention_mask: torch.Tensor, new_episode: torch.Tensor) -> torch.Tensor:
         """New episodes, and running ones that gained more than the action just taken (a
         multi-turn env's reply): their slots are prefilled from the whole observation."""
-        columns = last_token_index(attention_mask)
-        gained_other_tokens = columns > self.last_columns + 1
-        self.last_columns = columns
+        gained_other_tokens = last_token_index(attention_mask) > self.last_columns + 1
         return new_episode | gained_other_tokens
 
     def _read_heads(self, hidden: torch.Tensor, critic_hidden: torch.Tensor | None = None) -> None:
@@ -137,6 +135,7 @@ class PolicyRolloutDecoder:
         prompt instead, and so are rows whose observation gained tokens the agent did not
         choose (``step_slots``)."""
         refill = self._rows_to_refill(attention_mask, new_episode)
+        self.last_columns = last_token_index(attention_mask)
         with self.policy.compute_context():
             critic_hidden = None
             if self.critic_slots is not None:
@@ -156,6 +155,7 @@ class PolicyRolloutDecoder:
             self.logits, self.values = None, torch.zeros(len(new_episode), device=new_episode.device)
             return
         refill = self._rows_to_refill(attention_mask, new_episode) & ~new_episode
+        self.last_columns = last_token_index(attention_mask)
         slots = self.critic_slots if self.critic_slots is not None else self.slots  # only values are needed
         with self.policy.compute_context():
             hidden = step_slots(slots, actions, input_ids, attention_mask, refill, skip=new_episode)
@@ -187,7 +187,7 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
     def observe(
         self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
     ) -> None:
-        refill = new_episode | (last_token_index(attention_mask) > self.last_columns + 1)
+        refill = self._rows_to_refill(attention_mask, new_episode)  # before super() moves last_columns
         super().observe(actions, input_ids, attention_mask, new_episode)
         with self.policy.compute_context():
             mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, refill)
