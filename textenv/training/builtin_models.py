@@ -37,26 +37,25 @@ def arithmetic_model_dir() -> Path:
     return cache_root() / f"arithmetic-lm-{ARITHMETIC_MODEL_VERSION}"
 
 
+def fine_tune_default_model(folder: Path, name: str, train: list[SFTExample], heldout: list[SFTExample],
+                            steps: int, max_length: int, progress: bool) -> None:
+    """The default model and tokenizer, fine-tuned on ``train`` (the project's SFT; batch 32,
+    learning rate 1e-3) and saved to ``folder``: the recipe of the tasks' starting models."""
+    model = load_causal_lm(DEFAULT_MODEL_NAME)
+    tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
+    result = supervised_finetune(model, tokenizer, train, heldout, steps=steps, batch_size=32, learning_rate=1e-3,
+                                 max_length=max_length, progress=progress, description=f"{name} SFT")
+    if progress:
+        print(f"textenv: {name} model held-out loss {result.heldout_loss_before:.2f} -> {result.heldout_loss_after:.2f}")
+    save_model_and_tokenizer(model, tokenizer, folder)
+
+
 def build_arithmetic_model(folder: Path, progress: bool = True) -> None:
     """The default model fine-tuned on the training problems, just long enough to be partly right."""
     train, heldout = arithmetic_problems()
-    model = load_causal_lm(DEFAULT_MODEL_NAME)
-    tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
-    result = supervised_finetune(
-        model,
-        tokenizer,
-        [SFTExample(p, a) for p, a in train],
-        [SFTExample(p, a) for p, a in heldout],
-        steps=ARITHMETIC_SFT_STEPS,
-        batch_size=32,
-        learning_rate=1e-3,
-        max_length=16,
-        progress=progress,
-        description="arithmetic SFT",
-    )
-    if progress:
-        print(f"textenv: arithmetic model held-out loss {result.heldout_loss_before:.2f} -> {result.heldout_loss_after:.2f}")
-    save_model_and_tokenizer(model, tokenizer, folder)
+    fine_tune_default_model(folder, "arithmetic", [SFTExample(p, a) for p, a in train],
+                            [SFTExample(p, a) for p, a in heldout], ARITHMETIC_SFT_STEPS, max_length=16,
+                            progress=progress)
 
 
 def ensure_arithmetic_model(progress: bool = True) -> Path:
@@ -77,26 +76,11 @@ def guess_number_model_dir() -> Path:
 def build_guess_number_model(folder: Path, progress: bool = True) -> None:
     """The default model fine-tuned on transcripts of legal but random play: it speaks the
     game (a number from 1 to 10, then its end-of-turn token) without using the replies."""
-    model = load_causal_lm(DEFAULT_MODEL_NAME)
-    tokenizer = load_tokenizer(DEFAULT_MODEL_NAME)
-    transcripts = random_play_transcripts(N_GAME_TRANSCRIPTS + N_HELDOUT_GAME_TRANSCRIPTS, tokenizer.eos_token, seed=0)
+    eos_token = load_tokenizer(DEFAULT_MODEL_NAME).eos_token
+    transcripts = random_play_transcripts(N_GAME_TRANSCRIPTS + N_HELDOUT_GAME_TRANSCRIPTS, eos_token, seed=0)
     examples = [SFTExample(prompt, rest) for prompt, rest in transcripts]
-    result = supervised_finetune(
-        model,
-        tokenizer,
-        examples[:N_GAME_TRANSCRIPTS],
-        examples[N_GAME_TRANSCRIPTS:],
-        steps=GUESS_NUMBER_SFT_STEPS,
-        batch_size=32,
-        learning_rate=1e-3,
-        max_length=64,
-        progress=progress,
-        description="guess-the-number SFT",
-    )
-    if progress:
-        print(f"textenv: guess-the-number model held-out loss {result.heldout_loss_before:.2f} -> "
-              f"{result.heldout_loss_after:.2f}")
-    save_model_and_tokenizer(model, tokenizer, folder)
+    fine_tune_default_model(folder, "guess-the-number", examples[:N_GAME_TRANSCRIPTS], examples[N_GAME_TRANSCRIPTS:],
+                            GUESS_NUMBER_SFT_STEPS, max_length=64, progress=progress)
 
 
 def ensure_guess_number_model(progress: bool = True) -> Path:
