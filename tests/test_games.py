@@ -43,12 +43,18 @@ def binary_search(env, low: int, high: int) -> list[dict]:
     return infos
 
 
+def start_in_the_built_in_dialogue(env_id: str, high: int):
+    """The env of ``env_id``, reset: its first message must read as the built-in game's."""
+    env = gym.make(env_id, model="default", device="cpu").unwrapped
+    obs, _ = env.reset(seed=0)
+    prompt = load_tokenizer("default").decode(obs["input_ids"][obs["attention_mask"] == 1])
+    assert prompt == f"Guess my number from 1 to {high}. Guess:"
+    return env
+
+
 def test_gem_guess_the_number_plays_in_the_built_in_dialogue(default_model_path):
     pytest.importorskip("gem")
-    env = gym.make("gem/GuessTheNumber-v0-easy", model="default", device="cpu").unwrapped
-    obs, info = env.reset(seed=0)
-    prompt = load_tokenizer("default").decode(obs["input_ids"][obs["attention_mask"] == 1])
-    assert prompt == "Guess my number from 1 to 10. Guess:"
+    env = start_in_the_built_in_dialogue("gem/GuessTheNumber-v0-easy", 10)
     infos = binary_search(env, 1, 10)
     assert infos[-1]["reply"] == CORRECT_REPLY and infos[-1]["success"] is True and infos[-1]["turns"] <= 4
     assert all(i["reply"] in (HIGHER_REPLY, LOWER_REPLY) for i in infos[:-1])
@@ -70,10 +76,7 @@ def test_gem_mastermind_runs_as_a_turn_level_env():
 
 def test_textarena_guess_the_number_plays_in_the_built_in_dialogue(default_model_path):
     pytest.importorskip("textarena")
-    env = gym.make("textarena/GuessTheNumber-v0", model="default", device="cpu").unwrapped
-    obs, _ = env.reset(seed=0)
-    prompt = load_tokenizer("default").decode(obs["input_ids"][obs["attention_mask"] == 1])
-    assert prompt == "Guess my number from 1 to 20. Guess:"
+    env = start_in_the_built_in_dialogue("textarena/GuessTheNumber-v0", 20)
     infos = binary_search(env, 1, 20)
     assert infos[-1]["reply"] == CORRECT_REPLY and infos[-1]["success"] is True
     assert infos[-1]["task_score"] == pytest.approx(1.0)  # TextArena's reward: at the end only
