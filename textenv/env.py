@@ -38,6 +38,16 @@ import torch
 from textenv.task import TextTask
 
 
+@torch.no_grad()
+def extend_reference(reference: Any, cache: Any, new_tokens: list[int], device: torch.device) -> tuple[Any, torch.Tensor]:
+    """Feed ``new_tokens`` to the reference model after ``cache`` (``None``: from scratch);
+    returns its KV cache and its next-token log-probs (on the CPU). One episode's
+    incremental reference decode, for ``TextGenEnv`` and ``textenv.multiturn``."""
+    ids = torch.tensor([new_tokens], dtype=torch.long, device=device)
+    out = reference(input_ids=ids, cache=cache, use_cache=True)
+    return out.cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+
+
 class TextGenEnv(gym.Env):
     """Generate a continuation of a prompt, one token per step, scored at the end.
 
@@ -159,15 +169,9 @@ class TextGenEnv(gym.Env):
 
     # -- internals --------------------------------------------------------------
 
-    @torch.no_grad()
     def _advance_reference(self, new_tokens: list[int], first: bool) -> None:
-        """Feed tokens to the reference model, keep its KV cache and next-token log-probs."""
-        ids = torch.tensor([new_tokens], dtype=torch.long, device=self.task.device)
-        out = self.reference(
-            input_ids=ids, cache=None if first else self._ref_cache, use_cache=True
-        )
-        self._ref_cache = out.cache
-        self._ref_next_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
+        self._ref_cache, self._ref_next_logprobs = extend_reference(
+            self.reference, None if first else self._ref_cache, new_tokens, self.task.device)
 
     def _observation(self) -> dict[str, np.ndarray]:
         # Copies: callers (and SB3's buffers) must never alias our working arrays.

@@ -48,7 +48,8 @@ import torch
 from gymnasium import spaces
 
 from textenv.models import ModelSpec, TokenizerSpec, check_tokenizer_fits_model, load_frozen_lm, load_tokenizer, vocab_size_of
-from textenv.task import resolve_device, stop_token_ids
+from textenv.env import extend_reference
+from textenv.task import check_fits_context, resolve_device, stop_token_ids
 
 MULTI_TURN_ENTRY_POINT = "textenv.multiturn:MultiTurnTextEnv"
 
@@ -132,7 +133,7 @@ class MultiTurnTextEnv(gym.Env):
         self.stop_strings = tuple(stop_strings)
         self.reply_template, self.first_message_template = reply_template, first_message_template
         self.render_mode = render_mode
-        self._check_context_length()
+        check_fits_context(self.reference, self.width, "max_prompt_len + max_episode_tokens")
         self.observation_space = spaces.Dict({
             "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(self.width,), dtype=np.int64),
             "attention_mask": spaces.Box(0, 1, shape=(self.width,), dtype=np.int64),
@@ -250,20 +251,9 @@ class MultiTurnTextEnv(gym.Env):
         self._attention_mask[self._next_column : end] = 1
         self._next_column = end
 
-    @torch.no_grad()
     def _advance_reference(self, new_tokens: list[int], first: bool) -> None:
-        """Feed tokens to the reference model, keep its KV cache and next-token log-probs."""
-        ids = torch.tensor([new_tokens], dtype=torch.long, device=self.device)
-        out = self.reference(input_ids=ids, cache=None if first else self._ref_cache, use_cache=True)
-        self._ref_cache = out.cache
-        self._ref_next_logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
-
-    def _check_context_length(self) -> None:
-        config = self.reference.config
-        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if context is not None and self.width > context:
-            raise ValueError(f"max_prompt_len + max_episode_tokens = {self.width} exceeds the model's context of "
-                             f"{context} tokens. Fix: lower one of them.")
+        self._ref_cache, self._ref_next_logprobs = extend_reference(
+            self.reference, None if first else self._ref_cache, new_tokens, self.device)
 
     def _observation(self) -> dict[str, np.ndarray]:
         return {"input_ids": self._input_ids.copy(), "attention_mask": self._attention_mask.copy()}

@@ -38,6 +38,15 @@ def stop_token_ids(tokenizer, model) -> frozenset[int]:
     return frozenset(int(i) for i in ids if i is not None)
 
 
+def check_fits_context(model, width: int, what: str) -> None:
+    """A clear error, naming ``what`` sums to ``width``, when an episode is wider than the
+    model's context (its ``max_position_embeddings`` or ``n_positions``)."""
+    config = model.config
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if context is not None and width > context:
+        raise ValueError(f"{what} = {width} exceeds the model's context of {context} tokens. Fix: lower one of them.")
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"`` means CUDA when there is a GPU, else CPU."""
     if str(device) == "auto":
@@ -132,13 +141,7 @@ class TextTask:
         return self.reward_source([self.prompts[i] for i in prompt_indices], completions)
 
     def _check_context_length(self) -> None:
-        config = self.reference.config
-        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if context is not None and self.width > context:
-            raise ValueError(
-                f"max_prompt_len + max_new_tokens = {self.width} exceeds the model's context "
-                f"of {context} tokens. Fix: lower one of them."
-            )
+        check_fits_context(self.reference, self.width, "max_prompt_len + max_new_tokens")
 
     def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
         encoded = self.tokenizer(self.prompts)["input_ids"]
