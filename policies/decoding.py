@@ -32,48 +32,6 @@ if TYPE_CHECKING:
 Sampler = Callable[[torch.Tensor], torch.Tensor]
 
 
-def prefill_rows(
-    slots: SlotDecoder, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    """Fill the slots of ``rows`` from their observations (trimmed to the last real column)."""
-    width = int(last_token_index(attention_mask).max()) + 1
-    return slots.prefill(rows, input_ids[:, :width], attention_mask[:, :width])
-
-
-def step_slots(
-    slots: SlotDecoder,
-    actions: torch.Tensor,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    refill: torch.Tensor,
-    skip: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Move every slot to the state of its new observation; returns its hidden state.
-
-    Running episodes decode the action they just took (it is the last token of their
-    new observation). Rows in ``refill`` take part in the batched decode with a
-    throw-away token in their (masked) last column, then are prefilled from their whole
-    observation: an episode the environment reset, or one whose observation gained
-    tokens the agent did not choose (a multi-turn env's reply, ``textenv.multiturn``).
-    Rows in ``skip`` decode a throw-away token too and are left stale (their hidden
-    state is not used), for a caller that refills them later.
-    """
-    off = refill if skip is None else refill | skip
-    columns = last_token_index(attention_mask)
-    decode_mask = attention_mask
-    if off.any():
-        columns = torch.where(off, slots.width - 1, columns)
-        decode_mask = attention_mask.clone()
-        decode_mask[off] = 0
-        decode_mask[off, slots.width - 1] = 1
-    hidden = slots.decode(actions, columns, decode_mask)
-    if refill.any():
-        rows = refill.nonzero()[:, 0]
-        hidden = hidden.clone()
-        hidden[rows] = prefill_rows(slots, rows, input_ids[rows], attention_mask[rows])
-    return hidden
-
-
 class PolicyRolloutDecoder:
     """The policy acting in ``n_envs`` parallel episodes, kept up to date one token at a time.
 
@@ -92,11 +50,13 @@ class PolicyRolloutDecoder:
         self.values: torch.Tensor | None = None  # (n_envs,) V(s) of the current states
         self.last_columns: torch.Tensor | None = None  # (n_envs,) the last real column of each state
 
-    def _rows_to_refill(self, attention_mask: torch.Tensor, new_episode: torch.Tensor) -> torch.Tensor:
-        """New episodes, and running ones that gained more than the action just taken (a
-        multi-turn env's reply): their slots are prefilled from the whole observation."""
-        gained_other_tokens = last_token_index(attention_mask) > self.last_columns + 1
-        return new_episode | gained_other_tokens
+    def _extend_from(self, attention_mask: torch.Tensor, new_episode: torch.Tensor) -> torch.Tensor:
+        """For running episodes that gained more than the action just taken (a multi-turn
+        env's reply), the column of that action: their slots are extended from there
+        (``SlotDecoder.step``); -1 for every other row."""
+        action_columns = self.last_columns + 1
+        gained_other_tokens = ~new_episode & (last_token_index(attention_mask) > action_columns)
+        return torch.where(gained_other_tokens, action_columns, -1)
 
     def _read_heads(self, hidden: torch.Tensor, critic_hidden: torch.Tensor | None = None) -> None:
         """Actor and critic heads on the hidden state of each current state (the critic's
@@ -113,8 +73,8 @@ class PolicyRolloutDecoder:
         with self.policy.compute_context():
             critic_hidden = None
             if self.critic_slots is not None:
-                critic_hidden = prefill_rows(self.critic_slots, rows, input_ids, attention_mask)
-            self._read_heads(prefill_rows(self.slots, rows, input_ids, attention_mask), critic_hidden)
+                critic_hidden = self.critic_slots.prefill_rows(rows, input_ids, attention_mask)
+            self._read_heads(self.slots.prefill_rows(rows, input_ids, attention_mask), critic_hidden)
 
     @torch.no_grad()
     def act(self, sample: Sampler = sample_tokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,15 +92,16 @@ class PolicyRolloutDecoder:
     ) -> None:
         """Move to the new observations after the env took ``actions``: one cached decode step
         for all episodes; rows in ``new_episode`` (reset by the env) are prefilled from their
-        prompt instead, and so are rows whose observation gained tokens the agent did not
-        choose (``step_slots``)."""
-        refill = self._rows_to_refill(attention_mask, new_episode)
+        prompt instead, and rows whose observation gained tokens the agent did not choose
+        encode those with their action (``SlotDecoder.step``)."""
+        extend_from = self._extend_from(attention_mask, new_episode)
         self.last_columns = last_token_index(attention_mask)
         with self.policy.compute_context():
             critic_hidden = None
             if self.critic_slots is not None:
-                critic_hidden = step_slots(self.critic_slots, actions, input_ids, attention_mask, refill)
-            self._read_heads(step_slots(self.slots, actions, input_ids, attention_mask, refill), critic_hidden)
+                critic_hidden = self.critic_slots.step(actions, input_ids, attention_mask, new_episode, extend_from)
+            hidden = self.slots.step(actions, input_ids, attention_mask, new_episode, extend_from)
+            self._read_heads(hidden, critic_hidden)
 
     @torch.no_grad()
     def observe_last(
@@ -154,11 +115,11 @@ class PolicyRolloutDecoder:
         if bool(new_episode.all()):
             self.logits, self.values = None, torch.zeros(len(new_episode), device=new_episode.device)
             return
-        refill = self._rows_to_refill(attention_mask, new_episode) & ~new_episode
+        extend_from = self._extend_from(attention_mask, new_episode)
         self.last_columns = last_token_index(attention_mask)
         slots = self.critic_slots if self.critic_slots is not None else self.slots  # only values are needed
         with self.policy.compute_context():
-            hidden = step_slots(slots, actions, input_ids, attention_mask, refill, skip=new_episode)
+            hidden = slots.step(actions, input_ids, attention_mask, extend_from=extend_from, skip=new_episode)
             self.logits = None  # "start" comes next
             self.values = self.policy.value(hidden).flatten().masked_fill(new_episode, 0.0)
 
@@ -180,15 +141,15 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
         super().start(input_ids, attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         with self.policy.compute_context():
-            mask_hidden = prefill_rows(self.mask_slots, rows, input_ids, attention_mask)
+            mask_hidden = self.mask_slots.prefill_rows(rows, input_ids, attention_mask)
         self.logits = self._masked(self.logits, mask_hidden)
 
     @torch.no_grad()
     def observe(
         self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
     ) -> None:
-        refill = self._rows_to_refill(attention_mask, new_episode)  # before super() moves last_columns
+        extend_from = self._extend_from(attention_mask, new_episode)  # before super() moves last_columns
         super().observe(actions, input_ids, attention_mask, new_episode)
         with self.policy.compute_context():
-            mask_hidden = step_slots(self.mask_slots, actions, input_ids, attention_mask, refill)
+            mask_hidden = self.mask_slots.step(actions, input_ids, attention_mask, new_episode, extend_from)
         self.logits = self._masked(self.logits, mask_hidden)

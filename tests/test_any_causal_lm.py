@@ -5,7 +5,7 @@ logit soft-capping; Granite with logit scaling; a Llama-3-style model whose gene
 config lists two EOS ids.
 
 For each: the policy's logits (update path and KV-cached rollout path) equal the model's
-own ``forward`` within 1e-5, every EOS id ends an episode, completions decode as they read
+own ``forward`` within 1e-5, and so do the slots' after chunks of inserted tokens, every EOS id ends an episode, completions decode as they read
 after the prompt, the weights are float32 whatever the checkpoint's dtype, and PPO trains,
 saves and loads to the same outputs.
 """
@@ -57,6 +57,45 @@ def test_policy_logits_equal_the_models_own_forward(zoo_model):
     assert update_path.shape == expected.shape == (env.num_envs, zoo_model.vocab_size)
     torch.testing.assert_close(update_path, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(decoder.logits, expected, atol=1e-5, rtol=0)
+
+
+def test_slots_extended_by_inserted_chunks_equal_the_models_own_forward(zoo_model):
+    """``SlotDecoder.step`` with rows that gained several tokens after their action (a
+    multi-turn env's reply): a chunk of 1-5 tokens encoded into the slot, beside rows that
+    decode one token and a row left out, gives the logits of a full forward of each row."""
+    from textenv.slot_decoding import SlotDecoder, lm_logits, positions_of
+
+    model = AutoModelForCausalLM.from_pretrained(zoo_model.path, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    n, width, prompt_end = 4, 24, 6
+    input_ids = torch.randint(3, zoo_model.vocab_size, (n, width), generator=generator)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    for row, length in enumerate([3, 6, 2, 4]):  # left-padded prompts
+        mask[row, prompt_end - length : prompt_end] = 1
+    slots = SlotDecoder(model, n, width)
+    slots.prefill_rows(torch.arange(n), input_ids, mask)
+
+    def full_forward_logits(mask: torch.Tensor) -> torch.Tensor:
+        last = (mask * torch.arange(width)).argmax(-1)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions_of(mask)).logits
+        return logits[torch.arange(n), last]
+
+    next_column = torch.full((n,), prompt_end)
+    for gained in ([1, 4, 1, 5], [3, 1, 2, 1]):  # tokens per row this step: the action, then any reply
+        mask = mask.clone()
+        for row, count in enumerate(gained):
+            mask[row, next_column[row] : next_column[row] + count] = 1
+        extend_from = torch.where(torch.tensor(gained) > 1, next_column, -1)
+        skip = torch.tensor([False, False, False, gained[3] == 1])  # a row whose result is not needed
+        hidden = slots.step(input_ids.gather(1, next_column[:, None])[:, 0], input_ids, mask,
+                            extend_from=extend_from, skip=skip)
+        expected = full_forward_logits(mask)
+        kept = ~skip
+        torch.testing.assert_close(lm_logits(model, hidden)[kept], expected[kept], atol=1e-5, rtol=0)
+        if bool(skip.any()):  # bring the skipped row up to date for the next step
+            slots.prefill_rows(skip.nonzero()[:, 0], input_ids[skip], mask[skip])
+        next_column = next_column + torch.tensor(gained)
 
 
 def test_policy_and_reference_are_float32_whatever_the_checkpoint(zoo_model):

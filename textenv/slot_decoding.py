@@ -13,6 +13,9 @@ the observation layout (``[left-padded prompt | generated tokens]``, width
 
 ``prefill`` (re)computes the slots of some rows from their token ids: at episode
 start (the prompt) and after a policy update (stale keys of running episodes).
+``extend`` appends a chunk of several tokens to the slots of some rows, attending to
+what the slots already hold: the tokens a multi-turn environment inserts after the
+agent's turn (``textenv.multiturn``), at the cost of the chunk, not of the whole row.
 
 Works with any causal LM whose attention layers call ``cache.update`` with full
 attention over the window ``W`` (GPT-2, Llama, Qwen, Mistral with a window of at
@@ -44,14 +47,26 @@ class SlotCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write each row's new key/value at its own column; return every row's whole slot."""
+        """Write the new keys/values where the owner says; return the slots the queries read.
+
+        Decode (``owner.write_rows is None``): one token for every slot, at each row's own
+        column; every whole slot is returned. Extend: ``(k, L)`` chunks for the slots
+        ``write_rows``, position ``j`` of row ``i`` at column ``write_columns[i, j]`` where
+        ``write_valid[i, j]`` (shorter chunks are padded); those slots are returned."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        rows = torch.arange(key_states.shape[0], device=key_states.device)
-        columns = self.owner.write_columns
-        self.keys[rows, :, columns] = key_states[:, :, 0]
-        self.values[rows, :, columns] = value_states[:, :, 0]
-        return self.keys, self.values
+        owner = self.owner
+        if owner.write_rows is None:
+            rows = torch.arange(key_states.shape[0], device=key_states.device)
+            self.keys[rows, :, owner.write_columns] = key_states[:, :, 0]
+            self.values[rows, :, owner.write_columns] = value_states[:, :, 0]
+            return self.keys, self.values
+        valid = owner.write_valid
+        rows = owner.write_rows[:, None].expand_as(valid)[valid]
+        columns = owner.write_columns[valid]
+        self.keys[rows, :, columns] = key_states.transpose(1, 2)[valid]
+        self.values[rows, :, columns] = value_states.transpose(1, 2)[valid]
+        return self.keys[owner.write_rows], self.values[owner.write_rows]
 
     def store(self, rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put prefilled keys/values (``(len(rows), heads, c, d)``) into columns ``[0, c)``."""
@@ -76,7 +91,11 @@ class SlotCache(Cache):
     def __init__(self, n_layers: int, n_slots: int, width: int):
         self.n_slots = n_slots
         self.width = width
+        # Where the next forward writes (SlotCacheLayer.update): every row at its column
+        # (decode), or the chunks of some rows (extend).
         self.write_columns = torch.zeros(n_slots, dtype=torch.long)
+        self.write_rows: torch.Tensor | None = None
+        self.write_valid: torch.Tensor | None = None
         super().__init__(layers=[SlotCacheLayer(self) for _ in range(n_layers)])
 
 
@@ -86,11 +105,26 @@ def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The column of each row's last real token (``(n, W)`` mask -> ``(n,)``)."""
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return (attention_mask * columns).argmax(-1)
+
+
 def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(n, W)`` 0/1 mask -> ``(n, 1, 1, W)`` additive mask for a one-token query."""
     blocked = torch.finfo(dtype).min
     mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
     return mask.masked_fill(attention_mask == 0, blocked)[:, None, None, :]
+
+
+def chunk_additive_mask(attention_mask: torch.Tensor, query_columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(k, W)`` 0/1 mask and the ``(k, L)`` columns of a chunk's queries -> ``(k, 1, L, W)``
+    additive mask: each query reads the real columns up to its own (causal within the chunk)."""
+    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    allowed = (attention_mask[:, None, :] == 1) & (columns[None, None, :] <= query_columns[:, :, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 class SlotDecoder:
@@ -131,9 +165,91 @@ class SlotDecoder:
         ).last_hidden_state
         for layer, prefilled in zip(self.cache.layers, scratch.layers):
             layer.store(rows, prefilled.keys, prefilled.values)
-        columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-        last = (attention_mask * columns).argmax(-1)
+        last = last_real_column(attention_mask)
         return hidden[torch.arange(len(rows), device=hidden.device), last]
+
+    @torch.no_grad()
+    def extend(
+        self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, first_columns: torch.Tensor
+    ) -> torch.Tensor:
+        """Bring the slots of ``rows`` up to date with their observations (``(k, W)``), whose
+        columns before ``first_columns`` the slots already hold: the chunk from
+        ``first_columns[i]`` to row ``i``'s last real column is encoded in one forward pass,
+        attending to the slot. Returns the hidden state at each row's last real token.
+
+        Cheaper than ``prefill`` by the length of what the slot holds; a chunk of one token
+        is a decode step."""
+        last = last_real_column(attention_mask)
+        lengths = last - first_columns + 1
+        if bool((lengths < 1).any()):
+            raise ValueError("extend needs at least one new real column per row (first_columns <= last real column)")
+        offsets = torch.arange(int(lengths.max()), device=input_ids.device)
+        query_columns = first_columns[:, None] + offsets  # (k, L); padded beyond each chunk's length
+        valid = offsets[None, :] < lengths[:, None]
+        query_columns = torch.where(valid, query_columns, last[:, None])  # padding re-reads the last token
+        dtype = self.body.get_input_embeddings().weight.dtype
+        self.cache.write_rows, self.cache.write_columns, self.cache.write_valid = rows, query_columns, valid
+        try:
+            hidden = self.body(
+                input_ids=input_ids.gather(1, query_columns),
+                attention_mask=chunk_additive_mask(attention_mask, query_columns, dtype),
+                position_ids=positions_of(attention_mask).gather(1, query_columns),
+                cache=self.cache,
+                use_cache=True,
+            ).last_hidden_state
+        finally:
+            self.cache.write_rows = self.cache.write_valid = None
+        return hidden[torch.arange(len(rows), device=hidden.device), lengths - 1]
+
+    @torch.no_grad()
+    def prefill_rows(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``prefill`` from whole ``(len(rows), W)`` observations, trimmed to their last real column."""
+        width = int(last_real_column(attention_mask).max()) + 1
+        return self.prefill(rows, input_ids[:, :width], attention_mask[:, :width])
+
+    @torch.no_grad()
+    def step(
+        self,
+        tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        refill: torch.Tensor | None = None,
+        extend_from: torch.Tensor | None = None,
+        skip: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Move every slot to its row of the new observations (``(n_slots, W)``); returns
+        each row's hidden state at its last real token.
+
+        A row whose new observation is its old one plus ``tokens[i]`` (now its last real
+        column) decodes that token; all such rows go in one batched pass. The other rows
+        join the pass with a throw-away token in their masked last column, then:
+
+        - ``refill`` rows (a new episode) are prefilled from their whole observation;
+        - rows with ``extend_from[i] >= 0`` gained tokens after ``tokens[i]``, which sits at
+          that column (a multi-turn env's reply, ``textenv.multiturn``): the chunk from
+          there on is encoded in one pass that attends to the slot (``extend``);
+        - ``skip`` rows are left as they are (their returned hidden state is meaningless),
+          for a caller that does not need them or refills them later.
+        """
+        n = len(tokens)
+        refill = torch.zeros(n, dtype=torch.bool, device=tokens.device) if refill is None else refill
+        extend = extend_from >= 0 if extend_from is not None else torch.zeros_like(refill)
+        off = refill | extend if skip is None else refill | extend | skip
+        columns = last_real_column(attention_mask)
+        decode_mask = attention_mask
+        if bool(off.any()):
+            columns = torch.where(off, self.width - 1, columns)
+            decode_mask = attention_mask.clone()
+            decode_mask[off] = 0
+            decode_mask[off, self.width - 1] = 1
+        hidden = self.decode(tokens, columns, decode_mask)
+        if bool(refill.any()):
+            rows = refill.nonzero()[:, 0]
+            hidden[rows] = self.prefill_rows(rows, input_ids[rows], attention_mask[rows])
+        if bool(extend.any()):
+            rows = extend.nonzero()[:, 0]
+            hidden[rows] = self.extend(rows, input_ids[rows], attention_mask[rows], extend_from[rows])
+        return hidden
 
     @torch.no_grad()
     def decode(
