@@ -102,7 +102,8 @@ def policy_config(agent: BaseAlgorithm) -> dict[str, Any]:
 
 def env_config(env: VecEnv | None) -> dict[str, Any]:
     """How the environment was made (``make_text_vec_env``'s ``make_args`` where it made
-    it) and the text task it runs: model, reward, lengths, prompts."""
+    it) and the text task it runs (``TokenTask.settings``: model, lengths, and the reward
+    and prompts, or the turn budgets)."""
     if env is None:
         return {}
     make_args = dict(getattr(env, "make_args", {}) or {})
@@ -117,14 +118,7 @@ def env_config(env: VecEnv | None) -> dict[str, Any]:
     except AttributeError:  # not a textenv environment: what make_text_vec_env was told
         task = None
     if task is not None:
-        config.update(
-            model=plain(task.model_name_or_path),
-            reward=getattr(task.reward_source, "name", plain(type(task.reward_source))),
-            max_prompt_len=task.max_prompt_len,
-            max_new_tokens=task.max_new_tokens,
-            n_prompts=len(task.prompts),
-            device=str(task.device),
-        )
+        config.update({name: plain(value) for name, value in task.settings().items()})
     for key, value in make_args.get("env_kwargs", {}).items():
         if key == "prompts" and not isinstance(value, str):
             continue  # a list of prompts: n_prompts says how many

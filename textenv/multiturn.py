@@ -42,14 +42,15 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol, Sequence, Union
 
+from dataclasses import dataclass
+
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium import spaces
 
-from textenv.models import ModelSpec, TokenizerSpec, check_tokenizer_fits_model, load_frozen_lm, load_tokenizer, vocab_size_of
 from textenv.env import extend_reference
-from textenv.task import check_fits_context, resolve_device, stop_token_ids
+from textenv.models import ModelSpec, TokenizerSpec
+from textenv.task import TokenTask
 
 MULTI_TURN_ENTRY_POINT = "textenv.multiturn:MultiTurnTextEnv"
 
@@ -76,6 +77,144 @@ def make_turn_env(spec: TurnEnvSpec) -> TurnEnv:
     raise TypeError(f"turn_env must be an object with reset(seed) and step(text), or a factory of one; got {spec!r}")
 
 
+class MultiTurnTask(TokenTask):
+    """What every episode of a multi-turn task shares (``TokenTask``'s, plus the turn
+    budgets and templates); arguments as for ``MultiTurnTextEnv``."""
+
+    def __init__(
+        self,
+        model: ModelSpec = "default",
+        tokenizer: TokenizerSpec = None,
+        max_prompt_len: int = 32,
+        max_turn_tokens: int = 8,
+        max_turns: int = 8,
+        max_episode_tokens: int = 96,
+        stop_strings: Sequence[str] = (),
+        reply_template: str = "{reply}",
+        first_message_template: str = "{message}",
+        device: str | torch.device = "auto",
+    ):
+        if min(max_prompt_len, max_turn_tokens, max_turns, max_episode_tokens) < 1:
+            raise ValueError("max_prompt_len, max_turn_tokens, max_turns and max_episode_tokens must be at least 1")
+        if "{reply}" not in reply_template or "{message}" not in first_message_template:
+            raise ValueError("reply_template needs '{reply}' and first_message_template '{message}'")
+        super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_episode_tokens,
+                         "max_prompt_len + max_episode_tokens", device)
+        self.max_turn_tokens, self.max_turns, self.max_episode_tokens = max_turn_tokens, max_turns, max_episode_tokens
+        # The most tokens the agent can take in one episode (what a group rollout must cover).
+        self.max_new_tokens = min(max_episode_tokens, max_turns * max_turn_tokens)
+        self.stop_strings = tuple(stop_strings)
+        self.reply_template, self.first_message_template = reply_template, first_message_template
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "max_turn_tokens": self.max_turn_tokens, "max_turns": self.max_turns,
+                "max_episode_tokens": self.max_episode_tokens}
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_ids(self, first_message: str) -> list[int]:
+        """The first message as the episode's prompt; one longer than ``max_prompt_len`` is
+        refused with the fix named."""
+        ids = self.encode(self.first_message_template.format(message=first_message))
+        if len(ids) > self.max_prompt_len:
+            raise ValueError(
+                f"The first message is {len(ids)} tokens, longer than max_prompt_len={self.max_prompt_len}: "
+                f"{first_message[:80]!r}. Fix: raise max_prompt_len (or shorten the env's first message)."
+            )
+        return ids
+
+    def turn_text(self, tokens: Sequence[int]) -> str:
+        """The agent's turn as the turn-level env receives it: decoded without stop tokens,
+        cut before the first stop string."""
+        text = self.tokenizer.decode([t for t in tokens if t not in self.eos_token_ids], skip_special_tokens=True)
+        for stop in self.stop_strings:
+            if stop in text:
+                text = text[: text.index(stop)]
+        return text
+
+
+@dataclass
+class TurnResult:
+    """What the turn-level env made of the agent's turn."""
+
+    reward: float
+    reply_ids: list[int]  # the reply's tokens, to append to the state; [] when the episode is over
+    over: bool
+    info: dict[str, Any]  # the step's info: the turn's, and the episode's at its end
+
+
+class Conversation:
+    """One episode's dialogue with its own turn-level env: the agent's tokens of the turn
+    in progress, the turns so far, the return and the transcript. The single env
+    (``MultiTurnTextEnv``) holds one; the batched env (``textenv.multiturn_vector``) one
+    per parallel episode. The state's tokens live with the env: a conversation is told
+    how many columns are left."""
+
+    def __init__(self, task: MultiTurnTask, turn_env: TurnEnv):
+        self.task, self.turn_env = task, turn_env
+        self.first_message = ""
+        self.turn_tokens: list[int] = []
+        self.turns, self.episode_return = 0, 0.0
+        self.transcript: list[tuple[str, str]] = []
+
+    def start(self, seed: int) -> tuple[list[int], dict[str, Any]]:
+        """A new episode: the prompt ids of the turn-level env's first message, and its info."""
+        first_message, turn_info = self.turn_env.reset(seed=seed)
+        prompt_ids = self.task.prompt_ids(first_message)
+        self.first_message = first_message
+        self.turn_tokens, self.turns, self.episode_return, self.transcript = [], 0, 0.0, []
+        return prompt_ids, {"prompt": first_message, **turn_info}
+
+    def add_agent_token(self, token: int, columns_left: int) -> bool:
+        """The agent's next token of its turn (already in the state, ``columns_left`` columns
+        after it); whether the turn ended: at a stop token, at ``max_turn_tokens``, at a stop
+        string, or at the end of the context."""
+        task = self.task
+        self.turn_tokens.append(token)
+        return (token in task.eos_token_ids or len(self.turn_tokens) >= task.max_turn_tokens or columns_left <= 0
+                or (bool(task.stop_strings) and any(stop in task.turn_text(self.turn_tokens)
+                                                    for stop in task.stop_strings)))
+
+    def end_turn(self, columns_left: int) -> TurnResult:
+        """Send the turn to the turn-level env. Its reply is tokenised (through the reply
+        template) for the state, unless the episode is over: the env said so, ``max_turns``
+        were played, or the reply would not fit in ``columns_left`` with room for one more
+        agent token."""
+        task = self.task
+        turn_text = task.turn_text(self.turn_tokens)
+        reply, reward, turn_terminated, turn_truncated, turn_info = self.turn_env.step(turn_text)
+        reward = float(reward)
+        if not np.isfinite(reward):
+            raise ValueError(f"The turn-level env returned a non-finite reward ({reward}) for {turn_text!r}. "
+                             "Fix: return a finite number from its step().")
+        self.turns += 1
+        self.episode_return += reward
+        self.transcript += [("agent", turn_text), ("env", reply)]
+        self.turn_tokens = []
+        info: dict[str, Any] = {"turn": self.turns, "turn_reward": reward, "reply": reply}
+        over = turn_terminated or turn_truncated or self.turns >= task.max_turns
+        context_exhausted = False
+        reply_ids: list[int] = []
+        if not over:
+            reply_ids = task.encode(task.reply_template.format(reply=reply))
+            if len(reply_ids) + 1 > columns_left:
+                over = context_exhausted = True  # the reply would not fit with one more agent token
+                reply_ids = []
+        if over:
+            info.update(
+                task_score=self.episode_return, prompt=self.first_message, completion=self.transcript_text(),
+                turns=self.turns, success=bool(turn_info.get("success", turn_terminated and reward > 0)),
+                budget_exhausted=not (turn_terminated or turn_truncated), context_exhausted=context_exhausted,
+                turn_env_truncated=bool(turn_truncated),
+            )
+        return TurnResult(reward, reply_ids, over, info)
+
+    def transcript_text(self) -> str:
+        """The dialogue after the first message, each turn marked with who said it."""
+        return " ".join(f"[{speaker}] {text.strip()}" for speaker, text in self.transcript)
+
+
 class MultiTurnTextEnv(gym.Env):
     """A turn-level env (``TurnEnv``) as a token-level Gymnasium env (module doc).
 
@@ -95,54 +234,42 @@ class MultiTurnTextEnv(gym.Env):
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
 
-    def __init__(
-        self,
-        turn_env: TurnEnvSpec,
-        model: ModelSpec = "default",
-        tokenizer: TokenizerSpec = None,
-        max_prompt_len: int = 32,
-        max_turn_tokens: int = 8,
-        max_turns: int = 8,
-        max_episode_tokens: int = 96,
-        stop_strings: Sequence[str] = (),
-        reply_template: str = "{reply}",
-        first_message_template: str = "{message}",
-        device: str | torch.device = "auto",
-        render_mode: str | None = None,
-    ):
-        if min(max_prompt_len, max_turn_tokens, max_turns, max_episode_tokens) < 1:
-            raise ValueError("max_prompt_len, max_turn_tokens, max_turns and max_episode_tokens must be at least 1")
-        if "{reply}" not in reply_template or "{message}" not in first_message_template:
-            raise ValueError("reply_template needs '{reply}' and first_message_template '{message}'")
-        model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
-        if tokenizer is None and model_is_instance:
-            raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
-        self.turn_env = make_turn_env(turn_env)
-        self.device = resolve_device(device)
-        self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
-        self.reference = load_frozen_lm(model, self.device)
-        check_tokenizer_fits_model(self.tokenizer, self.reference)
-        self.eos_token_ids = stop_token_ids(self.tokenizer, self.reference)
-        self.eos_token_id = self.tokenizer.eos_token_id
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.vocab_size = vocab_size_of(self.reference)
-        self.max_prompt_len, self.max_turn_tokens, self.max_turns = max_prompt_len, max_turn_tokens, max_turns
-        self.max_episode_tokens = max_episode_tokens
-        self.width = max_prompt_len + max_episode_tokens
-        self.stop_strings = tuple(stop_strings)
-        self.reply_template, self.first_message_template = reply_template, first_message_template
+    def __init__(self, turn_env: TurnEnvSpec, render_mode: str | None = None, **task_kwargs: Any):
+        self.task = MultiTurnTask(**task_kwargs)
+        self.conversation = Conversation(self.task, make_turn_env(turn_env))
         self.render_mode = render_mode
-        check_fits_context(self.reference, self.width, "max_prompt_len + max_episode_tokens")
-        self.observation_space = spaces.Dict({
-            "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(self.width,), dtype=np.int64),
-            "attention_mask": spaces.Box(0, 1, shape=(self.width,), dtype=np.int64),
-        })
-        self.action_space = spaces.Discrete(self.vocab_size)
-        self._input_ids = np.full(self.width, self.pad_token_id, dtype=np.int64)
-        self._attention_mask = np.zeros(self.width, dtype=np.int64)
+        self.observation_space = self.task.observation_space()
+        self.action_space = self.task.action_space()
+        self._input_ids = np.full(self.task.width, self.task.pad_token_id, dtype=np.int64)
+        self._attention_mask = np.zeros(self.task.width, dtype=np.int64)
+        self._next_column = self.task.max_prompt_len
         self._ref_cache: Any = None
         self._ref_next_logprobs: torch.Tensor | None = None
+
+    # Shortcuts used by agents and tests (VecEnv.get_attr reaches them).
+    @property
+    def turn_env(self) -> TurnEnv:
+        return self.conversation.turn_env
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.task.tokenizer
+
+    @property
+    def reference(self) -> Any:
+        return self.task.reference
+
+    @property
+    def model_name_or_path(self) -> Any:
+        return self.task.model_name_or_path
+
+    @property
+    def device(self) -> torch.device:
+        return self.task.device
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.task.max_new_tokens
 
     # -- the MDP ---------------------------------------------------------------
 
@@ -151,99 +278,47 @@ class MultiTurnTextEnv(gym.Env):
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """A new episode: the turn-level env's first message, as the prompt."""
         super().reset(seed=seed)
-        first_message, turn_info = self.turn_env.reset(seed=int(self.np_random.integers(2**31)))
-        prompt_ids = self._encode(self.first_message_template.format(message=first_message))
-        if len(prompt_ids) > self.max_prompt_len:
-            raise ValueError(
-                f"The first message is {len(prompt_ids)} tokens, longer than max_prompt_len={self.max_prompt_len}: "
-                f"{first_message[:80]!r}. Fix: raise max_prompt_len (or shorten the env's first message)."
-            )
-        self._input_ids.fill(self.pad_token_id)
+        prompt_ids, info = self.conversation.start(seed=int(self.np_random.integers(2**31)))
+        self._input_ids.fill(self.task.pad_token_id)
         self._attention_mask.fill(0)
-        start = self.max_prompt_len - len(prompt_ids)
-        self._input_ids[start : self.max_prompt_len] = prompt_ids
-        self._attention_mask[start : self.max_prompt_len] = 1
-        self._next_column = self.max_prompt_len
-        self._first_message = first_message
-        self._turn_tokens: list[int] = []
-        self._turns, self._episode_return = 0, 0.0
-        self._transcript: list[tuple[str, str]] = []
+        self._next_column = self.task.max_prompt_len - len(prompt_ids)
+        self._append(prompt_ids)
         self.agent_columns: list[int] = []  # where the agent's tokens sit (for inspection and tests)
         self._advance_reference(prompt_ids, first=True)
-        return self._observation(), {"prompt": first_message, **turn_info}
+        return self._observation(), info
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         action = int(action)
-        if not 0 <= action < self.vocab_size:
-            raise ValueError(f"action {action} is outside the vocabulary [0, {self.vocab_size})")
+        if not 0 <= action < self.task.vocab_size:
+            raise ValueError(f"action {action} is outside the vocabulary [0, {self.task.vocab_size})")
         if self._ref_next_logprobs is None:
             raise RuntimeError("call reset() before step()")
         info: dict[str, Any] = {"ref_logprob": float(self._ref_next_logprobs[action])}
         self._append([action])
         self.agent_columns.append(self._next_column - 1)
-        self._turn_tokens.append(action)
-        turn_text = self._turn_text()
-        if not self._turn_ended(action, turn_text):
+        if not self.conversation.add_agent_token(action, self.task.width - self._next_column):
             self._advance_reference([action], first=False)
             return self._observation(), 0.0, False, False, info
 
-        reply, reward, turn_terminated, turn_truncated, turn_info = self.turn_env.step(turn_text)
-        reward = float(reward)
-        if not np.isfinite(reward):
-            raise ValueError(f"The turn-level env returned a non-finite reward ({reward}) for {turn_text!r}. "
-                             "Fix: return a finite number from its step().")
-        self._turns += 1
-        self._episode_return += reward
-        self._transcript += [("agent", turn_text), ("env", reply)]
-        self._turn_tokens = []
-        info.update(turn=self._turns, turn_reward=reward, reply=reply)
-        over = turn_terminated or turn_truncated or self._turns >= self.max_turns
-        context_exhausted = False
-        if not over:
-            reply_ids = self._encode(self.reply_template.format(reply=reply))
-            if self._next_column + len(reply_ids) + 1 > self.width:
-                over = context_exhausted = True  # the reply would not fit with one more agent token
-            else:
-                self._append(reply_ids)
-                self._advance_reference([action, *reply_ids], first=False)
-        if over:
-            info.update(
-                task_score=self._episode_return, prompt=self._first_message, completion=self.transcript_text(),
-                turns=self._turns, success=bool(turn_info.get("success", turn_terminated and reward > 0)),
-                budget_exhausted=not (turn_terminated or turn_truncated), context_exhausted=context_exhausted,
-                turn_env_truncated=bool(turn_truncated),
-            )
+        turn = self.conversation.end_turn(self.task.width - self._next_column)
+        info.update(turn.info)
+        if turn.over:
             self._ref_next_logprobs, self._ref_cache = None, None
-        return self._observation(), reward, over, False, info  # every end is terminal (module doc)
+        else:
+            self._append(turn.reply_ids)
+            self._advance_reference([action, *turn.reply_ids], first=False)
+        return self._observation(), turn.reward, turn.over, False, info  # every end is terminal (module doc)
 
     def transcript_text(self) -> str:
         """The dialogue after the first message, each turn marked with who said it."""
-        return " ".join(f"[{speaker}] {text.strip()}" for speaker, text in self._transcript)
+        return self.conversation.transcript_text()
 
     def render(self) -> str | None:
         if self.render_mode == "ansi":
-            return f"[env] {self._first_message} {self.transcript_text()}"
+            return f"[env] {self.conversation.first_message} {self.transcript_text()}"
         return None
 
     # -- internals --------------------------------------------------------------
-
-    def _turn_ended(self, action: int, turn_text: str) -> bool:
-        return (action in self.eos_token_ids or len(self._turn_tokens) >= self.max_turn_tokens
-                or any(stop in turn_text for stop in self.stop_strings)
-                or self._next_column >= self.width)
-
-    def _turn_text(self) -> str:
-        """The turn's text as the turn-level env receives it: decoded without stop tokens,
-        cut before the first stop string."""
-        text = self.tokenizer.decode([t for t in self._turn_tokens if t not in self.eos_token_ids],
-                                     skip_special_tokens=True)
-        for stop in self.stop_strings:
-            if stop in text:
-                text = text[: text.index(stop)]
-        return text
-
-    def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _append(self, tokens: list[int]) -> None:
         end = self._next_column + len(tokens)

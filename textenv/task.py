@@ -3,13 +3,15 @@
 Prompts (tokenized), tokenizer, frozen reference model, reward source, lengths
 and spaces. Both the single environment (``TextGenEnv``) and the batched vector
 environment (``BatchedTextGenVecEnv``) are built on it, so they accept the same
-arguments and refuse the same bad input, before any long work starts.
+arguments and refuse the same bad input, before any long work starts. Its
+model-side half, ``TokenTask``, is shared with the multi-turn task
+(``textenv.multiturn.MultiTurnTask``).
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -54,8 +56,64 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
-class TextTask:
-    """The fixed parts of a text-generation task.
+class TokenTask:
+    """What every token-level text task shares, loaded and checked once: the tokenizer,
+    the frozen reference model, the ids that end a generation, the observation layout's
+    width and the spaces. ``TextTask`` (one completion per prompt) and
+    ``textenv.multiturn.MultiTurnTask`` (dialogues) build on it.
+
+    :param model: reference model: ``"default"``, a name, a path, or a model instance
+        (frozen in place). The policy usually starts from the same weights.
+    :param tokenizer: defaults to the tokenizer saved with ``model``.
+    :param max_prompt_len: the columns of the (left-padded) prompt.
+    :param width: the observation's columns; ``width_names`` says what sums to it (for the
+        error when it exceeds the model's context).
+    :param device: where the reference model runs and the episodes' state lives:
+        ``"auto"`` (CUDA when there is a GPU), ``"cpu"``, ``"cuda"``...
+    """
+
+    max_new_tokens: int  # the most tokens the agent takes in one episode (each subclass sets it)
+
+    def __init__(self, model: ModelSpec, tokenizer: TokenizerSpec, max_prompt_len: int, width: int,
+                 width_names: str, device: str | torch.device = "auto"):
+        model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
+        if tokenizer is None and model_is_instance:
+            raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
+        self.device = resolve_device(device)
+        self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
+        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
+        self.reference = load_frozen_lm(model, self.device)
+        check_tokenizer_fits_model(self.tokenizer, self.reference)
+        self.max_prompt_len = max_prompt_len
+        self.width = width
+        self.eos_token_ids = stop_token_ids(self.tokenizer, self.reference)
+        self.eos_token_id = self.tokenizer.eos_token_id  # the tokenizer's own; every id above ends a generation
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.vocab_size = vocab_size_of(self.reference)
+        check_fits_context(self.reference, width, width_names)
+
+    def observation_space(self) -> spaces.Dict:
+        return spaces.Dict(
+            {
+                "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(self.width,), dtype=np.int64),
+                "attention_mask": spaces.Box(0, 1, shape=(self.width,), dtype=np.int64),
+            }
+        )
+
+    def action_space(self) -> spaces.Discrete:
+        return spaces.Discrete(self.vocab_size)
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.eos_token_ids
+
+    def settings(self) -> dict[str, Any]:
+        """What defines the task, for a run's resolved configuration (``agents.config``)."""
+        return {"model": self.model_name_or_path, "max_prompt_len": self.max_prompt_len,
+                "max_new_tokens": self.max_new_tokens, "device": str(self.device)}
+
+
+class TextTask(TokenTask):
+    """The fixed parts of a text-generation task (``TokenTask``'s, plus prompts and reward).
 
     :param prompts: list of strings, or path of a .txt (one per line) / .jsonl file.
     :param model: reference model: ``"default"``, a name, a path, or a model instance
@@ -86,39 +144,16 @@ class TextTask:
             raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
         if prompt_truncation not in ("error", "left"):
             raise ValueError(f"prompt_truncation must be 'error' or 'left', got {prompt_truncation!r}")
-        model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
-        if tokenizer is None and model_is_instance:
-            raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
-        self.device = resolve_device(device)
-        self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
-        self.prompts = load_prompts(prompts)
-        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
-        self.reference = load_frozen_lm(model, self.device)
-        check_tokenizer_fits_model(self.tokenizer, self.reference)
+        self.prompts = load_prompts(prompts)  # a missing prompts file is refused before any model loads
+        super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_new_tokens,
+                         "max_prompt_len + max_new_tokens", device)
         self.reward_source = make_reward(reward, device=self.device)
-        self.max_prompt_len = max_prompt_len
         self.max_new_tokens = max_new_tokens
-        self.width = max_prompt_len + max_new_tokens
-        self.eos_token_ids = stop_token_ids(self.tokenizer, self.reference)
-        self.eos_token_id = self.tokenizer.eos_token_id  # the tokenizer's own; every id above ends an episode
-        self.pad_token_id = self.tokenizer.pad_token_id
-        self.vocab_size = vocab_size_of(self.reference)
-        self._check_context_length()
         self.prompt_ids = self._tokenize_prompts(prompt_truncation)
 
-    def observation_space(self) -> spaces.Dict:
-        return spaces.Dict(
-            {
-                "input_ids": spaces.Box(0, self.vocab_size - 1, shape=(self.width,), dtype=np.int64),
-                "attention_mask": spaces.Box(0, 1, shape=(self.width,), dtype=np.int64),
-            }
-        )
-
-    def action_space(self) -> spaces.Discrete:
-        return spaces.Discrete(self.vocab_size)
-
-    def is_eos(self, token: int) -> bool:
-        return token in self.eos_token_ids
+    def settings(self) -> dict[str, Any]:
+        reward = getattr(self.reward_source, "name", type(self.reward_source))
+        return {**super().settings(), "reward": reward, "n_prompts": len(self.prompts)}
 
     def completion_text(self, prompt_index: int, tokens: Sequence[int]) -> str:
         """Generated tokens as text, without the stop token, as they read after the prompt.
@@ -139,9 +174,6 @@ class TextTask:
     def score(self, prompt_indices: Sequence[int], completions: Sequence[str]) -> np.ndarray:
         """Task scores of finished episodes, in one batched call to the reward source."""
         return self.reward_source([self.prompts[i] for i in prompt_indices], completions)
-
-    def _check_context_length(self) -> None:
-        check_fits_context(self.reference, self.width, "max_prompt_len + max_new_tokens")
 
     def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
         encoded = self.tokenizer(self.prompts)["input_ids"]

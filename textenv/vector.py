@@ -26,6 +26,10 @@ critic-free methods that compare k completions of one prompt (RLOO, GRPO):
 ``reset`` gives each block of k consecutive episodes the same prompt, and a
 finished episode stays frozen (no reward, no more steps, ``ref_logprob`` 0)
 until the next ``reset``.
+
+``BatchedTokenVecEnv`` is the part that does not depend on the task: the state
+tensors, the reference's slots and its deferral, group mode and the ``VecEnv``
+plumbing. The multi-turn batched env (``textenv.multiturn_vector``) is built on it too.
 """
 
 from __future__ import annotations
@@ -40,26 +44,33 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from textenv.env import TextGenEnv
 from textenv.models import release_cached_frozen_models, vocab_size_of
-from textenv.slot_decoding import SlotDecoder, lm_logits, positions_of
-from textenv.task import TextTask
+from textenv.slot_decoding import SlotDecoder, last_real_column, lm_logits, positions_of
+from textenv.task import TextTask, TokenTask
 
 
-class BatchedTextGenVecEnv(VecEnv):
-    """``n_envs`` episodes of one ``TextTask``; arguments as for ``TextGenEnv``."""
+class BatchedTokenVecEnv(VecEnv):
+    """``n_envs`` episodes of a token-level task (a ``TokenTask``) in ``(n_envs, W)`` tensors,
+    the reference decoding in one KV-cache slot per episode (module doc).
 
-    def __init__(self, n_envs: int, prompts: Any, **task_kwargs: Any):
-        task_kwargs.pop("render_mode", None)
-        self.task = TextTask(prompts, **task_kwargs)
+    A subclass says how episodes start (``_start_episodes``, which writes them with
+    ``_write_prompts``) and what a step does (``step_wait``, which takes the actions with
+    ``_take_actions`` and moves the reference with ``_advance_reference``)."""
+
+    #: The registered entry points ``from_env_id`` accepts, and the keyword arguments it needs.
+    entry_points: tuple[Any, ...] = ()
+    required_kwargs: tuple[str, ...] = ()
+
+    def __init__(self, n_envs: int, task: TokenTask):
+        self.task = task
         # VecEnv.__init__ asks get_attr("render_mode") of its envs: answer it (text, no rendering).
         self.num_envs, self.render_mode = n_envs, None
-        super().__init__(n_envs, self.task.observation_space(), self.task.action_space())
-        task, device = self.task, self.task.device
-        self.device = device
+        super().__init__(n_envs, task.observation_space(), task.action_space())
+        device = self.device = task.device
         self._input_ids = torch.full((n_envs, task.width), task.pad_token_id, dtype=torch.long, device=device)
         self._attention_mask = torch.zeros((n_envs, task.width), dtype=torch.long, device=device)
-        self._n_generated = torch.zeros(n_envs, dtype=torch.long, device=device)
+        self._n_generated = torch.zeros(n_envs, dtype=torch.long, device=device)  # the agent's tokens so far
+        self._next_column = torch.full((n_envs,), task.max_prompt_len, dtype=torch.long, device=device)
         self._eos_ids = torch.tensor(sorted(task.eos_token_ids), dtype=torch.long, device=device)
-        self._prompt_index = np.zeros(n_envs, dtype=np.int64)
         self._episode_start_time = np.zeros(n_envs)
         self._rngs = [np.random.default_rng() for _ in range(n_envs)]
         self._reference = SlotDecoder(task.reference, n_envs, task.width)
@@ -73,14 +84,15 @@ class BatchedTextGenVecEnv(VecEnv):
         self.env_id: str | None = None  # the registered id, when made by from_env_id
 
     @classmethod
-    def from_env_id(cls, env_id: str, n_envs: int, **env_kwargs: Any) -> "BatchedTextGenVecEnv":
-        """Build from a registered id whose entry point is ``TextGenEnv``."""
+    def from_env_id(cls, env_id: str, n_envs: int, **env_kwargs: Any) -> "BatchedTokenVecEnv":
+        """Build from a registered id whose entry point is one of ``entry_points``."""
         spec = gym.spec(env_id)
-        if spec.entry_point not in ("textenv.env:TextGenEnv", TextGenEnv):
-            raise ValueError(f"{env_id} is not a TextGenEnv task (entry point {spec.entry_point!r})")
+        if spec.entry_point not in cls.entry_points:
+            raise ValueError(f"{env_id} is not a task of {cls.__name__} (entry point {spec.entry_point!r})")
         kwargs = {**spec.kwargs, **env_kwargs}
-        if "prompts" not in kwargs:
-            raise TypeError(f"{env_id} needs prompts=...")
+        for name in cls.required_kwargs:
+            if name not in kwargs:
+                raise TypeError(f"{env_id} needs {name}=...")
         env = cls(n_envs, **kwargs)
         env.env_id = env_id
         return env
@@ -103,6 +115,7 @@ class BatchedTextGenVecEnv(VecEnv):
 
     @property
     def max_new_tokens(self) -> int:
+        """The most tokens the agent takes in one episode."""
         return self.task.max_new_tokens
 
     @property
@@ -128,44 +141,6 @@ class BatchedTextGenVecEnv(VecEnv):
 
     def step_async(self, actions: np.ndarray | torch.Tensor) -> None:
         self._actions = torch.as_tensor(actions, device=self.device).long().reshape(self.num_envs)
-
-    @torch.no_grad()
-    def step_wait(self) -> VecEnvStepReturn:
-        task, actions = self.task, self._actions
-        if self._reference_stale and not self._reference_deferred:
-            self._refill_reference()
-        if actions is None or (self._ref_next_logprobs is None and not self._reference_deferred):
-            raise RuntimeError("call reset() before step()")
-        if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
-            raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
-        live = ~self._frozen
-        rows = torch.arange(self.num_envs, device=self.device)
-        if not self._reference_deferred:
-            ref_logprob = torch.where(live, self._ref_next_logprobs[rows, actions], 0.0)
-        columns = (task.max_prompt_len + self._n_generated).clamp(max=task.width - 1)
-        self._input_ids[rows[live], columns[live]] = actions[live]
-        self._attention_mask[rows[live], columns[live]] = 1
-        self._n_generated += live.long()
-
-        at_eos = live & torch.isin(actions, self._eos_ids)
-        budget_exhausted = live & ~at_eos & (self._n_generated >= task.max_new_tokens)
-        done = at_eos | budget_exhausted  # both terminal (module doc)
-        rewards = np.zeros(self.num_envs, dtype=np.float32)
-        if self._reference_deferred:
-            infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        else:
-            infos = [{"ref_logprob": value} for value in ref_logprob.tolist()]
-        finished = done.nonzero()[:, 0]
-        if len(finished):
-            self._finish_episodes(finished, budget_exhausted, rewards, infos)
-        idle = done | self._frozen
-        if not bool(idle.all()) and not self._reference_deferred:
-            self._advance_reference(actions, columns, idle)
-        if len(finished) and self.autoreset:
-            self._start_episodes(finished)
-        elif len(finished):
-            self._frozen[finished] = True
-        return self._observations(), rewards, done.cpu().numpy(), infos
 
     def close(self) -> None:
         pass
@@ -216,18 +191,19 @@ class BatchedTextGenVecEnv(VecEnv):
 
     def get_state(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue these episodes exactly: their tokens,
-        prompts, lengths, the per-episode prompt samplers and the episode mode. (The
-        reference's cache is not state: it is refilled from the tokens.)"""
+        lengths, the per-episode samplers and the episode mode, plus the subclass's own
+        (``_episode_state``). (The reference's cache is not state: it is refilled from the
+        tokens.)"""
         return {
             "input_ids": self._input_ids.cpu().clone(),
             "attention_mask": self._attention_mask.cpu().clone(),
             "n_generated": self._n_generated.cpu().clone(),
             "frozen": self._frozen.cpu().clone(),
-            "prompt_index": self._prompt_index.copy(),
             "episode_start_time": self._episode_start_time.copy(),
             "rngs": [rng.bit_generator.state for rng in self._rngs],
             "group_size": self.group_size,
             "autoreset": self.autoreset,
+            **self._episode_state(),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -237,13 +213,14 @@ class BatchedTextGenVecEnv(VecEnv):
                              f"{tuple(self._input_ids.shape)}. Fix: resume with the same n_envs and task lengths.")
         self._input_ids.copy_(state["input_ids"])
         self._attention_mask.copy_(state["attention_mask"])
+        self._next_column.copy_(last_real_column(self._attention_mask) + 1)
         self._n_generated.copy_(state["n_generated"])
         self._frozen.copy_(state["frozen"])
-        self._prompt_index[:] = state["prompt_index"]
         self._episode_start_time[:] = state["episode_start_time"]
         for rng, rng_state in zip(self._rngs, state["rngs"]):
             rng.bit_generator.state = rng_state
         self.group_size, self.autoreset = state["group_size"], state["autoreset"]
+        self._restore_episode_state(state)
         self._reference_stale = True  # refilled from the restored tokens before the next per-step step
 
     def use_reference(self, model: Any) -> None:
@@ -265,10 +242,10 @@ class BatchedTextGenVecEnv(VecEnv):
         return [value] * len(self._get_indices(indices))
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
-        raise AttributeError("BatchedTextGenVecEnv episodes share one task; set attributes on env.task")
+        raise AttributeError("The batched env's episodes share one task; set attributes on env.task")
 
     def env_method(self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any) -> list[Any]:
-        raise AttributeError(f"BatchedTextGenVecEnv has no per-episode env objects to call {method_name!r} on")
+        raise AttributeError(f"{type(self).__name__} has no per-episode env objects to call {method_name!r} on")
 
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         # Episode statistics are reported as Monitor would, so SB3 need not warn about it.
@@ -279,7 +256,148 @@ class BatchedTextGenVecEnv(VecEnv):
     def get_images(self) -> Sequence[np.ndarray | None]:
         return [None] * self.num_envs
 
-    # -- internals ------------------------------------------------------------------
+    # -- what a subclass builds on ---------------------------------------------------
+
+    def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
+        """New episodes in ``envs``' rows (each group's sharing its prompt when ``grouped``),
+        written with ``_write_prompts``."""
+        raise NotImplementedError
+
+    def _episode_state(self) -> dict[str, Any]:
+        """The subclass's per-episode state, for ``get_state``."""
+        return {}
+
+    def _restore_episode_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``_episode_state`` saved."""
+
+    def _write_prompts(self, envs: torch.Tensor, prompts: Sequence[Sequence[int]]) -> None:
+        """Start ``envs``' episodes from these prompt ids (left-padded); prefill their
+        reference slots together (unless scoring is deferred)."""
+        task = self.task
+        self._input_ids[envs] = task.pad_token_id
+        self._attention_mask[envs] = 0
+        self._n_generated[envs] = 0
+        self._next_column[envs] = task.max_prompt_len
+        for env, prompt in zip(envs.tolist(), prompts):
+            self._input_ids[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = torch.tensor(prompt)
+            self._attention_mask[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = 1
+        self._episode_start_time[envs.tolist()] = time.time()
+        if self._reference_deferred:
+            self._reference_stale = True  # these slots were not filled
+            return
+        self._prefill_reference(envs, task.max_prompt_len)
+
+    def _take_actions(self) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+        """Check the actions given to ``step_async`` and write those of the live (not frozen)
+        episodes into their next column. Returns the actions, which episodes are live, and
+        the step's infos, holding each action's ``ref_logprob`` unless scoring is deferred."""
+        task, actions = self.task, self._actions
+        if self._reference_stale and not self._reference_deferred:
+            self._refill_reference()
+        if actions is None or (self._ref_next_logprobs is None and not self._reference_deferred):
+            raise RuntimeError("call reset() before step()")
+        if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
+            raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
+        live = ~self._frozen
+        rows = torch.arange(self.num_envs, device=self.device)
+        if self._reference_deferred:
+            infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        else:
+            ref_logprob = torch.where(live, self._ref_next_logprobs[rows, actions], 0.0)
+            infos = [{"ref_logprob": value} for value in ref_logprob.tolist()]
+        columns = self._next_column.clamp(max=task.width - 1)
+        self._input_ids[rows[live], columns[live]] = actions[live]
+        self._attention_mask[rows[live], columns[live]] = 1
+        self._n_generated += live.long()
+        self._next_column += live.long()
+        return actions, live, infos
+
+    def _insert_tokens(self, env: int, tokens: Sequence[int]) -> None:
+        """Append tokens the agent did not choose (a multi-turn env's reply) to ``env``'s state."""
+        start = int(self._next_column[env])
+        self._input_ids[env, start : start + len(tokens)] = torch.tensor(tokens, device=self.device)
+        self._attention_mask[env, start : start + len(tokens)] = 1
+        self._next_column[env] = start + len(tokens)
+
+    def _refill_reference(self) -> None:
+        """Prefill every row's reference slot from its current observation (after deferral)."""
+        width = int(last_real_column(self._attention_mask).max()) + 1
+        self._prefill_reference(torch.arange(self.num_envs, device=self.device), width)
+        self._reference_stale = False
+
+    def _prefill_reference(self, rows: torch.Tensor, width: int) -> None:
+        """Fill ``rows``' reference slots from their columns ``[0, width)`` and keep the
+        reference's next-token log-probs of each."""
+        hidden = self._reference.prefill(rows, self._input_ids[rows, :width], self._attention_mask[rows, :width])
+        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
+        if self._ref_next_logprobs is None:
+            self._ref_next_logprobs = torch.empty((self.num_envs, logprobs.shape[-1]), device=self.device)
+        self._ref_next_logprobs[rows] = logprobs
+
+    def _advance_reference(
+        self, actions: torch.Tensor, idle: torch.Tensor, extend_from: torch.Tensor | None = None
+    ) -> None:
+        """One cached step of the reference for every row (``SlotDecoder.step``): running rows
+        decode their action; rows with ``extend_from >= 0`` also read the tokens inserted after
+        it (a multi-turn env's reply), from the action's column on; ``idle`` rows (finished or
+        frozen) keep their log-probs. Nothing to do while scoring is deferred."""
+        if bool(idle.all()) or self._reference_deferred:
+            return
+        hidden = self._reference.step(actions, self._input_ids, self._attention_mask, extend_from=extend_from,
+                                      skip=idle)
+        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
+        self._ref_next_logprobs = torch.where(idle[:, None], self._ref_next_logprobs, logprobs)
+
+    def _observations(self) -> dict[str, np.ndarray]:
+        # Copies: SB3 stores observations; they must not alias the working tensors.
+        return {
+            "input_ids": self._input_ids.cpu().numpy().copy(),
+            "attention_mask": self._attention_mask.cpu().numpy().copy(),
+        }
+
+
+class BatchedTextGenVecEnv(BatchedTokenVecEnv):
+    """``n_envs`` episodes of one ``TextTask``; arguments as for ``TextGenEnv``."""
+
+    entry_points = ("textenv.env:TextGenEnv", TextGenEnv)
+    required_kwargs = ("prompts",)
+
+    def __init__(self, n_envs: int, prompts: Any, **task_kwargs: Any):
+        task_kwargs.pop("render_mode", None)
+        super().__init__(n_envs, TextTask(prompts, **task_kwargs))
+        self._prompt_index = np.zeros(n_envs, dtype=np.int64)
+
+    @torch.no_grad()
+    def step_wait(self) -> VecEnvStepReturn:
+        actions, live, infos = self._take_actions()
+        at_eos = live & torch.isin(actions, self._eos_ids)
+        budget_exhausted = live & ~at_eos & (self._n_generated >= self.task.max_new_tokens)
+        done = at_eos | budget_exhausted  # both terminal (module doc)
+        rewards = np.zeros(self.num_envs, dtype=np.float32)
+        finished = done.nonzero()[:, 0]
+        if len(finished):
+            self._finish_episodes(finished, budget_exhausted, rewards, infos)
+        self._advance_reference(actions, idle=done | self._frozen)
+        if len(finished) and self.autoreset:
+            self._start_episodes(finished)
+        elif len(finished):
+            self._frozen[finished] = True
+        return self._observations(), rewards, done.cpu().numpy(), infos
+
+    def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
+        """New prompts in ``envs``' rows (shared within groups when ``grouped``)."""
+        for env in envs.tolist():
+            if grouped and env % self.group_size:  # the group's first episode drew its prompt
+                self._prompt_index[env] = self._prompt_index[env - env % self.group_size]
+            else:
+                self._prompt_index[env] = int(self._rngs[env].integers(len(self.task.prompts)))
+        self._write_prompts(envs, [self.task.prompt_ids[self._prompt_index[env]] for env in envs.tolist()])
+
+    def _episode_state(self) -> dict[str, Any]:
+        return {"prompt_index": self._prompt_index.copy()}
+
+    def _restore_episode_state(self, state: dict[str, Any]) -> None:
+        self._prompt_index[:] = state["prompt_index"]
 
     def _finish_episodes(
         self, finished: torch.Tensor, budget_exhausted: torch.Tensor, rewards: np.ndarray, infos: list[dict[str, Any]]
@@ -308,62 +426,3 @@ class BatchedTextGenVecEnv(VecEnv):
             )
             infos[env]["TimeLimit.truncated"] = False  # terminal, as DummyVecEnv reports it (module doc)
 
-    def _refill_reference(self) -> None:
-        """Prefill every row's reference slot from its current observation (after deferral)."""
-        columns = torch.arange(self.task.width, device=self.device)
-        width = int((self._attention_mask * columns).argmax(-1).max()) + 1
-        self._prefill_reference(torch.arange(self.num_envs, device=self.device), width)
-        self._reference_stale = False
-
-    def _prefill_reference(self, rows: torch.Tensor, width: int) -> None:
-        """Fill ``rows``' reference slots from their columns ``[0, width)`` and keep the
-        reference's next-token log-probs of each."""
-        hidden = self._reference.prefill(rows, self._input_ids[rows, :width], self._attention_mask[rows, :width])
-        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
-        if self._ref_next_logprobs is None:
-            self._ref_next_logprobs = torch.empty((self.num_envs, logprobs.shape[-1]), device=self.device)
-        self._ref_next_logprobs[rows] = logprobs
-
-    def _start_episodes(self, envs: torch.Tensor, grouped: bool = False) -> None:
-        """New prompts in ``envs``' rows (shared within groups when ``grouped``); prefill
-        their reference slots together."""
-        task = self.task
-        env_list = envs.tolist()
-        for env in env_list:
-            if grouped and env % self.group_size:  # the group's first episode drew its prompt
-                self._prompt_index[env] = self._prompt_index[env - env % self.group_size]
-            else:
-                self._prompt_index[env] = int(self._rngs[env].integers(len(task.prompts)))
-        self._input_ids[envs] = task.pad_token_id
-        self._attention_mask[envs] = 0
-        self._n_generated[envs] = 0
-        for env in env_list:
-            prompt = task.prompt_ids[self._prompt_index[env]]
-            self._input_ids[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = torch.tensor(prompt)
-            self._attention_mask[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = 1
-        self._episode_start_time[env_list] = time.time()
-        if self._reference_deferred:
-            self._reference_stale = True  # these slots were not filled
-            return
-        self._prefill_reference(envs, task.max_prompt_len)
-
-    def _advance_reference(self, actions: torch.Tensor, columns: torch.Tensor, done: torch.Tensor) -> None:
-        """One cached decode step of the reference for all rows; ``done`` rows (finished or
-        frozen) decode a throw-away token in their masked last column."""
-        mask = self._attention_mask
-        if bool(done.any()):
-            last = self.task.width - 1
-            columns = torch.where(done, last, columns)
-            mask = mask.clone()
-            mask[done] = 0
-            mask[done, last] = 1
-        hidden = self._reference.decode(actions, columns, mask)
-        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
-        self._ref_next_logprobs = torch.where(done[:, None], self._ref_next_logprobs, logprobs)
-
-    def _observations(self) -> dict[str, np.ndarray]:
-        # Copies: SB3 stores observations; they must not alias the working tensors.
-        return {
-            "input_ids": self._input_ids.cpu().numpy().copy(),
-            "attention_mask": self._attention_mask.cpu().numpy().copy(),
-        }
