@@ -55,7 +55,7 @@ from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
 from textenv.files import atomic_write
-from textenv.vector import BatchedTextGenVecEnv
+from textenv.vector import BatchedTokenVecEnv
 
 # The KL penalty's defaults, one set for the Python API and the scripts (which pass
 # only what their user gives): beta adapted toward 4 nats of KL per episode, from
@@ -359,7 +359,7 @@ class LMAgentMixin(FastRolloutMixin):
         with its adapters off becomes the env's reference (no second copy of the weights)."""
         super()._setup_model()  # type: ignore[misc]
         reference = self.policy.reference_model() if isinstance(self.policy, LMPolicyMixin) else None
-        if reference is not None and isinstance(self.env, BatchedTextGenVecEnv):
+        if reference is not None and isinstance(self.env, BatchedTokenVecEnv):
             self.env.use_reference(reference)
         if distributed.is_distributed() and isinstance(self.policy, LMPolicyMixin):
             # DDP around the policy's evaluation of actions (it broadcasts rank 0's weights);

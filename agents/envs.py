@@ -12,8 +12,11 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 import textenv  # noqa: F401  (registers the textenv/... ids)
 from agents import distributed
-from textenv.env import TextGenEnv
-from textenv.vector import BatchedTextGenVecEnv
+from textenv.multiturn_vector import BatchedMultiTurnVecEnv
+from textenv.vector import BatchedTextGenVecEnv, BatchedTokenVecEnv
+
+#: The batched env of each kind of task.
+BATCHED_ENV_CLASSES: tuple[type[BatchedTokenVecEnv], ...] = (BatchedTextGenVecEnv, BatchedMultiTurnVecEnv)
 
 DEFAULT_N_ENVS = 16  # parallel episodes; the console commands use this default too
 
@@ -27,11 +30,12 @@ def make_text_vec_env(
 ) -> VecEnv:
     """``n_envs`` parallel episodes of ``env_id``.
 
-    ``batched=True`` (default, for ids whose entry point is ``TextGenEnv``): one
-    ``BatchedTextGenVecEnv`` that steps all episodes at once with a KV-cached
-    reference. ``batched=False``: SB3's ``DummyVecEnv`` of ``TextGenEnv``s, each
-    with a ``Monitor`` (the stock path). Either way in-process: the reference model
-    is loaded once and shared.
+    ``batched=True`` (default): for ids whose entry point is ``TextGenEnv``, one
+    ``BatchedTextGenVecEnv``; for multi-turn ids (``MultiTurnTextEnv``), one
+    ``BatchedMultiTurnVecEnv``. Either steps all episodes at once with a KV-cached
+    reference. ``batched=False``, or any other id: SB3's ``DummyVecEnv`` of the id's
+    envs, each with a ``Monitor`` (the stock path). Either way in-process: the
+    reference model is loaded once and shared.
 
     The arguments are kept on the returned env as ``make_args`` (id, ``n_envs``,
     seed, ``batched``, ``env_kwargs``) so that ``agents.config.resolved_config``
@@ -46,8 +50,10 @@ def make_text_vec_env(
     seed = seed + distributed.rank() * n_envs
     env_kwargs = dict(env_kwargs or {})
     make_args = dict(env_id=env_id, n_envs=n_envs, seed=seed, batched=batched, env_kwargs=dict(env_kwargs))
-    if batched and gym.spec(env_id).entry_point in ("textenv.env:TextGenEnv", TextGenEnv):
-        env: VecEnv = BatchedTextGenVecEnv.from_env_id(env_id, n_envs, **env_kwargs)
+    entry_point = gym.spec(env_id).entry_point
+    batched_class = next((cls for cls in BATCHED_ENV_CLASSES if entry_point in cls.entry_points), None)
+    if batched and batched_class is not None:
+        env: VecEnv = batched_class.from_env_id(env_id, n_envs, **env_kwargs)
         env.seed(seed)
     else:
         make_args["batched"] = False

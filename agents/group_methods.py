@@ -55,7 +55,7 @@ from agents.fast_rollout import observation_tensors
 from agents.clipped_update import LOSS_AGGREGATIONS, LossAggregation, clipped_update
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies.observations import last_token_index
-from textenv.vector import BatchedTextGenVecEnv
+from textenv.vector import BatchedTokenVecEnv
 
 GROUP_DEFAULTS: dict[str, Any] = {
     **PPO_DEFAULTS,
@@ -100,7 +100,7 @@ class GroupRolloutMixin(LMAgentMixin):
         self.clip_range_high = clip_range_high
         env = resolve_env(env, seed=kwargs.get("seed"))  # an env id becomes the batched env
         if env is not None:
-            if not isinstance(env, BatchedTextGenVecEnv):
+            if not isinstance(env, BatchedTokenVecEnv):
                 raise TypeError(
                     f"{type(self).algorithm_name} draws k completions per prompt, which needs the batched "
                     "environment. Fix: make it with agents.make_text_vec_env(..., batched=True)."

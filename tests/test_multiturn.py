@@ -119,33 +119,114 @@ def test_a_non_finite_turn_reward_is_refused_with_the_fix(default_model_path):
         env.step(5)
 
 
-def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(default_model_path):
-    """The fast path (KV-cached decoding, whose slots are refilled where the env inserted a
-    reply) and SB3's stock path collect the same multi-turn rollout: same states, log-probs,
-    values, rewards, advantages, then the same update (the check of tests/test_fast_path.py)."""
+class SeededGame(CountingGame):
+    """``CountingGame`` whose first message names the seed it was reset with (so a test
+    sees which game an episode plays) and whose turns depend on it (2 or 3)."""
+
+    def reset(self, seed=None):
+        self.received, self.turns = [], 2 + seed % 2
+        return f"Game {seed % 1000}.", {}
+
+
+COUNTING_ID, SEEDED_ID = "test/Counting-v0", "test/Seeded-v0"
+COUNTING_SETTINGS = dict(model="default", max_prompt_len=8, max_turn_tokens=3, max_turns=3, max_episode_tokens=30,
+                         reply_template="\n{reply}\n", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def counting_ids():
     import gymnasium as gym
+
+    from textenv.multiturn import register_multi_turn_task
+
+    for env_id, game in ((COUNTING_ID, CountingGame), (SEEDED_ID, SeededGame)):
+        if env_id not in gym.registry:
+            register_multi_turn_task(env_id, turn_env=game, **COUNTING_SETTINGS)
+    return COUNTING_ID, SEEDED_ID
+
+
+def play_random_turns(env, n_steps: int, seed: int = 0):
+    """Steps with random tokens (a fifth of them EOS, so turns end at all lengths); yields
+    each step's actions and results."""
+    rng = np.random.default_rng(seed)
+    eos = load_tokenizer("default").eos_token_id
+    for _ in range(n_steps):
+        actions = rng.integers(5, 800, env.num_envs)
+        actions[rng.random(env.num_envs) < 0.2] = eos
+        yield actions, env.step(actions)
+
+
+def test_the_batched_env_plays_step_for_step_as_the_single_envs(default_model_path, counting_ids):
+    """``BatchedMultiTurnVecEnv`` (one forward of the reference per step, replies encoded
+    into the slots as chunks) against SB3's ``DummyVecEnv`` of ``MultiTurnTextEnv``s with
+    ``Monitor``: same observations, rewards, dones and infos, the reference's log-probs
+    within float noise; with scoring deferred, one teacher-forced pass over the final
+    states gives those log-probs too."""
+    from agents import make_text_vec_env
+    from textenv.multiturn_vector import BatchedMultiTurnVecEnv
+
+    batched = make_text_vec_env(SEEDED_ID, n_envs=3, seed=3)
+    single = make_text_vec_env(SEEDED_ID, n_envs=3, seed=3, batched=False)
+    assert isinstance(batched, BatchedMultiTurnVecEnv)
+    observations = batched.reset()
+    for key, value in single.reset().items():
+        np.testing.assert_array_equal(observations[key], value)
+    inserted, ended, states = 0, 0, []
+    for (actions, (obs, rewards, dones, infos)), (_, (obs_1, rewards_1, dones_1, infos_1)) in zip(
+            play_random_turns(batched, 40), play_random_turns(single, 40)):
+        for key in obs:
+            np.testing.assert_array_equal(obs[key], obs_1[key])
+        np.testing.assert_array_equal(rewards, rewards_1)
+        np.testing.assert_array_equal(dones, dones_1)
+        for env, (info, info_1) in enumerate(zip(infos, infos_1)):
+            assert info["ref_logprob"] == pytest.approx(info_1["ref_logprob"], abs=1e-5)
+            for key in ("turn", "reply", "task_score", "success", "turns", "completion", "budget_exhausted"):
+                assert info.get(key) == info_1.get(key), key
+            if dones[env]:
+                assert info["episode"]["r"] == info_1["episode"]["r"] and info["episode"]["l"] == info_1["episode"]["l"]
+                for key in ("input_ids", "attention_mask"):
+                    np.testing.assert_array_equal(info["terminal_observation"][key],
+                                                  info_1["terminal_observation"][key])
+            # The state the action was taken in, its log-prob and the action (for the deferred check).
+            states.append((observations["input_ids"][env], observations["attention_mask"][env], info["ref_logprob"],
+                           actions[env]))
+            inserted += int("reply" in info and not dones[env])
+        ended += int(dones.sum())
+        observations = obs
+    assert inserted >= 5 and ended >= 3  # replies were inserted into running episodes, episodes restarted
+
+    # Deferred scoring: the per-step log-probs again, from one teacher-forced pass over the states.
+    ids = torch.as_tensor(np.stack([state[0] for state in states]))
+    mask = torch.as_tensor(np.stack([state[1] for state in states]))
+    state_columns = (mask * torch.arange(mask.shape[1])).argmax(-1)
+    scored = batched.reference_log_probs(ids, mask, torch.arange(len(states)), state_columns,
+                                         torch.as_tensor([int(state[3]) for state in states]))
+    np.testing.assert_allclose(scored.numpy(), [state[2] for state in states], atol=1e-5)
+
+
+def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(default_model_path, counting_ids):
+    """The fast path (the batched multi-turn env, scoring the reference after the rollout;
+    the policy's KV slots extended by each reply) and SB3's stock path (``DummyVecEnv``,
+    a full forward per step) collect the same multi-turn rollout: same states, log-probs,
+    values, rewards, advantages, then the same update (the check of tests/test_fast_path.py).
+    The reply tokens are in the states but are no step of the rollout: the loss and the KL
+    see the agent's tokens only."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    from agents import make_text_vec_env
     from conftest import collect_one_rollout
     from test_fast_path import RecordStates, ScriptedDictRolloutBuffer
+    from textenv.multiturn_vector import BatchedMultiTurnVecEnv
 
-    if "test/Counting-v0" not in gym.registry:
-        from textenv.multiturn import register_multi_turn_task
-
-        register_multi_turn_task("test/Counting-v0", turn_env=CountingGame, model="default", max_prompt_len=8,
-                                 max_turn_tokens=3, max_turns=3, max_episode_tokens=30, reply_template="\n{reply}\n",
-                                 device="cpu")
     n_envs, n_steps = 2, 14
-
-    def env():
-        return make_vec_env("test/Counting-v0", n_envs=n_envs, seed=3, vec_env_cls=DummyVecEnv,
-                            env_kwargs={"render_mode": "ansi"})
-
     hyper = dict(n_steps=n_steps, seed=0, kl_coef=0.2, learning_rate=0.1, batch_size=n_steps * n_envs, n_epochs=1,
                  policy_kwargs=dict(model_name_or_path="default", optimizer_class=torch.optim.SGD))
-    fast = make_agent("ppo", env(), fast=True, **hyper)
-    stock = make_agent("ppo", env(), fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer, **hyper)
+    fast = make_agent("ppo", make_text_vec_env(COUNTING_ID, n_envs=n_envs, seed=3), fast=True, **hyper)
+    stock_env = make_vec_env(COUNTING_ID, n_envs=n_envs, seed=3, vec_env_cls=DummyVecEnv,
+                             env_kwargs={"render_mode": "ansi"})
+    stock = make_agent("ppo", stock_env, fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer, **hyper)
+    assert isinstance(fast.env, BatchedMultiTurnVecEnv) and fast.deferred_reference
     with torch.no_grad():
         torch.manual_seed(0)
         for parameter in fast.policy.parameters():
@@ -169,6 +250,23 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
     for name in ("log_probs", "values", "rewards", "advantages", "returns"):
         np.testing.assert_allclose(getattr(buffer, name), getattr(stock_buffer, name), atol=1e-5, err_msg=name)
 
+    # The steps of each segment are the agent's tokens, and nothing else: the column after
+    # each state holds its action; every other real column after the prompt is a reply token.
+    tokenizer = load_tokenizer("default")
+    samples = buffer._get_samples(np.arange(len(buffer.segment_spans)))
+    observations = samples.observations
+    action_columns = observations.token_columns + 1
+    assert torch.equal(observations.input_ids[observations.token_rows, action_columns], samples.actions.long()[:, 0])
+    reply_tokens = 0
+    for row in range(len(buffer.segment_spans)):
+        real = observations.attention_mask[row].nonzero()[:, 0]
+        agent = set(action_columns[observations.token_rows == row].tolist())
+        others = [c for c in real.tolist() if c >= COUNTING_SETTINGS["max_prompt_len"] and c not in agent]
+        reply_tokens += len(others)
+        replies = tokenizer.decode(observations.input_ids[row, others])  # the game's "ok 1", "ok 2", ...
+        assert replies == "".join(f"\nok {turn}\n" for turn in range(1, replies.count("ok") + 1))
+    assert reply_tokens > 0 and len(samples.actions) == n_steps * n_envs
+
     np.random.seed(11)
     partitions = [[buffer.segment_token_indices(segments) for segments in buffer.minibatch_segments(None)]]
     stock_buffer.partitions = [list(epoch) for epoch in partitions]
@@ -177,6 +275,58 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
     stock.train()
     for a, b in zip(fast.policy.parameters(), stock.policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_groups_play_the_same_game_and_rloo_trains_on_them(default_model_path, counting_ids):
+    """Group mode of the batched multi-turn env: the k episodes of a group reset their
+    turn-level envs with the same seed (the same game), finished ones wait frozen; RLOO's
+    rollout is one whole dialogue per slot, and its update moves the policy."""
+    from agents import make_text_vec_env
+
+    env = make_text_vec_env(SEEDED_ID, n_envs=4, seed=0)
+    agent = make_agent("rloo", env, group_size=2, seed=0, policy_kwargs=dict(model_name_or_path="default"))
+    before = [p.detach().clone() for p in agent.policy.parameters()]
+    agent.learn(2 * env.num_envs * env.max_new_tokens)
+    first_messages = [conversation.first_message for conversation in env.conversations]  # the last rollout's games
+    assert first_messages[0] == first_messages[1] and first_messages[2] == first_messages[3]
+    assert first_messages[0] != first_messages[2]
+    buffer = agent.rollout_buffer
+    assert len(buffer.segment_spans) == env.num_envs  # one whole dialogue per slot
+    assert min(conversation.turns for conversation in env.conversations) >= 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, agent.policy.parameters()))
+
+
+def test_a_saved_state_continues_the_dialogues_exactly(default_model_path, counting_ids):
+    """``get_state``/``set_state`` (what a checkpoint keeps) carry each dialogue and its
+    turn-level env: a fresh env restored from them goes on as the original does."""
+    import pickle
+
+    from agents import make_text_vec_env
+
+    env = make_text_vec_env(SEEDED_ID, n_envs=3, seed=1)
+    env.reset()
+    for _ in play_random_turns(env, 7, seed=1):
+        pass
+    state = pickle.loads(pickle.dumps(env.get_state()))  # a checkpoint pickles it
+    restored = make_text_vec_env(SEEDED_ID, n_envs=3, seed=99)
+    restored.set_state(state)
+    for (_, (obs, rewards, dones, infos)), (_, (obs_1, rewards_1, dones_1, infos_1)) in zip(
+            play_random_turns(env, 20, seed=2), play_random_turns(restored, 20, seed=2)):
+        for key in obs:
+            np.testing.assert_array_equal(obs[key], obs_1[key])
+        np.testing.assert_array_equal(rewards, rewards_1)
+        np.testing.assert_array_equal(dones, dones_1)
+        assert [info.get("reply") for info in infos] == [info.get("reply") for info in infos_1]
+        assert [info["ref_logprob"] for info in infos] == pytest.approx([info["ref_logprob"] for info in infos_1],
+                                                                       abs=1e-5)
+
+
+def test_the_batched_env_needs_a_turn_env_per_episode(default_model_path):
+    from textenv.multiturn_vector import BatchedMultiTurnVecEnv
+
+    with pytest.raises(ValueError, match="pass a factory"):
+        BatchedMultiTurnVecEnv(2, turn_env=CountingGame(), **COUNTING_SETTINGS)
+    assert BatchedMultiTurnVecEnv(1, turn_env=CountingGame(), **COUNTING_SETTINGS).num_envs == 1
 
 
 @pytest.mark.slow

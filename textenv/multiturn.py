@@ -40,9 +40,9 @@ The reference decodes with a KV cache; the agent adds the KL penalty.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, Union
-
+import copy
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
@@ -213,6 +213,18 @@ class Conversation:
     def transcript_text(self) -> str:
         """The dialogue after the first message, each turn marked with who said it."""
         return " ".join(f"[{speaker}] {text.strip()}" for speaker, text in self.transcript)
+
+    def state(self) -> dict[str, Any]:
+        """A copy of the dialogue and of its turn-level env, for a checkpoint: a resumed run
+        continues the game where it was (the turn-level env must be picklable)."""
+        return copy.deepcopy({"turn_env": self.turn_env, "first_message": self.first_message,
+                              "turn_tokens": self.turn_tokens, "turns": self.turns,
+                              "episode_return": self.episode_return, "transcript": self.transcript})
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state()``'s dialogue."""
+        for name, value in state.items():
+            setattr(self, name, value)
 
 
 class MultiTurnTextEnv(gym.Env):
