@@ -6,8 +6,8 @@ saves (weights, optimizer state, the KL controller, ``num_timesteps``, the last
 observation, the learning-rate schedule's progress), a ``resume_state``:
 
 - the random number generators: Python's, NumPy's, torch's (and CUDA's);
-- the batched env's running episodes and its per-episode prompt samplers
-  (``BatchedTextGenVecEnv.get_state``);
+- the batched env's running episodes and its per-episode prompt samplers, and for
+  a multi-turn task each dialogue with its turn-level env (``BatchedTokenVecEnv.get_state``);
 - the agent's view of those episodes (``PER_RANK_AGENT_STATE``: the last observation,
   the KL summed so far, the episode statistics);
 - all three of every rank, in data-parallel training;

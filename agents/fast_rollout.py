@@ -11,7 +11,7 @@ callbacks work unchanged; GAE and the PPO/A2C update are SB3's own code.
 
 The reference's log-probs are scored after the rollout, by default: the batched env
 stops decoding the reference token by token (``defer_reference_scoring``), and one
-teacher-forced pass over every segment (``BatchedTextGenVecEnv.reference_log_probs``)
+teacher-forced pass over every segment (``BatchedTokenVecEnv.reference_log_probs``)
 gives them at the end; the KL penalty then goes into the rewards before GAE
 (``KLPenaltyCallback.apply_rollout_penalty``), the same rewards the per-step path
 stores. ``deferred_reference=False`` on the agent keeps the per-step scoring.

@@ -19,6 +19,9 @@ loop doing the work of one PPO iteration and nothing more; see
 3. Data parallel (``--data-parallel``, default 1 2 processes, ``bench.data_parallel``):
    end-to-end tokens/s of the fast path on S with each number of processes (on CPU
    the cores are split between them; on GPUs one GPU per process).
+4. Multi-turn (``--multi-turn``, ``bench.multi_turn``): end-to-end tokens/s of PPO on a
+   scripted dialogue task: the fast path on the batched multi-turn env and on
+   per-episode envs, and SB3's stock path (left out with ``--skip-stock``).
 
 Timing: by default every variant times 32 iterations on S (16,384 generated
 tokens), 4 on M (8,192) and 1 on L (2,048), after one untimed warm-up iteration;
@@ -72,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-parallel", nargs="*", type=int, default=None, metavar="PROCESSES",
                         help="the data-parallel table on S: end-to-end tok/s with each number of processes "
                              "(bare --data-parallel: 1 2; default: 1 2 in a full run, else none)")
+    parser.add_argument("--multi-turn", action="store_true",
+                        help="the multi-turn table (default: in a full run)")
     parser.add_argument("--stock-workloads", nargs="*", default=["S"],
                         help="workloads on which SB3's stock path is measured too (default S: it is slow)")
     parser.add_argument("--skip-stock", action="store_true", help="leave out SB3's stock path everywhere")
@@ -89,6 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.lengths = list(DEFAULT_LENGTHS) if full_run else []
     elif not args.lengths:
         args.lengths = list(DEFAULT_LENGTHS)
+    args.multi_turn = args.multi_turn or full_run
     if args.data_parallel is None:
         args.data_parallel = list(DEFAULT_PROCESSES) if full_run else []
     elif not args.data_parallel:
@@ -149,6 +155,40 @@ def measure_data_parallel_runs(args: argparse.Namespace) -> dict[int, list[dict]
                   f"{result['tokens_per_second']:,.0f} tok/s, load average {os.getloadavg()[0]:.1f}",
                   file=sys.stderr, flush=True)
     return results
+
+
+def measure_multi_turn_runs(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """``results[setup]``: one multi-turn measurement per repeat (``bench.multi_turn``)."""
+    from bench.multi_turn import SETUPS, measure_multi_turn
+
+    setups = [setup for setup in SETUPS if setup != "stock" or not args.skip_stock]
+    results: dict[str, list[dict]] = {setup: [] for setup in setups}
+    for repeat in range(args.repeats):
+        for setup in setups:
+            result = measure_multi_turn(setup, threads=args.threads)
+            results[setup].append(result)
+            print(f"  measured multi-turn/{setup} (repeat {repeat + 1}/{args.repeats}): "
+                  f"{result['tokens_per_second']:,.0f} tok/s, load average {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+MULTI_TURN_SETUPS = {
+    "batched": "fast path, batched multi-turn env (replies as KV chunks, deferred reference)",
+    "per_episode_envs": "fast path, DummyVecEnv of MultiTurnTextEnv (a reference forward per episode)",
+    "stock": "SB3 stock path, DummyVecEnv of MultiTurnTextEnv",
+}
+
+
+def format_multi_turn_table(results: dict[str, list[dict]]) -> str:
+    """End-to-end tok/s of each multi-turn setup, and the batched env's speed-up over each."""
+    lines = ["| setup | end-to-end tok/s | batched env / this |", "|---|---|---|"]
+    batched = [r["tokens_per_second"] for r in results["batched"]]
+    for setup, runs in results.items():
+        tps = [r["tokens_per_second"] for r in runs]
+        speed_up = format_ratio([a / b for a, b in zip(batched, tps)], suffix="x")
+        lines.append(f"| {MULTI_TURN_SETUPS[setup]} | {statistics.median(tps):,.0f} | {speed_up} |")
+    return "\n".join(lines)
 
 
 def format_data_parallel_table(results: dict[int, list[dict]]) -> str:
@@ -252,6 +292,7 @@ def main(argv=None) -> str:
     load_before = os.getloadavg()[0]
     results = measure_all(args)
     data_parallel = measure_data_parallel_runs(args) if args.data_parallel else {}
+    multi_turn = measure_multi_turn_runs(args) if args.multi_turn else {}
     load_after = os.getloadavg()[0]
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -278,6 +319,11 @@ def main(argv=None) -> str:
         tables.append(format_data_parallel_table(data_parallel))
         print(f"\nData-parallel (agents.distributed; workload S, fast path, end to end, "
               f"{'gloo' if device.type == 'cpu' else 'nccl'}; each process runs S's 16 episodes):\n")
+        print(tables[-1])
+    if multi_turn:
+        tables.append(format_multi_turn_table(multi_turn))
+        print("\nMulti-turn (bench.multi_turn: PPO on a scripted quiz, default model, 16 dialogues, replies of "
+              "~12 tokens; end to end):\n")
         print(tables[-1])
     last = workload_named(args.workloads[-1] if args.workloads else "S")
     sampling = measure_sampling(last.vocab_size, last.n_envs, device)

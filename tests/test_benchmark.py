@@ -56,6 +56,8 @@ def test_a_full_run_covers_s_m_l_and_the_episode_lengths():
     assert benchmark.parse_args(["--skip-stock"]).stock_workloads == []
     assert args.data_parallel == [1, 2] and benchmark.parse_args(["--workloads", "S"]).data_parallel == []
     assert benchmark.parse_args(["--workloads", "--data-parallel"]).data_parallel == [1, 2]
+    assert args.multi_turn and not benchmark.parse_args(["--workloads", "S"]).multi_turn
+    assert benchmark.parse_args(["--workloads", "--multi-turn"]).multi_turn
 
 
 def test_data_parallel_table_gives_the_speed_up_over_one_process():
@@ -63,6 +65,26 @@ def test_data_parallel_table_gives_the_speed_up_over_one_process():
                2: [{"tokens_per_second": 1500.0, "threads_per_rank": 1}]}
     rows = benchmark.format_data_parallel_table(results).splitlines()[2:]
     assert rows == ["| 1 | 2 | 1,000 | 1,000 | 1.00x |", "| 2 | 1 | 1,500 | 750 | 1.50x |"]
+
+
+def test_multi_turn_table_gives_the_batched_envs_speed_up_over_each_setup():
+    results = {"batched": [{"tokens_per_second": 900.0}, {"tokens_per_second": 1100.0}],
+               "per_episode_envs": [{"tokens_per_second": 300.0}, {"tokens_per_second": 500.0}],
+               "stock": [{"tokens_per_second": 100.0}, {"tokens_per_second": 100.0}]}
+    rows = benchmark.format_multi_turn_table(results).splitlines()[2:]
+    assert [row.split(" | ")[1:] for row in rows] == [
+        ["1,000", "**1.00x** (1.00-1.00) |"], ["400", "**2.60x** (2.20-3.00) |"], ["100", "**10.00x** (9.00-11.00) |"]]
+
+
+def test_the_multi_turn_benchmark_runs_every_setup():
+    """One iteration of each setup, in this process (the benchmark spawns a child per setup)."""
+    from bench import multi_turn
+
+    for setup in multi_turn.SETUPS:
+        result = multi_turn._measure(setup, iterations=1, threads=None)
+        assert result["tokens"] == multi_turn.N_STEPS * multi_turn.N_ENVS and result["seconds"] > 0
+    with pytest.raises(ValueError, match="setup must be one of"):
+        multi_turn.measure_multi_turn("nope")
 
 
 def test_workload_l_has_gpt2_124m_shape_and_lengths_keep_the_token_count():

@@ -36,6 +36,10 @@ scored and nothing follows, so no agent should bootstrap it);
 ``info["turn_env_truncated"]`` keeps the turn-level env's own truncation and
 ``info["budget_exhausted"]`` says whether one of this env's budgets ended it.
 The reference decodes with a KV cache; the agent adds the KL penalty.
+
+``MultiTurnTask`` holds what all episodes share and ``Conversation`` one episode's
+dialogue, so that ``BatchedMultiTurnVecEnv`` (``textenv.multiturn_vector``), which
+steps many dialogues at once, plays exactly as this env does.
 """
 
 from __future__ import annotations
