@@ -52,6 +52,59 @@ class ScriptedDictRolloutBuffer(DictRolloutBuffer):
             yield self._get_samples(envs * self.buffer_size + steps)
 
 
+def make_paired_agents(algo: str, fast_env, stock_env, **hyper):
+    """A fast-path agent and a stock-path agent (SB3's rollout, ``DictRolloutBuffer`` drawing
+    scripted minibatches) with the same weights, moved off the reference so that the KL
+    terms are not zero."""
+    fast = make_agent(algo, fast_env, fast=True, **hyper)
+    stock = make_agent(algo, stock_env, fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer, **hyper)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        for parameter in fast.policy.parameters():
+            parameter.add_(0.02 * torch.randn_like(parameter))
+    stock.policy.load_state_dict(fast.policy.state_dict())
+    return fast, stock
+
+
+def collect_the_same_rollout(fast, stock) -> tuple[list[dict], list[dict]]:
+    """SB3's own rollout (a full forward per step, Categorical sampling, its own buffer),
+    then the fast rollout from the same start taking the very same actions. Returns the
+    states each step's actions were taken in: the stock path's, the fast path's."""
+    stock_states, fast_states = RecordStates(), RecordStates()
+    collect_one_rollout(stock, [stock_states])
+    replay = iter(torch.as_tensor(stock.rollout_buffer.actions[..., 0]).long())
+    fast._sample_actions = lambda logits: next(replay)
+    collect_one_rollout(fast, [fast_states])
+    return stock_states.states, fast_states.states
+
+
+def assert_same_rollout(fast, stock, stock_states: list[dict], fast_states: list[dict],
+                        names: tuple[str, ...] = ("log_probs", "values", "rewards", "advantages", "returns")) -> None:
+    """Equal states at every step, and the per-token quantities ``names`` within 1e-5."""
+    assert len(stock_states) == len(fast_states) == fast.n_steps
+    for step, (stock_state, fast_state) in enumerate(zip(stock_states, fast_states)):
+        for key in stock_state:
+            np.testing.assert_array_equal(fast_state[key], stock_state[key], err_msg=f"{key} at step {step}")
+    for name in names:
+        np.testing.assert_allclose(getattr(fast.rollout_buffer, name), getattr(stock.rollout_buffer, name), atol=1e-5,
+                                   err_msg=name)
+
+
+def update_on_the_same_minibatches(fast, stock, batch_size: int | None = None, n_epochs: int = 1) -> list[list]:
+    """One update of each agent, the stock one drawing the fast buffer's minibatches (the
+    same sets of tokens, in the same order); returns those minibatches, per epoch."""
+    buffer = fast.rollout_buffer
+    np.random.seed(11)
+    partitions = [[buffer.segment_token_indices(segments) for segments in buffer.minibatch_segments(batch_size)]
+                  for _ in range(n_epochs)]
+    stock.rollout_buffer.partitions = [list(epoch) for epoch in partitions]
+    np.random.seed(11)  # the fast buffer draws the same shuffles again
+    fast.train()
+    stock.train()
+    assert stock.rollout_buffer.partitions == []  # the stock update drew exactly the scripted minibatches
+    return partitions
+
+
 @pytest.mark.parametrize("algo", ["ppo", "a2c"])
 def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
     env_kwargs = dict(prompts=["The film was", "This phone is", "I bought the charger last week. The battery"],
@@ -64,52 +117,26 @@ def test_fast_path_equals_sb3_stock_path(default_model_path, algo):
                  policy_kwargs=dict(model_name_or_path="default", optimizer_class=torch.optim.SGD))
     if algo == "ppo":  # several epochs of several minibatches
         hyper.update(batch_size=8, n_epochs=2)
-    fast = make_agent(algo, fast_env, fast=True, **hyper)
-    stock = make_agent(algo, stock_env, fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer, **hyper)
-    with torch.no_grad():  # a policy that differs from the reference, so KL terms are non-zero
-        torch.manual_seed(0)
-        for parameter in fast.policy.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    stock.policy.load_state_dict(fast.policy.state_dict())
+    fast, stock = make_paired_agents(algo, fast_env, stock_env, **hyper)
     assert isinstance(fast.rollout_buffer, SequenceRolloutBuffer)
     assert type(stock.rollout_buffer) is ScriptedDictRolloutBuffer
 
-    # 1. SB3's own rollout: full forward per step, Categorical sampling, its own buffer.
-    stock_states = RecordStates()
-    collect_one_rollout(stock, [stock_states])
-    stock_buffer = stock.rollout_buffer
-    stock_actions = torch.as_tensor(stock_buffer.actions[..., 0]).long()
-
-    # 2. The fast rollout from the same start, taking the same actions.
-    replay = iter(stock_actions)
-    fast._sample_actions = lambda logits: next(replay)
-    fast_states = RecordStates()
-    collect_one_rollout(fast, [fast_states])
-    buffer = fast.rollout_buffer
+    # 1. SB3's own rollout; 2. the fast rollout from the same start, taking the same actions.
+    stock_states, fast_states = collect_the_same_rollout(fast, stock)
+    buffer, stock_buffer = fast.rollout_buffer, stock.rollout_buffer
     assert len(buffer.segment_spans) > N_ENVS  # episodes ended and restarted inside the rollout
-    for step, (stock_state, fast_state) in enumerate(zip(stock_states.states, fast_states.states)):
-        for key in stock_state:
-            np.testing.assert_array_equal(fast_state[key], stock_state[key], err_msg=f"{key} at step {step}")
+    assert_same_rollout(fast, stock, stock_states, fast_states)
     np.testing.assert_array_equal(buffer.actions, stock_buffer.actions)
     np.testing.assert_array_equal(buffer.episode_starts, stock_buffer.episode_starts)
-    for name in ("log_probs", "values", "rewards", "advantages", "returns"):
-        np.testing.assert_allclose(getattr(buffer, name), getattr(stock_buffer, name), atol=1e-5, err_msg=name)
 
     # 3. The same minibatches (sets of tokens, in order) on both sides, then one update each.
     batch_size, n_epochs = (fast.batch_size, fast.n_epochs) if algo == "ppo" else (None, 1)
-    np.random.seed(11)
-    partitions = [[buffer.segment_token_indices(segments) for segments in buffer.minibatch_segments(batch_size)]
-                  for _ in range(n_epochs)]
+    before = [p.detach().clone() for p in fast.policy.parameters()]
+    partitions = update_on_the_same_minibatches(fast, stock, batch_size, n_epochs)
     for epoch in partitions:  # every token exactly once per epoch
         assert sorted(np.concatenate(epoch).tolist()) == list(range(N_STEPS * N_ENVS))
     if algo == "ppo":
         assert all(len(epoch) >= 3 for epoch in partitions)
-    stock_buffer.partitions = [list(epoch) for epoch in partitions]
-    before = [p.detach().clone() for p in fast.policy.parameters()]
-    np.random.seed(11)  # the fast buffer draws the same shuffles again
-    fast.train()
-    stock.train()
-    assert stock_buffer.partitions == []  # the stock update drew exactly the scripted minibatches
     for tag in LOSS_TAGS:
         if tag in stock.logger.name_to_value:
             assert fast.logger.name_to_value[tag] == pytest.approx(stock.logger.name_to_value[tag], abs=1e-5), tag

@@ -215,40 +215,23 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
     from stable_baselines3.common.vec_env import DummyVecEnv
 
     from agents import make_text_vec_env
-    from conftest import collect_one_rollout
-    from test_fast_path import RecordStates, ScriptedDictRolloutBuffer
+    from test_fast_path import (assert_same_rollout, collect_the_same_rollout, make_paired_agents,
+                                update_on_the_same_minibatches)
     from textenv.multiturn_vector import BatchedMultiTurnVecEnv
 
     n_envs, n_steps = 2, 14
     hyper = dict(n_steps=n_steps, seed=0, kl_coef=0.2, learning_rate=0.1, batch_size=n_steps * n_envs, n_epochs=1,
                  policy_kwargs=dict(model_name_or_path="default", optimizer_class=torch.optim.SGD))
-    fast = make_agent("ppo", make_text_vec_env(COUNTING_ID, n_envs=n_envs, seed=3), fast=True, **hyper)
     stock_env = make_vec_env(COUNTING_ID, n_envs=n_envs, seed=3, vec_env_cls=DummyVecEnv,
                              env_kwargs={"render_mode": "ansi"})
-    stock = make_agent("ppo", stock_env, fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer, **hyper)
+    fast, stock = make_paired_agents("ppo", make_text_vec_env(COUNTING_ID, n_envs=n_envs, seed=3), stock_env, **hyper)
     assert isinstance(fast.env, BatchedMultiTurnVecEnv) and fast.deferred_reference
-    with torch.no_grad():
-        torch.manual_seed(0)
-        for parameter in fast.policy.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    stock.policy.load_state_dict(fast.policy.state_dict())
-
-    stock_states = RecordStates()
-    collect_one_rollout(stock, [stock_states])
-    stock_buffer = stock.rollout_buffer
-    replay = iter(torch.as_tensor(stock_buffer.actions[..., 0]).long())
-    fast._sample_actions = lambda logits: next(replay)
-    fast_states = RecordStates()
-    collect_one_rollout(fast, [fast_states])
-    buffer = fast.rollout_buffer
+    stock_states, fast_states = collect_the_same_rollout(fast, stock)
     # Env replies were inserted during the rollout (states grew by more than one token).
-    lengths = [int(state["attention_mask"][0].sum()) for state in stock_states.states]
+    lengths = [int(state["attention_mask"][0].sum()) for state in stock_states]
     assert any(b - a > 1 for a, b in zip(lengths, lengths[1:]))
-    for stock_state, fast_state in zip(stock_states.states, fast_states.states):
-        for key in stock_state:
-            np.testing.assert_array_equal(fast_state[key], stock_state[key])
-    for name in ("log_probs", "values", "rewards", "advantages", "returns"):
-        np.testing.assert_allclose(getattr(buffer, name), getattr(stock_buffer, name), atol=1e-5, err_msg=name)
+    assert_same_rollout(fast, stock, stock_states, fast_states)
+    buffer = fast.rollout_buffer
 
     # The steps of each segment are the agent's tokens, and nothing else: the column after
     # each state holds its action; every other real column after the prompt is a reply token.
@@ -267,12 +250,7 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
         assert replies == "".join(f"\nok {turn}\n" for turn in range(1, replies.count("ok") + 1))
     assert reply_tokens > 0 and len(samples.actions) == n_steps * n_envs
 
-    np.random.seed(11)
-    partitions = [[buffer.segment_token_indices(segments) for segments in buffer.minibatch_segments(None)]]
-    stock_buffer.partitions = [list(epoch) for epoch in partitions]
-    np.random.seed(11)
-    fast.train()
-    stock.train()
+    update_on_the_same_minibatches(fast, stock)
     for a, b in zip(fast.policy.parameters(), stock.policy.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

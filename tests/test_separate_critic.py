@@ -4,12 +4,11 @@ with it; it is saved, loaded and exported with the agent."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from agents import make_agent, make_text_vec_env
-from conftest import PROMPTS, assert_same_policy_outputs, collect_one_rollout
+from conftest import PROMPTS, assert_same_policy_outputs
 from policies.observations import last_token_index, unpack_observation
 
 ENV_KWARGS = dict(prompts=PROMPTS, model="default", reward="vader", max_prompt_len=12, max_new_tokens=4, device="cpu")
@@ -46,35 +45,17 @@ def test_the_value_head_reads_the_critics_own_body_which_learns_at_its_own_rate(
 def test_fast_path_equals_stock_path_with_a_separate_critic(default_model_path, algo):
     """Values from the critic's own KV-cached decode equal the stock path's full forwards,
     and one update moves both bodies alike (the check of tests/test_fast_path.py)."""
-    from test_fast_path import ScriptedDictRolloutBuffer
+    from test_fast_path import (assert_same_rollout, collect_the_same_rollout, make_paired_agents,
+                                update_on_the_same_minibatches)
 
     n_steps, n_envs = 6, 2
     hyper = dict(n_steps=n_steps, seed=0, kl_coef=0.2, learning_rate=0.1, critic="separate",
                  policy_kwargs=dict(model_name_or_path="default", optimizer_class=torch.optim.SGD))
     if algo == "ppo":
         hyper.update(batch_size=n_steps * n_envs, n_epochs=1)
-    fast = make_agent(algo, env(n_envs), fast=True, **hyper)
-    stock = make_agent(algo, env(n_envs, batched=False), fast=False, rollout_buffer_class=ScriptedDictRolloutBuffer,
-                       **hyper)
-    with torch.no_grad():
-        torch.manual_seed(0)
-        for parameter in fast.policy.parameters():
-            parameter.add_(0.02 * torch.randn_like(parameter))
-    stock.policy.load_state_dict(fast.policy.state_dict())
-
-    collect_one_rollout(stock)
-    replay = iter(torch.as_tensor(stock.rollout_buffer.actions[..., 0]).long())
-    fast._sample_actions = lambda logits: next(replay)
-    collect_one_rollout(fast)
-    for name in ("log_probs", "values", "advantages", "returns"):
-        np.testing.assert_allclose(getattr(fast.rollout_buffer, name), getattr(stock.rollout_buffer, name), atol=1e-5,
-                                   err_msg=name)
-    np.random.seed(11)
-    stock.rollout_buffer.partitions = [[fast.rollout_buffer.segment_token_indices(segments)
-                                        for segments in fast.rollout_buffer.minibatch_segments(None)]]
-    np.random.seed(11)
-    fast.train()
-    stock.train()
+    fast, stock = make_paired_agents(algo, env(n_envs), env(n_envs, batched=False), **hyper)
+    assert_same_rollout(fast, stock, *collect_the_same_rollout(fast, stock))
+    update_on_the_same_minibatches(fast, stock)
     for a, b in zip(fast.policy.critic_body.parameters(), stock.policy.critic_body.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 

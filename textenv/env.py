@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from textenv.task import TextTask
+from textenv.task import TaskAttributes, TextTask
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def extend_reference(reference: Any, cache: Any, new_tokens: list[int], device: 
     return out.cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
 
 
-class TextGenEnv(gym.Env):
+class TextGenEnv(TaskAttributes, gym.Env):
     """Generate a continuation of a prompt, one token per step, scored at the end.
 
     ``step`` returns ``info["ref_logprob"]`` at every step and, at the last step of an
@@ -74,19 +74,7 @@ class TextGenEnv(gym.Env):
         self._ref_cache: Any = None
         self._ref_next_logprobs: torch.Tensor | None = None
 
-    # Shortcuts used by agents and tests (VecEnv.get_attr reaches them).
-    @property
-    def model_name_or_path(self) -> Any:
-        return self.task.model_name_or_path
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.task.tokenizer
-
-    @property
-    def reference(self) -> Any:
-        return self.task.reference
-
+    # Shortcuts used by agents and tests (VecEnv.get_attr reaches them), besides TaskAttributes'.
     @property
     def prompts(self) -> list[str]:
         return self.task.prompts
@@ -99,15 +87,6 @@ class TextGenEnv(gym.Env):
     def eos_token_id(self) -> int | None:
         """The tokenizer's EOS id (``eos_token_ids`` holds every id that ends an episode)."""
         return self.task.eos_token_id
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return self.task.eos_token_ids
-
-    @property
-    def device(self) -> torch.device:
-        """Where the reference and reward models run."""
-        return self.task.device
 
     # -- the MDP ---------------------------------------------------------------
 

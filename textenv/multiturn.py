@@ -54,7 +54,7 @@ import torch
 
 from textenv.env import extend_reference
 from textenv.models import ModelSpec, TokenizerSpec
-from textenv.task import TokenTask
+from textenv.task import TaskAttributes, TokenTask
 
 MULTI_TURN_ENTRY_POINT = "textenv.multiturn:MultiTurnTextEnv"
 
@@ -231,7 +231,7 @@ class Conversation:
             setattr(self, name, value)
 
 
-class MultiTurnTextEnv(gym.Env):
+class MultiTurnTextEnv(TaskAttributes, gym.Env):
     """A turn-level env (``TurnEnv``) as a token-level Gymnasium env (module doc).
 
     :param turn_env: the turn-level env, or a zero-argument factory of one.
@@ -262,30 +262,9 @@ class MultiTurnTextEnv(gym.Env):
         self._ref_cache: Any = None
         self._ref_next_logprobs: torch.Tensor | None = None
 
-    # Shortcuts used by agents and tests (VecEnv.get_attr reaches them).
     @property
     def turn_env(self) -> TurnEnv:
         return self.conversation.turn_env
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.task.tokenizer
-
-    @property
-    def reference(self) -> Any:
-        return self.task.reference
-
-    @property
-    def model_name_or_path(self) -> Any:
-        return self.task.model_name_or_path
-
-    @property
-    def device(self) -> torch.device:
-        return self.task.device
-
-    @property
-    def max_new_tokens(self) -> int:
-        return self.task.max_new_tokens
 
     # -- the MDP ---------------------------------------------------------------
 

@@ -112,6 +112,39 @@ class TokenTask:
                 "max_new_tokens": self.max_new_tokens, "device": str(self.device)}
 
 
+class TaskAttributes:
+    """What agents (and SB3's ``VecEnv.get_attr``) ask a text env for, read from its ``task``."""
+
+    task: TokenTask
+
+    @property
+    def model_name_or_path(self) -> Any:
+        return self.task.model_name_or_path
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.task.tokenizer
+
+    @property
+    def reference(self) -> Any:
+        return self.task.reference
+
+    @property
+    def device(self) -> torch.device:
+        """Where the reference (and reward) models run and the episodes' state lives."""
+        return self.task.device
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens the agent takes in one episode."""
+        return self.task.max_new_tokens
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Every id that ends the agent's generation (a turn, in a dialogue)."""
+        return self.task.eos_token_ids
+
+
 class TextTask(TokenTask):
     """The fixed parts of a text-generation task (``TokenTask``'s, plus prompts and reward).
 

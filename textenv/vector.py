@@ -45,10 +45,10 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 from textenv.env import TextGenEnv
 from textenv.models import release_cached_frozen_models, vocab_size_of
 from textenv.slot_decoding import SlotDecoder, last_real_column, lm_logits, positions_of
-from textenv.task import TextTask, TokenTask
+from textenv.task import TaskAttributes, TextTask, TokenTask
 
 
-class BatchedTokenVecEnv(VecEnv):
+class BatchedTokenVecEnv(TaskAttributes, VecEnv):
     """``n_envs`` episodes of a token-level task (a ``TokenTask``) in ``(n_envs, W)`` tensors,
     the reference decoding in one KV-cache slot per episode (module doc).
 
@@ -65,7 +65,7 @@ class BatchedTokenVecEnv(VecEnv):
         # VecEnv.__init__ asks get_attr("render_mode") of its envs: answer it (text, no rendering).
         self.num_envs, self.render_mode = n_envs, None
         super().__init__(n_envs, task.observation_space(), task.action_space())
-        device = self.device = task.device
+        device = task.device
         self._input_ids = torch.full((n_envs, task.width), task.pad_token_id, dtype=torch.long, device=device)
         self._attention_mask = torch.zeros((n_envs, task.width), dtype=torch.long, device=device)
         self._n_generated = torch.zeros(n_envs, dtype=torch.long, device=device)  # the agent's tokens so far
@@ -112,19 +112,6 @@ class BatchedTokenVecEnv(VecEnv):
     def active(self) -> torch.Tensor:
         """Which episodes still take actions (all of them, except frozen ones in group mode)."""
         return ~self._frozen
-
-    @property
-    def max_new_tokens(self) -> int:
-        """The most tokens the agent takes in one episode."""
-        return self.task.max_new_tokens
-
-    @property
-    def model_name_or_path(self) -> Any:
-        return self.task.model_name_or_path
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.task.tokenizer
 
     # -- VecEnv API ---------------------------------------------------------------
 
