@@ -313,11 +313,11 @@ def test_ppo_learns_to_use_the_replies_in_guess_the_number(tmp_path, default_mod
     lowers the turns per episode (the README's Multi-turn command)."""
     from agents.training_run import train_and_evaluate
 
-    run = train_and_evaluate("textenv/GuessTheNumber-v0", "ppo", 49_152, seed=0, eval_episodes=128,
+    run = train_and_evaluate("textenv/GuessTheNumber-v0", "ppo", 98_304, seed=0, eval_episodes=128,
                              tensorboard_log=str(tmp_path / "tb"), save_path=str(tmp_path / "agent.zip"),
-                             device="cpu", kl_coef=0.02, kl_target=None, learning_rate=3e-4)
+                             device="cpu", kl_coef=0.02, kl_target=None, learning_rate=3e-4, gamma=0.97)
     before, after = run.before, run.after
     assert 0.2 < before.success_rate < 0.45  # random play: about a third
-    assert after.success_rate > before.success_rate + 0.15
-    assert after.turns < before.turns
+    assert after.success_rate > before.success_rate + 0.25  # measured: 0.33 -> 0.87
+    assert after.turns < before.turns - 0.1  # measured: 3.30 -> 2.95 (binary search: 2.9)
     assert "[agent]" in after.samples[0][1] and "[env]" in after.samples[0][1]  # whole dialogues
