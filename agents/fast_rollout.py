@@ -67,7 +67,7 @@ class FastRolloutMixin:
         """The reference's log-prob of every action of the rollout, in one teacher-forced pass
         over its segments; then the KL penalty into the rewards (before GAE)."""
         segments = np.arange(len(buffer.segment_spans))
-        samples = buffer._get_samples(segments)
+        samples = buffer.segment_samples(segments)
         observations = samples.observations
         ref_log_probs = env.reference_log_probs(
             observations.input_ids, observations.attention_mask, observations.token_rows,

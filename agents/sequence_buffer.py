@@ -137,7 +137,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         """Minibatches of whole segments, shuffled, each of at least ``batch_size`` tokens
         (except the last); ``None``: everything at once."""
         for segments in self.minibatch_segments(batch_size):
-            yield self._get_samples(segments)
+            yield self.segment_samples(segments)
 
     def minibatch_segments(self, batch_size: int | None = None) -> Generator[np.ndarray, None, None]:
         """The segment indices of each minibatch ``get`` yields (one shuffle of all segments).
@@ -181,7 +181,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
             batch.append(segment)
             n_tokens += len(self._segment_tokens[segment])
             if n_tokens >= batch_size or segment == len(self.segment_spans) - 1:
-                samples = self._get_samples(np.array(batch))
+                samples = self.segment_samples(np.array(batch))
                 _, log_prob, _ = policy.evaluate_actions(samples.observations, samples.actions.long().flatten())
                 flat_log_probs[self.segment_token_indices(np.array(batch))] = log_prob.float().cpu().numpy()
                 batch, n_tokens = [], 0
@@ -211,6 +211,14 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.generator_ready = True
 
     def _get_samples(self, segments: np.ndarray, env=None) -> SequenceRolloutSamples:
+        """SB3's name for ``segment_samples`` (its buffers' draws go through it)."""
+        return self.segment_samples(segments)
+
+    def segment_samples(self, segments: np.ndarray) -> SequenceRolloutSamples:
+        """Every token of ``segments`` (indices into ``segment_spans``), as one batch: the
+        segments' sequences once each, and per token its row, state column, action and
+        stored quantities (what the update, the log-prob recomputation and the deferred
+        reference scoring read)."""
         flat = self.segment_token_indices(segments)
         rows = np.concatenate([np.full(len(self._segment_tokens[s]), i) for i, s in enumerate(segments)])
         index = torch.as_tensor(segments, device=self.device)

@@ -148,7 +148,7 @@ def test_nlpo_recomputes_the_rollout_masks_in_the_update_and_stores_none(default
     vocab = env.action_space.n
     assert not any(isinstance(v, np.ndarray) and vocab in v.shape for v in vars(buffer).values())
     segments = np.arange(len(buffer.segment_spans))
-    batch = buffer._get_samples(segments)
+    batch = buffer.segment_samples(segments)
     assert batch.action_masks is None
     with torch.no_grad():
         _, log_prob, _ = agent.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
@@ -167,7 +167,7 @@ def test_nlpo_masks_do_not_move_with_the_live_policy(default_model_path):
     rollout_masks = collect_nlpo_rollout_with_its_masks(agent)
     buffer = agent.rollout_buffer
     segments = np.arange(len(buffer.segment_spans))
-    observations = buffer._get_samples(segments).observations
+    observations = buffer.segment_samples(segments).observations
     with torch.no_grad():
         torch.manual_seed(1)
         for parameter in agent.policy.lm.parameters():

@@ -236,7 +236,7 @@ def test_a_multi_turn_id_trains_on_the_fast_path_and_equals_the_stock_path(defau
     # The steps of each segment are the agent's tokens, and nothing else: the column after
     # each state holds its action; every other real column after the prompt is a reply token.
     tokenizer = load_tokenizer("default")
-    samples = buffer._get_samples(np.arange(len(buffer.segment_spans)))
+    samples = buffer.segment_samples(np.arange(len(buffer.segment_spans)))
     observations = samples.observations
     action_columns = observations.token_columns + 1
     assert torch.equal(observations.input_ids[observations.token_rows, action_columns], samples.actions.long()[:, 0])
