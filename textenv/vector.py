@@ -70,7 +70,6 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         self._attention_mask = torch.zeros((n_envs, task.width), dtype=torch.long, device=device)
         self._n_generated = torch.zeros(n_envs, dtype=torch.long, device=device)  # the agent's tokens so far
         self._next_column = torch.full((n_envs,), task.max_prompt_len, dtype=torch.long, device=device)
-        self._eos_ids = torch.tensor(sorted(task.eos_token_ids), dtype=torch.long, device=device)
         self._episode_start_time = np.zeros(n_envs)
         self._rngs = [np.random.default_rng() for _ in range(n_envs)]
         self._reference = SlotDecoder(task.reference, n_envs, task.width)
@@ -353,6 +352,7 @@ class BatchedTextGenVecEnv(BatchedTokenVecEnv):
         task_kwargs.pop("render_mode", None)
         super().__init__(n_envs, TextTask(prompts, **task_kwargs))
         self._prompt_index = np.zeros(n_envs, dtype=np.int64)
+        self._eos_ids = torch.tensor(sorted(self.task.eos_token_ids), dtype=torch.long, device=self.device)
 
     @torch.no_grad()
     def step_wait(self) -> VecEnvStepReturn:
