@@ -35,7 +35,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from textenv.task import TaskAttributes, TextTask
+from textenv.task import TaskAttributes, TextTask, TokenTask
 
 
 @torch.no_grad()
@@ -48,7 +48,63 @@ def extend_reference(reference: Any, cache: Any, new_tokens: list[int], device: 
     return out.cache, torch.log_softmax(out.logits[0, -1].float(), dim=-1).cpu()
 
 
-class TextGenEnv(TaskAttributes, gym.Env):
+class TokenEnv(TaskAttributes, gym.Env):
+    """One episode of a token-level task (a ``TokenTask``) in NumPy arrays of the
+    observation layout, its reference decoding with a KV cache of its own: what
+    ``TextGenEnv`` and ``textenv.multiturn.MultiTurnTextEnv`` share."""
+
+    metadata = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(self, task: TokenTask, render_mode: str | None = None):
+        self.task = task
+        self.render_mode = render_mode
+        self.observation_space = task.observation_space()
+        self.action_space = task.action_space()
+        self._input_ids = np.full(task.width, task.pad_token_id, dtype=np.int64)
+        self._attention_mask = np.zeros(task.width, dtype=np.int64)
+        self._next_column = task.max_prompt_len  # where the next token goes
+        self._ref_cache: Any = None
+        self._ref_next_logprobs: torch.Tensor | None = None
+
+    def _start(self, prompt_ids: list[int]) -> None:
+        """A new episode from ``prompt_ids``, left-padded; the reference reads them."""
+        self._input_ids.fill(self.task.pad_token_id)
+        self._attention_mask.fill(0)
+        self._next_column = self.task.max_prompt_len - len(prompt_ids)
+        self._append(prompt_ids)
+        self._advance_reference(prompt_ids, first=True)
+
+    def _take_action(self, action: int) -> dict[str, Any]:
+        """Check ``action`` and append it to the state; returns the step's info with the
+        reference's log-prob of it."""
+        if not 0 <= action < self.task.vocab_size:
+            raise ValueError(f"action {action} is outside the vocabulary [0, {self.task.vocab_size})")
+        if self._ref_next_logprobs is None:
+            raise RuntimeError("call reset() before step()")
+        info: dict[str, Any] = {"ref_logprob": float(self._ref_next_logprobs[action])}
+        self._append([action])
+        return info
+
+    def _append(self, tokens: list[int]) -> None:
+        end = self._next_column + len(tokens)
+        self._input_ids[self._next_column : end] = tokens
+        self._attention_mask[self._next_column : end] = 1
+        self._next_column = end
+
+    def _advance_reference(self, new_tokens: list[int], first: bool) -> None:
+        self._ref_cache, self._ref_next_logprobs = extend_reference(
+            self.reference, None if first else self._ref_cache, new_tokens, self.device)
+
+    def _end_reference(self) -> None:
+        """The episode is over: nothing more to decode."""
+        self._ref_next_logprobs, self._ref_cache = None, None
+
+    def _observation(self) -> dict[str, np.ndarray]:
+        # Copies: callers (and SB3's buffers) must never alias our working arrays.
+        return {"input_ids": self._input_ids.copy(), "attention_mask": self._attention_mask.copy()}
+
+
+class TextGenEnv(TokenEnv):
     """Generate a continuation of a prompt, one token per step, scored at the end.
 
     ``step`` returns ``info["ref_logprob"]`` at every step and, at the last step of an
@@ -57,22 +113,13 @@ class TextGenEnv(TaskAttributes, gym.Env):
     ``max_new_tokens`` ran out; ``False``: ended at EOS).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
-
     def __init__(self, prompts: Any, render_mode: str | None = None, **task_kwargs: Any):
         """``prompts`` and ``task_kwargs`` (``model``, ``tokenizer``, ``reward``,
         ``max_prompt_len``, ``max_new_tokens``, ``prompt_truncation``, ``device``) are
         those of ``textenv.task.TextTask``."""
-        self.task = TextTask(prompts, **task_kwargs)
-        self.render_mode = render_mode
-        self.observation_space = self.task.observation_space()
-        self.action_space = self.task.action_space()
-        self._input_ids = np.full(self.task.width, self.task.pad_token_id, dtype=np.int64)
-        self._attention_mask = np.zeros(self.task.width, dtype=np.int64)
+        super().__init__(TextTask(prompts, **task_kwargs), render_mode)
         self._prompt_index = 0
         self._generated: list[int] = []
-        self._ref_cache: Any = None
-        self._ref_next_logprobs: torch.Tensor | None = None
 
     # Shortcuts used by agents and tests (VecEnv.get_attr reaches them), besides TaskAttributes'.
     @property
@@ -100,26 +147,13 @@ class TextGenEnv(TaskAttributes, gym.Env):
             self._prompt_index = int(options["prompt_index"]) % len(self.prompts)
         else:
             self._prompt_index = int(self.np_random.integers(len(self.prompts)))
-        prompt = self.prompt_ids[self._prompt_index]
         self._generated = []
-        self._input_ids.fill(self.task.pad_token_id)
-        self._attention_mask.fill(0)
-        start = self.task.max_prompt_len - len(prompt)
-        self._input_ids[start : self.task.max_prompt_len] = prompt
-        self._attention_mask[start : self.task.max_prompt_len] = 1
-        self._advance_reference(prompt, first=True)
+        self._start(self.prompt_ids[self._prompt_index])
         return self._observation(), {"prompt": self.prompts[self._prompt_index]}
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         action = int(action)
-        if not 0 <= action < self.action_space.n:
-            raise ValueError(f"action {action} is outside the vocabulary [0, {self.action_space.n})")
-        if self._ref_next_logprobs is None:
-            raise RuntimeError("call reset() before step()")
-        info: dict[str, Any] = {"ref_logprob": float(self._ref_next_logprobs[action])}
-        column = self.task.max_prompt_len + len(self._generated)
-        self._input_ids[column] = action
-        self._attention_mask[column] = 1
+        info = self._take_action(action)
         self._generated.append(action)
 
         at_eos = self.task.is_eos(action)
@@ -131,8 +165,7 @@ class TextGenEnv(TaskAttributes, gym.Env):
             score = float(self.task.score([self._prompt_index], [completion])[0])
             reward = score
             info.update(task_score=score, prompt=prompt, completion=completion, budget_exhausted=budget_exhausted)
-            self._ref_next_logprobs = None  # the episode is over; nothing more to decode
-            self._ref_cache = None
+            self._end_reference()
         else:
             self._advance_reference([action], first=False)
         return self._observation(), reward, terminated, False, info
@@ -145,13 +178,3 @@ class TextGenEnv(TaskAttributes, gym.Env):
         if self.render_mode == "ansi":
             return self.prompts[self._prompt_index] + self.completion_text()
         return None
-
-    # -- internals --------------------------------------------------------------
-
-    def _advance_reference(self, new_tokens: list[int], first: bool) -> None:
-        self._ref_cache, self._ref_next_logprobs = extend_reference(
-            self.reference, None if first else self._ref_cache, new_tokens, self.task.device)
-
-    def _observation(self) -> dict[str, np.ndarray]:
-        # Copies: callers (and SB3's buffers) must never alias our working arrays.
-        return {"input_ids": self._input_ids.copy(), "attention_mask": self._attention_mask.copy()}

@@ -52,9 +52,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from textenv.env import extend_reference
+from textenv.env import TokenEnv
 from textenv.models import ModelSpec, TokenizerSpec
-from textenv.task import TaskAttributes, TokenTask
+from textenv.task import TokenTask
 
 MULTI_TURN_ENTRY_POINT = "textenv.multiturn:MultiTurnTextEnv"
 
@@ -231,7 +231,7 @@ class Conversation:
             setattr(self, name, value)
 
 
-class MultiTurnTextEnv(TaskAttributes, gym.Env):
+class MultiTurnTextEnv(TokenEnv):
     """A turn-level env (``TurnEnv``) as a token-level Gymnasium env (module doc).
 
     :param turn_env: the turn-level env, or a zero-argument factory of one.
@@ -248,19 +248,9 @@ class MultiTurnTextEnv(TaskAttributes, gym.Env):
     :param first_message_template: how the first message is written (``{message}``).
     """
 
-    metadata = {"render_modes": ["ansi"], "render_fps": 4}
-
     def __init__(self, turn_env: TurnEnvSpec, render_mode: str | None = None, **task_kwargs: Any):
-        self.task = MultiTurnTask(**task_kwargs)
+        super().__init__(MultiTurnTask(**task_kwargs), render_mode)
         self.conversation = Conversation(self.task, make_turn_env(turn_env))
-        self.render_mode = render_mode
-        self.observation_space = self.task.observation_space()
-        self.action_space = self.task.action_space()
-        self._input_ids = np.full(self.task.width, self.task.pad_token_id, dtype=np.int64)
-        self._attention_mask = np.zeros(self.task.width, dtype=np.int64)
-        self._next_column = self.task.max_prompt_len
-        self._ref_cache: Any = None
-        self._ref_next_logprobs: torch.Tensor | None = None
 
     @property
     def turn_env(self) -> TurnEnv:
@@ -274,22 +264,13 @@ class MultiTurnTextEnv(TaskAttributes, gym.Env):
         """A new episode: the turn-level env's first message, as the prompt."""
         super().reset(seed=seed)
         prompt_ids, info = self.conversation.start(seed=int(self.np_random.integers(2**31)))
-        self._input_ids.fill(self.task.pad_token_id)
-        self._attention_mask.fill(0)
-        self._next_column = self.task.max_prompt_len - len(prompt_ids)
-        self._append(prompt_ids)
+        self._start(prompt_ids)
         self.agent_columns: list[int] = []  # where the agent's tokens sit (for inspection and tests)
-        self._advance_reference(prompt_ids, first=True)
         return self._observation(), info
 
     def step(self, action: int) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         action = int(action)
-        if not 0 <= action < self.task.vocab_size:
-            raise ValueError(f"action {action} is outside the vocabulary [0, {self.task.vocab_size})")
-        if self._ref_next_logprobs is None:
-            raise RuntimeError("call reset() before step()")
-        info: dict[str, Any] = {"ref_logprob": float(self._ref_next_logprobs[action])}
-        self._append([action])
+        info = self._take_action(action)
         self.agent_columns.append(self._next_column - 1)
         if not self.conversation.add_agent_token(action, self.task.width - self._next_column):
             self._advance_reference([action], first=False)
@@ -298,7 +279,7 @@ class MultiTurnTextEnv(TaskAttributes, gym.Env):
         turn = self.conversation.end_turn(self.task.width - self._next_column)
         info.update(turn.info)
         if turn.over:
-            self._ref_next_logprobs, self._ref_cache = None, None
+            self._end_reference()
         else:
             self._append(turn.reply_ids)
             self._advance_reference([action, *turn.reply_ids], first=False)
@@ -312,21 +293,6 @@ class MultiTurnTextEnv(TaskAttributes, gym.Env):
         if self.render_mode == "ansi":
             return f"[env] {self.conversation.first_message} {self.transcript_text()}"
         return None
-
-    # -- internals --------------------------------------------------------------
-
-    def _append(self, tokens: list[int]) -> None:
-        end = self._next_column + len(tokens)
-        self._input_ids[self._next_column : end] = tokens
-        self._attention_mask[self._next_column : end] = 1
-        self._next_column = end
-
-    def _advance_reference(self, new_tokens: list[int], first: bool) -> None:
-        self._ref_cache, self._ref_next_logprobs = extend_reference(
-            self.reference, None if first else self._ref_cache, new_tokens, self.device)
-
-    def _observation(self) -> dict[str, np.ndarray]:
-        return {"input_ids": self._input_ids.copy(), "attention_mask": self._attention_mask.copy()}
 
 
 def register_multi_turn_task(env_id: str, turn_env: TurnEnvSpec, **env_kwargs: Any) -> None:
