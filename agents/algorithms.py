@@ -50,6 +50,7 @@ from agents.envs import env_device, resolve_env
 from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KL_ESTIMATORS, KLEstimator, KLPenaltyCallback
+from agents.progress import TokenProgressBar
 from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_advantages
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
@@ -238,8 +239,7 @@ class LMAgentMixin(FastRolloutMixin):
         self.recompute_old_log_probs = recompute_old_log_probs
         self.deferred_reference = deferred_reference
         policy = policy or self.default_policy_class
-        env = resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0),
-                          device=kwargs.get("device", "auto"))
+        env = self._resolve_env(env, kwargs)
         if distributed.is_distributed() and env is not None and kwargs.get("seed") is not None:
             # Each rank its own samples; SB3 seeds env i with seed + i, so rank r's envs get the
             # seeds of envs r*n_envs ... of one process running all ranks' envs (as make_text_vec_env).
@@ -269,6 +269,14 @@ class LMAgentMixin(FastRolloutMixin):
         kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
         warn_if_env_elsewhere(self.env, self.device)
+
+    @staticmethod
+    def _resolve_env(env: GymEnv | str | None, kwargs: dict[str, Any]) -> VecEnv | None:
+        """``env`` as a ``VecEnv`` (``agents.envs.resolve_env``); an env id is built with the
+        agent's seed and on the agent's ``device``, so its reference and reward models sit
+        where the policy does."""
+        return resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0),
+                           device=kwargs.get("device", "auto"))
 
     def _resolve_kl_options(self, placement: KLPlacement | None, estimator: KLEstimator | None, fast: bool,
                             kwargs: dict[str, Any]) -> tuple[KLPlacement, KLEstimator]:
@@ -369,15 +377,30 @@ class LMAgentMixin(FastRolloutMixin):
             if isinstance(self.rollout_buffer, SequenceRolloutBuffer):
                 self.rollout_buffer.agree_on_minibatch_count = distributed.agree_on_minibatch_count
 
-    def _setup_learn(self, *args: Any, **kwargs: Any):
-        """SB3's set-up (it makes the logger), then the resolved configuration into it:
-        TensorBoard gets it at the run's first dump (``agents.config.log_config``). Ranks
-        other than 0 of a data-parallel run log nowhere."""
+    def _setup_learn(self, total_timesteps: int, callback: Any = None, reset_num_timesteps: bool = True,
+                     tb_log_name: str = "run", progress_bar: bool = False):
+        """SB3's set-up (it makes the logger, and resets the env unless the run goes on), then
+        the resolved configuration into the logger: TensorBoard gets it at the run's first
+        dump (``agents.config.log_config``). Ranks other than 0 of a data-parallel run log
+        nowhere. When SB3 resets the env, the KL summed over the episodes it discards goes
+        with them: the new episodes start from zero (``KLPenaltyCallback``)."""
         if not distributed.is_main_process():  # only rank 0 writes TensorBoard and the console log
             self.tensorboard_log, self.verbose = None, 0
-        result = super()._setup_learn(*args, **kwargs)  # type: ignore[misc]
+        if reset_num_timesteps or self._last_obs is None:  # SB3's condition for env.reset()
+            self.kl_episode_sums = None
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps,  # type: ignore[misc]
+                                      tb_log_name, progress_bar)
         log_config(self.logger, self, self.env)
         return result
+
+    def _init_callback(self, callback: Any, progress_bar: bool = False) -> Any:
+        """SB3's callback set-up, with a progress bar that counts the tokens the agent
+        generated (``TokenProgressBar``) rather than ``n_envs`` per step: a group rollout's
+        finished episodes wait without generating."""
+        if progress_bar:
+            callbacks = callback if isinstance(callback, list) else [callback] if callback is not None else []
+            callback = [*callbacks, TokenProgressBar()]
+        return super()._init_callback(callback, progress_bar=False)  # type: ignore[misc]
 
     def collect_rollouts(self, env: VecEnv, callback: Any, rollout_buffer: Any, n_rollout_steps: int, **kwargs: Any) -> bool:
         """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation.
@@ -412,8 +435,12 @@ class LMAgentMixin(FastRolloutMixin):
                                          sums=distributed.global_sums if distributed.is_distributed() else None)
 
     def learn(self, total_timesteps: int, callback: Any = None, **kwargs: Any):
+        """SB3's ``learn`` with the KL penalty first in the callback chain; every rollout is
+        logged, and the TensorBoard run is named after the algorithm (``grpo_1``, not SB3's
+        class name ``PPO_1``) unless ``tb_log_name`` says otherwise."""
         # A rollout of an LM is expensive: log every one (SB3's A2C default is every 100th).
         kwargs.setdefault("log_interval", 1)
+        kwargs.setdefault("tb_log_name", self.algorithm_name)
         user_callbacks = callback if isinstance(callback, list) else [callback] if callback else []
         kl_callback = KLPenaltyCallback(add_to_reward=self.kl_in_reward)
         return super().learn(total_timesteps, callback=[kl_callback, *user_callbacks], **kwargs)  # type: ignore[misc]

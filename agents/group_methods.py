@@ -50,7 +50,6 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents import distributed
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
-from agents.envs import resolve_env
 from agents.fast_rollout import observation_tensors
 from agents.clipped_update import LOSS_AGGREGATIONS, LossAggregation, clipped_update
 from agents.sequence_buffer import SequenceRolloutBuffer
@@ -98,17 +97,36 @@ class GroupRolloutMixin(LMAgentMixin):
         self.group_size = group_size
         self.loss_aggregation = loss_aggregation
         self.clip_range_high = clip_range_high
-        env = resolve_env(env, seed=kwargs.get("seed"))  # an env id becomes the batched env
+        env = self._resolve_env(env, kwargs)  # an env id becomes the batched env, on the agent's device
         if env is not None:
-            if not isinstance(env, BatchedTokenVecEnv):
-                raise TypeError(
-                    f"{type(self).algorithm_name} draws k completions per prompt, which needs the batched "
-                    "environment. Fix: make it with agents.make_text_vec_env(..., batched=True)."
-                )
-            env.configure_episodes(group_size=group_size, autoreset=False)
+            self._check_group_env(env)
+            if kwargs.get("_init_setup_model", True):  # a new agent: refuse a bad group before the model loads
+                env.configure_episodes(group_size=group_size, autoreset=False)
             kwargs["n_steps"] = env.max_new_tokens  # every episode ends within max_new_tokens
         kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
         super().__init__(policy, env, **kwargs)
+
+    def _check_group_env(self, env: VecEnv) -> None:
+        if not isinstance(env, BatchedTokenVecEnv):
+            raise TypeError(
+                f"{type(self).algorithm_name} draws k completions per prompt, which needs the batched "
+                "environment. Fix: make it with agents.make_text_vec_env(..., batched=True)."
+            )
+
+    def _setup_model(self) -> None:
+        """SB3's set-up, then the env into group mode with this agent's ``group_size``. Here
+        rather than in ``__init__``: SB3's ``load`` builds the agent without its saved
+        arguments and restores them just before this call, so the saved group size is the
+        one that configures the env."""
+        super()._setup_model()
+        if self.env is not None:
+            self.env.configure_episodes(group_size=self.group_size, autoreset=False)
+
+    def set_env(self, env: Any, force_reset: bool = True) -> None:
+        """SB3's ``set_env``, with the new env in this agent's group mode."""
+        super().set_env(env, force_reset)
+        self._check_group_env(self.env)
+        self.env.configure_episodes(group_size=self.group_size, autoreset=False)
 
     def collect_rollouts(
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int

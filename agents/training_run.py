@@ -38,6 +38,7 @@ class TrainingRun:
     before: EvaluationResult | None
     after: EvaluationResult | None
     train_seconds: float
+    tokens_trained: int  # generated in this process's learn() (a resumed run: since the checkpoint), every rank's
     saved_to: str
     tensorboard_dir: str | None
     config: dict[str, Any]
@@ -55,8 +56,9 @@ class TrainingRun:
             "env": self.env_id,
             "algo": self.algo,
             "total_timesteps": self.total_timesteps,
+            "timesteps_trained": int(self.agent.num_timesteps),
             "train_seconds": round(self.train_seconds, 1),
-            "tokens_per_second": round(self.total_timesteps / self.train_seconds, 1),
+            "tokens_per_second": round(self.tokens_trained / self.train_seconds, 1),
             "task_score_before": round(self.before.task_score, 4),
             "task_score_after": round(self.after.task_score, 4),
             "kl_before": round(self.before.kl, 4),
@@ -171,6 +173,7 @@ def train_and_evaluate(
     if checkpoint_every is not None:
         callbacks.append(CheckpointCallback(checkpoint_folder(save_path), checkpoint_every, keep_checkpoints,
                                             extra={"score_before": before}))
+    timesteps_before = agent.num_timesteps
     start = time.perf_counter()
     agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=run_name(env_id, algo),
                 progress_bar=progress_bar and main, callback=callbacks, reset_num_timesteps=checkpoint_path is None)
@@ -186,6 +189,6 @@ def train_and_evaluate(
     agent.save(save_path)  # rank 0 only
     return TrainingRun(
         agent=agent, env_id=env_id, algo=algo, total_timesteps=total_timesteps, before=before, after=after,
-        train_seconds=train_seconds, saved_to=save_path,
+        train_seconds=train_seconds, tokens_trained=agent.num_timesteps - timesteps_before, saved_to=save_path,
         tensorboard_dir=agent.logger.dir if tensorboard_log else None, config=config,
     )

@@ -187,6 +187,7 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
             "frozen": self._frozen.cpu().clone(),
             "episode_start_time": self._episode_start_time.copy(),
             "rngs": [rng.bit_generator.state for rng in self._rngs],
+            "pending_seeds": list(self._seeds),  # seeds the next reset would apply (VecEnv.seed)
             "group_size": self.group_size,
             "autoreset": self.autoreset,
             **self._episode_state(),
@@ -205,6 +206,10 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         self._episode_start_time[:] = state["episode_start_time"]
         for rng, rng_state in zip(self._rngs, state["rngs"]):
             rng.bit_generator.state = rng_state
+        # The samplers are as saved, so are the seeds still pending then (none, mid-run): a seed
+        # set since (make_text_vec_env's, or SB3's load re-seeding with the first rank's seed)
+        # would otherwise re-seed every episode at the next reset, replaying the run's first prompts.
+        self._seeds = list(state.get("pending_seeds", [None] * self.num_envs))
         self.group_size, self.autoreset = state["group_size"], state["autoreset"]
         self._restore_episode_state(state)
         self._reference_stale = True  # refilled from the restored tokens before the next per-step step
