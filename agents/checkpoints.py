@@ -104,6 +104,17 @@ def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, di
     return agent, state["extra"]
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (each as large
+    as a checkpoint; ``textenv.files.atomic_write`` names them ``.checkpoint-N.zip.*.tmp``).
+    Called when checkpointing starts, before this run writes any: whatever is there is stale."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".checkpoint-*.zip.*.tmp")) if folder.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def checkpoints_in(folder: str | Path) -> list[Path]:
     """The checkpoint files of ``folder``, oldest first (by tokens)."""
     folder = Path(folder)
@@ -150,6 +161,8 @@ class CheckpointCallback(BaseCallback):
 
     def _on_training_start(self) -> None:
         self._last_saved = self.num_timesteps  # the start (or the resumed checkpoint) needs no new file
+        if distributed.is_main_process():
+            remove_stale_temporaries(self.folder)
 
     def _on_rollout_start(self) -> None:
         if self.num_timesteps - self._last_saved < self.every_tokens:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -52,6 +53,29 @@ class EvaluatedEpisode:
     turns: int | None = None  # multi-turn episodes: agent turns
 
 
+@contextmanager
+def evaluation_on(env: VecEnv, device: torch.device) -> Iterator[None]:
+    """Evaluate without touching what training goes on with: torch's random stream is
+    forked (the evaluation's seed and draws stay inside), and a batched env's episodes,
+    samplers and episode mode are put back afterwards (``get_state``/``set_state``), so an
+    agent can be evaluated on its own training env, a RLOO/GRPO agent's group-mode env
+    included, mid-run. SB3's ``DummyVecEnv`` has no such state: evaluating on the env an
+    agent trains on resets its episodes."""
+    saved = env.get_state() if hasattr(env, "get_state") else None
+    if not getattr(env, "autoreset", True):
+        if saved is None:
+            raise ValueError("This environment is in group mode (finished episodes wait for the next reset) and "
+                             "cannot be put back afterwards. Fix: evaluate on an env from agents.make_text_vec_env.")
+        env.configure_episodes(group_size=1, autoreset=True)  # one episode after another, as evaluation needs
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        if saved is not None:
+            env.set_state(saved)
+
+
 @torch.no_grad()
 def sample_episodes(
     model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
@@ -64,21 +88,21 @@ def sample_episodes(
     ``DummyVecEnv`` alike. Tokens are drawn by the agent's ``_sample_actions`` where it
     has one. Each env contributes the same number of episodes, so short episodes are not
     over-represented, and a fixed ``seed`` gives the same prompts to every agent
-    evaluated on an env built the same way.
+    evaluated on an env built the same way. The training run's random streams and a
+    batched env's running episodes are left as they were (``evaluation_on``).
     """
-    if not getattr(env, "autoreset", True):
-        raise ValueError(
-            "This environment is in group mode (finished episodes wait for the next reset), "
-            "as a RLOO/GRPO agent's training env is. Fix: evaluate on a separate env from "
-            "agents.make_text_vec_env."
-        )
+    with evaluation_on(env, model.policy.device):
+        return _sample_episodes(model, env, n_episodes, seed)
+
+
+def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: int | None) -> list[EvaluatedEpisode]:
     policy = model.policy
     policy.set_training_mode(False)
     sample = getattr(model, "_sample_actions", sample_tokens)
     quota = -(-n_episodes // env.num_envs)  # ceil
     if seed is not None:
         env.seed(seed)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # inside evaluation_on's fork of the random stream
     # A decoder of its own: the agent's training decoder keeps its slots.
     decoder = policy.rollout_decoder(env.num_envs, env.observation_space["input_ids"].shape[0])
     obs = env.reset()

@@ -178,15 +178,17 @@ class KLPenaltyCallback(BaseCallback):
 
     def _on_rollout_end(self) -> None:
         controller = self.model.kl_controller
-        self.logger.record("train/kl_coef", controller.value)
         # Over every rank's episodes in data-parallel training, so that beta moves alike on all.
         n_kls, kl_sum, n_scores, score_sum = global_sums(
             [len(self._rollout_kls), sum(self._rollout_kls), len(self._rollout_scores), sum(self._rollout_scores)])
         if n_kls:
             mean_kl = float(kl_sum / n_kls)
             self.logger.record("rollout/kl", mean_kl)
-            self.logger.record("rollout/kl_penalty", -controller.value * mean_kl)
+            self.logger.record("rollout/kl_penalty", -controller.value * mean_kl)  # the beta these rewards had
             controller.update(mean_kl, n_episodes=int(n_kls))  # Ziegler et al. count episodes
+        # After the update: the coefficient the update that follows uses (a KL in the loss) and
+        # the next rollout's rewards carry.
+        self.logger.record("train/kl_coef", controller.value)
         if n_scores:
             self.logger.record("rollout/task_score", float(score_sum / n_scores))
         if self._rollout_samples:

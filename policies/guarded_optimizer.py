@@ -3,11 +3,12 @@
 One bad minibatch (an overflow, a reward that spiked) would otherwise write NaN into
 every weight it touches, and the run is lost from there on. The guarded optimizer
 checks the gradients before each step: non-finite ones are dropped with a warning and
-counted (``skipped_steps``, logged as ``train/skipped_updates``); after
+counted (``skipped_steps``, logged as ``train/skipped_updates``, and kept in the
+optimizer's ``state_dict`` so that a resumed run goes on counting); after
 ``max_consecutive_skips`` in a row the run stops with ``NonFiniteUpdateError``, the
 weights still those of the last finite step. It wraps whatever optimizer class the
 policy is given (Adam by default), as a subclass, so its state and ``state_dict``
-are the wrapped optimizer's own.
+are the wrapped optimizer's own (plus the counters).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import warnings
 from functools import lru_cache
 
 import torch
+
+
+SKIP_COUNTERS = "non_finite_skips"  # the counters' key in the optimizer's state_dict
 
 
 class NonFiniteUpdateError(FloatingPointError):
@@ -44,6 +48,21 @@ class SkipsNonFiniteSteps:
         warnings.warn("Skipped an update with NaN or inf gradients (counted in train/skipped_updates).",
                       RuntimeWarning, stacklevel=2)
         return None
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """The wrapped optimizer's state, plus the skip counters (a checkpoint then resumes
+        them: a run that stops after three bad updates in a row must not get three more)."""
+        state = super().state_dict()  # type: ignore[misc]
+        state[SKIP_COUNTERS] = {"skipped_steps": getattr(self, "skipped_steps", 0),
+                                "consecutive_skips": getattr(self, "consecutive_skips", 0)}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        state_dict = dict(state_dict)
+        counters = state_dict.pop(SKIP_COUNTERS, {})
+        super().load_state_dict(state_dict)  # type: ignore[misc]
+        self.skipped_steps = int(counters.get("skipped_steps", 0))
+        self.consecutive_skips = int(counters.get("consecutive_skips", 0))
 
 
 @lru_cache(maxsize=None)

@@ -197,3 +197,15 @@ def test_every_run_writes_its_configuration_to_tensorboard(tmp_path, tiny_id):
                    for event in EventFileLoader(str(path)).Load() for value in event.summary.value
                    if value.metadata.plugin_data.plugin_name == "hparams"}
     assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= hparam_tags
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_run_started_from_python_is_named_after_its_algorithm(tmp_path, tiny_id, algo):
+    """TensorBoard's run folder: ``grpo_1``, not SB3's class name (a GRPO run showed as PPO_1)."""
+    from agents import make_agent
+
+    group = {"group_size": 2} if algo == "grpo" else {}
+    agent = make_agent(algo, make_text_vec_env(tiny_id, n_envs=2), n_steps=4, batch_size=8,
+                       tensorboard_log=str(tmp_path), **group)
+    agent.learn(8)
+    assert Path(agent.logger.dir).name == f"{algo}_1"

@@ -35,13 +35,6 @@ def test_group_methods_draw_k_completions_of_each_prompt(default_model_path):
     assert agent.n_steps == env.max_new_tokens
 
 
-def test_evaluating_on_a_group_mode_env_is_refused(default_model_path):
-    env = make_text_vec_env(TASK, n_envs=4, seed=0)
-    agent = make_agent("rloo", env, group_size=2)
-    with pytest.raises(ValueError, match="group mode"):
-        evaluate_agent(agent, env, 4)
-
-
 def test_group_methods_refuse_a_group_that_does_not_divide_the_envs(default_model_path):
     env = make_text_vec_env(TASK, n_envs=6, seed=0)
     with pytest.raises(ValueError, match="must divide n_envs=6"):

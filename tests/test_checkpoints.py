@@ -83,3 +83,23 @@ def test_a_truncated_checkpoint_is_skipped_for_the_one_before_it(tmp_path):
         assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-32.zip"
     shutil.rmtree(tmp_path)
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_checkpointing_starts_by_removing_the_temporaries_of_an_interrupted_write(tmp_path, default_model_path):
+    """A kill during a checkpoint write leaves a full-size temporary that no pruning matches;
+    the next run's checkpointing removes it (and nothing else)."""
+    from agents import make_agent, make_text_vec_env
+    from agents.checkpoints import CheckpointCallback
+
+    folder = tmp_path / "agent-checkpoints"
+    folder.mkdir()
+    stale = folder / ".checkpoint-64.zip.k2j4h1.tmp"
+    stale.write_bytes(b"x" * 4096)
+    kept = [folder / "checkpoint-32.zip", folder / "notes.txt"]
+    for path in kept:
+        path.write_text("keep")
+    env = make_text_vec_env("textenv/PositiveSentiment-v0", n_envs=2, seed=0, env_kwargs={"device": "cpu"})
+    agent = make_agent("ppo", env, seed=0, n_steps=4, batch_size=8)
+    agent.learn(8, callback=CheckpointCallback(folder, every_tokens=10**6))
+    assert not stale.exists()
+    assert all(path.exists() for path in kept)

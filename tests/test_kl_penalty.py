@@ -121,7 +121,7 @@ def test_adaptive_controller_follows_ziegler_et_al(kl, n_episodes):
 
 
 class RolloutKLRecorder(BaseCallback):
-    """Per rollout: beta before the controller's update, the logged mean KL, episodes finished."""
+    """Per rollout: the logged beta (after the controller's update), the logged mean KL, episodes finished."""
 
     def _on_training_start(self) -> None:
         self.rollouts: list[tuple[float, float, int]] = []
@@ -152,10 +152,11 @@ def test_kl_controller_counts_episodes_not_tokens(default_model_path, path):
     recorder = RolloutKLRecorder()
     model.learn(2 * 12 * env.num_envs, callback=recorder)
     beta = 0.1
-    for beta_before, kl, episodes in recorder.rollouts:
-        assert beta_before == pytest.approx(beta)
+    for logged_beta, kl, episodes in recorder.rollouts:
         assert 0 < episodes < 12 * env.num_envs  # episodes, far fewer than the rollout's tokens
         beta = ziegler_update(beta, kl, 0.5, episodes, 50)
+        # Logged after the update: the coefficient the next update and rollout use.
+        assert logged_beta == pytest.approx(beta, rel=1e-12)
     assert model.kl_controller.value == pytest.approx(beta, rel=1e-9)
     assert model.kl_controller.value != pytest.approx(0.1)  # the controller did move
 
@@ -205,3 +206,36 @@ def test_after_a_deferred_rollout_the_env_reports_the_reference_per_step_again(d
         ids = state["input_ids"][row][state["attention_mask"][row] == 1].tolist() + [int(actions[row])]
         expected = sequence_logprobs(reference, ids, len(ids) - 1)[-1]
         assert infos[row]["ref_logprob"] == pytest.approx(expected, abs=1e-4)
+
+
+class TrainingStartKL(BaseCallback):
+    """The per-episode KL sums as the KL callback starts a ``learn`` with them (it runs first)."""
+
+    def _on_training_start(self) -> None:
+        self.sums = np.array(self.model.kl_episode_sums, copy=True)
+
+    def _on_step(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("second_start", ["learn-again", "load-then-learn"])
+def test_episodes_that_a_new_learn_discards_take_their_kl_with_them(tmp_path, default_model_path, second_start):
+    """``learn()`` resets the env (SB3 does, unless the run goes on): the new episodes start
+    with no KL. Before, the sums of the discarded episodes, pickled into every zip too,
+    carried into the new ones' (one slot carried 31.9 nats), and into rollout/kl and beta."""
+    from agents import load_agent
+
+    env = make_text_vec_env("textenv/PositiveSentiment-v0", n_envs=4, seed=0, env_kwargs={"device": "cpu"})
+    agent = make_agent("ppo", env, seed=0, n_steps=5, batch_size=20, kl_coef=0.1)
+    agent.learn(20)  # 5 steps: episodes of up to 24 tokens are still running
+    assert np.abs(agent.kl_episode_sums).sum() > 0
+    if second_start == "load-then-learn":
+        agent.save(tmp_path / "agent.zip")
+        agent = load_agent(str(tmp_path / "agent.zip"), env=env)
+    start = TrainingStartKL()
+    agent.learn(20, callback=start)
+    np.testing.assert_array_equal(start.sums, np.zeros(env.num_envs))
+    # A run that goes on (reset_num_timesteps=False keeps the episodes) keeps their sums.
+    running = np.array(agent.kl_episode_sums, copy=True)
+    agent.learn(20, callback=start, reset_num_timesteps=False)
+    np.testing.assert_array_equal(start.sums, running)

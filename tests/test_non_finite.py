@@ -49,3 +49,23 @@ def test_training_logs_the_count(default_model_path):
     agent = small_agent()
     agent.learn(8 * 4)
     assert agent.logger.name_to_value["train/skipped_updates"] == 0
+
+
+def test_the_skip_counters_survive_a_save_and_load(tmp_path, default_model_path):
+    """They are part of the optimizer's state_dict, so a checkpoint resumes them: a run that
+    had two bad updates in a row stops at the next one, resumed or not."""
+    from agents import load_agent
+
+    agent = small_agent()
+    for p in agent.policy.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.warns(RuntimeWarning):
+        agent.policy.optimizer.step()
+        agent.policy.optimizer.step()
+    agent.save(tmp_path / "agent.zip")
+    loaded = load_agent(str(tmp_path / "agent.zip"), env=agent.get_env())
+    assert (loaded.policy.optimizer.skipped_steps, loaded.policy.optimizer.consecutive_skips) == (2, 2)
+    for p in loaded.policy.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    with pytest.raises(NonFiniteUpdateError, match="3 updates in a row"):
+        loaded.policy.optimizer.step()
