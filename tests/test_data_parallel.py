@@ -172,13 +172,16 @@ def test_two_ranks_update_as_one_process_with_twice_the_envs(tmp_path, default_m
 # -- job 3: a checkpoint of every rank's episodes, resumed on as many ranks ----------------------
 
 
-def checkpoint_job(rank: int, path: str) -> dict:
+def checkpoint_job(rank: int, path: str, algo: str) -> dict:
     from agents.checkpoints import resume_agent, save_checkpoint
 
     def new_env():
         return make_text_vec_env("textenv/TextGen-v0", n_envs=N_ENVS, seed=0, env_kwargs=ENV_KWARGS)
 
-    agent = make_agent("ppo", new_env(), seed=0, n_steps=3, batch_size=6)  # episodes cut mid-way
+    # PPO: episodes cut mid-way. RLOO: the next rollout draws new prompts from each rank's own
+    # samplers (before, the zip's seed, rank 0's, re-seeded every rank's episodes on resume).
+    hyper = dict(n_steps=3, batch_size=6) if algo == "ppo" else dict(group_size=2, batch_size=4)
+    agent = make_agent(algo, new_env(), seed=0, **hyper)
     agent.learn(1)
     save_checkpoint(agent, path)
     saved_tokens = agent.get_env().get_state()["input_ids"]
@@ -192,11 +195,12 @@ def checkpoint_job(rank: int, path: str) -> dict:
             "resumed": parameters_fingerprint(resumed.policy)}
 
 
-def test_a_checkpoint_resumes_every_ranks_episodes_on_as_many_ranks(tmp_path, default_model_path):
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_a_checkpoint_resumes_every_ranks_episodes_on_as_many_ranks(tmp_path, default_model_path, algo):
     from agents.checkpoints import resume_agent
 
     path = tmp_path / "checkpoint-6.zip"
-    results = run_on_two_ranks(tmp_path, "checkpoint", str(path))
+    results = run_on_two_ranks(tmp_path, "checkpoint", str(path), algo)
     assert not torch.equal(results[0]["saved"], results[1]["saved"])  # each rank had its own episodes
     for result in results:
         assert torch.equal(result["restored"], result["saved"])  # ... and gets its own back
