@@ -4,24 +4,37 @@ Both install as an optional extra, ``pip install -e ".[games]"`` (``gem-llm`` an
 ``textarena`` from the package index), and run offline. Registered ids:
 
 - ``gem/GuessTheNumber-v0-easy``: GEM's ``game:GuessTheNumber-v0-easy`` (a number
-  from 1 to 10 in 4 turns), its messages translated into the dialogue of the
-  built-in ``textenv/GuessTheNumber-v0`` (``textenv.tasks.guess_number.from_gem``),
-  so the agent trained there plays GEM's game as it is;
-- ``gem/Mastermind-v0-easy``, ``textarena/GuessTheNumber-v0``: the games' own
-  messages, as they come (long instructions: bring a model with a context to match,
-  ``gym.make(id, model=...)``).
+  from 1 to 10 in 4 turns), and ``textarena/GuessTheNumber-v0``: TextArena's
+  ``GuessTheNumber-v0-raw`` (1 to 20 in 10 turns), their messages translated into the
+  dialogue of the built-in ``textenv/GuessTheNumber-v0``
+  (``textenv.tasks.guess_number.to_dialogue``), so the agent trained there plays their
+  games as they are.
 
 ``GemTurnEnv(gem_id)`` and ``TextArenaTurnEnv(env_id)`` adapt any other game of
 theirs; ``format_action`` writes the agent's turn as the game parses it (GEM's games
 read ``\\boxed{...}``, TextArena's ``[...]``), ``format_observation`` rewrites the
 game's messages for the model. Without the extra, making one of these envs raises
 an ``ImportError`` that names it.
+
+Offline: the adapters read what a game's code needs from the network (NLTK data,
+Hugging Face datasets, a remote LLM) from its source before making it, and refuse it
+with ``OfflineError`` (naming the fix) unless that data is already on this machine;
+which games run offline, and how to make the others do, is in ``textenv.offline_games``.
+
+Replies: each reply is the game's text since the agent's last turn, not the game so far
+again (``TextArenaTurnEnv`` says how it finds that in TextArena's wrappers' text, and
+when it cannot).
 """
 
 from __future__ import annotations
 
 from functools import partial
 from typing import Any, Callable
+
+from textenv.offline_games import OfflineError, refuse_unless_offline
+
+__all__ = ["GemTurnEnv", "TextArenaTurnEnv", "OfflineError", "boxed", "bracketed", "register_gem_game",
+           "register_textarena_game"]
 
 EXTRA_HINT = 'Fix: pip install -e ".[games]" (installs gem-llm and textarena).'
 
@@ -49,6 +62,11 @@ class GemTurnEnv:
             import gem
         except ImportError as error:
             raise ImportError(f"The GEM game {gem_id!r} needs the gem-llm package. {EXTRA_HINT}") from error
+        from gem.envs.registration import ENV_REGISTRY
+
+        spec = ENV_REGISTRY.get(gem_id)  # an unknown id: gem.make says so
+        if spec is not None:
+            refuse_unless_offline("GEM", gem_id, spec.entry_point, {**spec.kwargs, **gem_kwargs})
         self.env = gem.make(gem_id, **gem_kwargs)
         self.format_action, self.format_observation = format_action, format_observation
 
@@ -65,8 +83,23 @@ class GemTurnEnv:
 
 class TextArenaTurnEnv:
     """A single-player TextArena game (``textarena.make(env_id)``) as a ``TurnEnv``: the
-    game's messages since the agent's last turn are the reply; the game's reward for
-    player 0 arrives when it ends."""
+    reply is the game's text since the agent's last turn; the game's reward for player 0
+    arrives when it ends.
+
+    A ``-raw`` id gives the game's new messages themselves. Every other id renders, each
+    turn, all the messages so far through its wrappers: the default
+    ``LLMObservationWrapper`` the whole transcript (instructions, each move, each
+    answer). Appended to the dialogue as it comes, that would repeat the game so far at
+    every turn (a context that grows quadratically), so when a rendering begins with the
+    last one, only the rest is the reply. A rendering that does not (a ``-train``
+    wrapper that shows the instructions and the current board, say) holds nothing that
+    can be told apart as new, and is the reply whole.
+
+    TextArena's observation wrappers keep each message they have shown and nothing
+    clears them on reset, so each game would start with the text of all earlier ones.
+    Each reset therefore wraps the game anew, with the wrappers its id registers:
+    wrappers are small objects, while the game (its word lists, its puzzle generators)
+    is made once, and its own ``reset`` starts a new game, as for ``-raw``."""
 
     def __init__(self, env_id: str, format_action: Callable[[str], str] = bracketed,
                  format_observation: Callable[[str], str] = _identity, **env_kwargs: Any):
@@ -74,19 +107,36 @@ class TextArenaTurnEnv:
             import textarena
         except ImportError as error:
             raise ImportError(f"The TextArena game {env_id!r} needs the textarena package. {EXTRA_HINT}") from error
+        from textarena.envs.registration import ENV_REGISTRY
+
+        spec = ENV_REGISTRY.get(env_id)  # an unknown id: textarena.make says so
+        if spec is not None:
+            refuse_unless_offline("TextArena", env_id, spec.entry_point, {**spec.kwargs, **env_kwargs})
         self.env = textarena.make(env_id=env_id, **env_kwargs)
+        self.game = self.env
+        while isinstance(self.game, textarena.Wrapper):
+            self.game = self.game.env
+        self.wrappers = tuple(spec.default_wrappers or ()) if spec is not None else ()
+        self.rendered = ""  # the wrappers' last rendering, which the dialogue already holds
         self.format_action, self.format_observation = format_action, format_observation
 
     def _game_messages(self) -> str:
-        """The game's messages since the agent's last turn. A raw TextArena env (ids ending
-        in ``-raw``) gives them as ``(sender, message, kind)`` entries (the game is sender
-        -1); a wrapped one as the text its wrappers made."""
-        _, observations = self.env.get_observation()
-        if isinstance(observations, str):
-            return observations
-        return "\n".join(message for sender, message, _ in observations if sender == -1)
+        """The game's text since the agent's last turn. A raw env gives its messages as
+        ``(sender, message, kind)`` entries (the game is sender -1; a new message may
+        repeat an earlier one word for word, so they are never compared). A wrapped env
+        gives a rendering of the game so far: what follows the last rendering when it
+        begins with it, else all of it."""
+        _, observation = self.env.get_observation()
+        if not isinstance(observation, str):
+            return "\n".join(message for sender, message, _ in observation if sender == -1)
+        last, self.rendered = self.rendered, observation
+        return observation[len(last):] if observation.startswith(last) else observation
 
     def reset(self, seed: int | None = None) -> tuple[str, dict[str, Any]]:
+        self.env = self.game
+        for wrapper in self.wrappers:  # fresh wrappers: none of the last game's messages
+            self.env = wrapper(self.env)
+        self.rendered = ""
         self.env.reset(num_players=1, seed=seed)
         return self.format_observation(self._game_messages()), {}
 
