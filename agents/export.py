@@ -25,7 +25,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from agents.registry import CRITIC_FOLDER, POLICY_FILE, VALUE_HEAD_FILE, load_agent, load_exported_agent  # noqa: F401
 from policies.lora import export_merged
-from textenv.files import atomic_write_text
+from textenv.files import atomic_write_text, plain_modes
 
 # The policy's own arguments that rebuild it around the exported weights (the model path
 # becomes the folder; LoRA is merged into it).
@@ -43,22 +43,23 @@ def export_policy(agent: BaseAlgorithm | str, folder: str | Path, tokenizer: Any
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or _tokenizer_of(agent)
-    if policy.lora is not None:
-        export_merged(policy.lm, folder, tokenizer)
-    else:
-        policy.causal_lm.save_pretrained(folder, safe_serialization=True)
-        tokenizer.save_pretrained(folder)
-    if getattr(policy, "critic_body", None) is not None:  # a separate critic: its body beside the policy
-        policy.critic_body.save_pretrained(folder / CRITIC_FOLDER, safe_serialization=True)
-    save_file({name: tensor.detach().cpu().contiguous() for name, tensor in policy.value_head.state_dict().items()},
-              str(folder / VALUE_HEAD_FILE))
-    constructor = {key: value for key, value in policy._get_constructor_parameters().items()
-                   if key in EXPORTED_POLICY_ARGUMENTS}
-    atomic_write_text(folder / POLICY_FILE, json.dumps({
-        "algorithm": getattr(agent, "algorithm_name", None),
-        "policy_kwargs": constructor,
-        "kl_coef": float(agent.kl_controller.value) if hasattr(agent, "kl_controller") else None,
-    }, indent=2))
+    with plain_modes(folder):  # the modes of a plain write (safetensors writes its files 0600)
+        if policy.lora is not None:
+            export_merged(policy.lm, folder, tokenizer)
+        else:
+            policy.causal_lm.save_pretrained(folder, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+        if getattr(policy, "critic_body", None) is not None:  # a separate critic: its body beside the policy
+            policy.critic_body.save_pretrained(folder / CRITIC_FOLDER, safe_serialization=True)
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in policy.value_head.state_dict().items()},
+                  str(folder / VALUE_HEAD_FILE))
+        constructor = {key: value for key, value in policy._get_constructor_parameters().items()
+                       if key in EXPORTED_POLICY_ARGUMENTS}
+        atomic_write_text(folder / POLICY_FILE, json.dumps({
+            "algorithm": getattr(agent, "algorithm_name", None),
+            "policy_kwargs": constructor,
+            "kl_coef": float(agent.kl_controller.value) if hasattr(agent, "kl_controller") else None,
+        }, indent=2))
     return folder
 
 

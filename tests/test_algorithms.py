@@ -91,7 +91,7 @@ def test_continuing_with_a_group_method_on_a_stock_env_is_refused(tmp_path, defa
 def test_compare_script_writes_the_plot_and_the_table(tmp_path, default_model_path):
     from textenv.cli import compare
 
-    table = compare.main(["--algos", "ppo", "rloo", "--seeds", "0", "1", "--total-tokens", "1024", "--n-envs", "8",
+    table = compare.run(["--algos", "ppo", "rloo", "--seeds", "0", "1", "--total-tokens", "1024", "--n-envs", "8",
                           "--eval-episodes", "16", "--output", str(tmp_path), "--tensorboard-log", str(tmp_path / "tb")])
     png = (tmp_path / "comparison.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -70,6 +70,12 @@ BAD_TRAIN_ARGUMENTS = [
      "argument --resume: No checkpoint at 'no/such/checkpoint-32.zip'. Fix: pass a checkpoint-<tokens>.zip"),
     (["--save-path", "/proc/nope/agent.zip"],
      "argument --save-path: cannot write into '/proc/nope'"),
+    (["--env", "no_such_task_module:my/Task-v0"],
+     "argument --env: cannot import 'no_such_task_module' to register 'my/Task-v0' (No module named "
+     "'no_such_task_module'). Fix: run the command from the folder that holds no_such_task_module.py"),
+    (["--env", "no/such/task.py:my/Task-v0"], "argument --env: no such file: 'no/such/task.py'"),
+    (["--env", "textenv.cli:my/Task-v0"],
+     "argument --env: unknown environment id 'my/Task-v0' ('textenv.cli' was imported but did not register it)"),
 ]
 
 
@@ -106,6 +112,9 @@ BAD_OTHER_ARGUMENTS = [
     ("textenv-evaluate", ["{agent}", "--json", "/proc/nope/report.json"], "argument --json: cannot write into"),
     ("textenv-pipeline", ["--output", "{tmp}/pipeline", "--ppo-timesteps", "0"],
      "argument --ppo-timesteps: '0' is not a positive integer"),
+    ("textenv-evaluate", ["{agent}", "--env", "textenv/GuessTheNumber-v0", "--prompts", "pyproject.toml"],
+     "argument --prompts: textenv/GuessTheNumber-v0 does not take prompts"),
+    ("textenv-evaluate", ["{agent}", "--prompts", "{agent}"], "argument --prompts: "),
 ]
 
 
@@ -190,7 +199,7 @@ def test_every_console_command_is_installed_and_names_itself(capsys):
     import tomllib
 
     commands = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    modules = {path.stem for path in (ROOT / "textenv" / "cli").glob("*.py")} - {"__init__", "arguments"}
+    modules = {path.stem for path in (ROOT / "textenv" / "cli").glob("*.py")} - {"__init__", "arguments", "console"}
     assert {target.split(":")[0] for target in commands.values()} == {f"textenv.cli.{name}" for name in modules}
     for command, target in commands.items():
         module_name, function = target.split(":")
@@ -200,6 +209,31 @@ def test_every_console_command_is_installed_and_names_itself(capsys):
             importlib.import_module(module_name).main(["--help"])
         assert exit_info.value.code == 0
         assert capsys.readouterr().out.startswith(f"usage: {command} ")
+
+
+@pytest.mark.parametrize("module_name", sorted({target.split(":")[0] for target in __import__("tomllib").loads(
+    (ROOT / "pyproject.toml").read_text())["project"]["scripts"].values()}))
+def test_every_command_main_returns_exit_status_0_and_run_returns_the_results(module_name, monkeypatch):
+    """``sys.exit(main())`` is how the console wrapper calls it: a returned dict or string
+    would exit 1 (and print it on stderr). The results come from ``run`` (the subprocess
+    runs of every command are in test_commands.py)."""
+    import importlib
+
+    module = importlib.import_module(module_name)
+    monkeypatch.setattr(module, "run", lambda argv=None: {"result": argv})
+    assert module.main(["--anything"]) == 0
+
+
+def test_an_error_inside_the_users_task_module_shows_its_traceback_then_a_usage_error(tmp_path):
+    (tmp_path / "broken_task.py").write_text("import textenv\n\nraise ValueError('my typo')\n")
+    home = tmp_path / "textenv-home"
+    result = subprocess.run([str(COMMANDS / "textenv-train"), "--env", "broken_task:my/Task-v0"], cwd=tmp_path,
+                            env={**os.environ, "TEXTENV_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" in result.stderr and 'broken_task.py", line 3' in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "textenv-train: error: argument --env: importing 'broken_task' to register 'my/Task-v0' failed: ValueError: "
+        "my typo. Fix: correct that module (its traceback is above).")
 
 
 def test_the_readme_main_command_runs_from_a_checkout():
@@ -223,6 +257,7 @@ def test_compare_variants_reach_make_agent_with_their_keywords(tmp_path, monkeyp
 
     class StandIn:
         num_timesteps = 64
+        kl_controller = SimpleNamespace(value=0.05)  # the final beta, which run_comparison reports
 
         def learn(self, total_timesteps, callback, tb_log_name):
             made[-1]["tb_log_name"] = tb_log_name
@@ -240,7 +275,7 @@ def test_compare_variants_reach_make_agent_with_their_keywords(tmp_path, monkeyp
     variants = ["grpo:loss_aggregation=token_mean", "grpo:loss_aggregation=sequence_mean",
                 "ppo:kl_estimator=k3,kl_placement=loss",
                 'grpo:clip_range_high=0.28,scale_rewards=false,policy_kwargs={"top_p": 0.9, "lora": null}']
-    table = compare.main(["--variants", *variants, "--seeds", "3", "--kl-target", "0", "--output", str(tmp_path),
+    table = compare.run(["--variants", *variants, "--seeds", "3", "--kl-target", "0", "--output", str(tmp_path),
                           "--tensorboard-log", ""])
     common = {"seed": 3, "tensorboard_log": None, "kl_target": None}
     folders = [run.pop("tb_log_name") for run in made]

@@ -71,5 +71,5 @@ def test_the_export_command_writes_the_folder(default_model_path, tmp_path):
 
     agent = trained_agent()
     agent.save(tmp_path / "agent.zip")
-    summary = export.main([str(tmp_path / "agent.zip"), str(tmp_path / "out")])
+    summary = export.run([str(tmp_path / "agent.zip"), str(tmp_path / "out")])
     assert "model.safetensors" in summary["files"] and VALUE_HEAD_FILE in summary["files"]

@@ -11,7 +11,7 @@ from textenv.cli import pipeline, train
 
 @pytest.mark.slow
 def test_pipeline_raises_the_learned_reward_and_the_rules_score(tmp_path, default_model_path):
-    summary = pipeline.main(["--output", str(tmp_path / "pipe")])
+    summary = pipeline.run(["--output", str(tmp_path / "pipe")])
     sft_before, sft_after = summary["sft_heldout_loss"]
     assert sft_after < sft_before
     assert summary["reward_model_heldout_accuracy"] >= 0.9
@@ -26,7 +26,7 @@ def test_pipeline_raises_the_learned_reward_and_the_rules_score(tmp_path, defaul
 
 @pytest.mark.slow
 def test_ppo_raises_arithmetic_accuracy(tmp_path):
-    summary = train.main([
+    summary = train.run([
         "--env", "textenv/Arithmetic-v0", "--total-timesteps", "65536", "--learning-rate", "1e-4",
         "--kl-coef", "0.01", "--kl-target", "0", "--eval-episodes", "512",
         "--tensorboard-log", "", "--save-path", str(tmp_path / "arith.zip"), "--quiet",

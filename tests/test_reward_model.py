@@ -54,7 +54,7 @@ def test_reward_model_script_from_a_small_config_learns_the_rule(tmp_path):
     data = tmp_path / "prefs.jsonl"
     save_preference_pairs(builtin_preference_pairs(240, seed=3), data)
     assert len(load_preference_pairs(data)) == 240
-    summary = train_reward_model.main([
+    summary = train_reward_model.run([
         "--data", str(data), "--from-config", '{"n_layer": 1, "n_embd": 32, "n_head": 2}',
         "--output", str(tmp_path / "rm"), "--steps", "120", "--tensorboard-log", "", "--quiet",
     ])

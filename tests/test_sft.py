@@ -52,7 +52,7 @@ def test_sft_lowers_heldout_loss_on_a_new_corpus(tiny_model_path):
 def test_sft_script_trains_logs_and_saves_a_model_the_env_loads(tmp_path, tiny_model_path):
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"{a}+1=", "completion": str(a + 1)}) for a in range(40)))
-    summary = sft.main(["--model", str(tiny_model_path), "--data", str(data), "--output", str(tmp_path / "out"),
+    summary = sft.run(["--model", str(tiny_model_path), "--data", str(data), "--output", str(tmp_path / "out"),
                         "--steps", "60", "--learning-rate", "3e-3", "--heldout-fraction", "0.1",
                         "--tensorboard-log", str(tmp_path / "tb"), "--quiet"])
     assert summary["heldout_loss_after"] < summary["heldout_loss_before"]

@@ -67,7 +67,7 @@ def test_evaluate_script_reports_every_metric_for_a_saved_agent(tmp_path, defaul
     agent = make_agent("ppo", env, n_steps=8, batch_size=32)
     agent.learn(32)
     agent.save(tmp_path / "agent.zip")
-    report = evaluate.main([str(tmp_path / "agent.zip"), "--episodes", "16", "--n-envs", "4",
+    report = evaluate.run([str(tmp_path / "agent.zip"), "--episodes", "16", "--n-envs", "4",
                             "--json", str(tmp_path / "report.json")])
     assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
     vader = VaderSentimentReward()

@@ -30,7 +30,7 @@ def read_tensorboard(log_dir: str) -> EventAccumulator:
 
 @pytest.mark.slow
 def test_default_ppo_run_raises_the_sentiment_score_with_bounded_kl(tmp_path, default_model_path):
-    summary = train.main([
+    summary = train.run([
         "--tensorboard-log", str(tmp_path / "runs"),
         "--save-path", str(tmp_path / "agent.zip"),
         "--quiet",
@@ -51,7 +51,7 @@ def test_default_ppo_run_raises_the_sentiment_score_with_bounded_kl(tmp_path, de
 
 @pytest.mark.slow
 def test_a2c_trains_on_the_same_task(tmp_path, default_model_path):
-    summary = train.main([
+    summary = train.run([
         "--algo", "a2c",
         "--total-timesteps", "4096",
         "--n-envs", "8",

@@ -5,16 +5,23 @@ default model (``"default"``) as for any user checkpoint. Problems a user can fi
 (a path that does not exist, a tokenizer with neither pad nor EOS token, a
 tokenizer larger than the model's vocabulary) are reported here, before any long
 work starts.
+
+Loads are quiet: transformers' "Loading weights" progress bar is off for each load
+(``quiet_loading``), for library users as for the commands, unless transformers'
+own verbosity asks for more (``TRANSFORMERS_VERBOSITY=info`` or ``debug``, or
+``transformers.logging.set_verbosity_info()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import torch
 from transformers import (
@@ -37,6 +44,36 @@ DEFAULT_MODEL_NAME = "default"
 #: ``"textenv:arithmetic"`` and ``"textenv:sentiment-reward-model"`` (importing
 #: ``textenv`` does); this module only looks names up, it never imports the builders.
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {}
+
+
+def loading_is_verbose() -> bool:
+    """Whether model loads may show transformers' progress bars: only when transformers'
+    own verbosity is info or debug (``TRANSFORMERS_VERBOSITY``, ``set_verbosity_info``)."""
+    from transformers.utils import logging as transformers_logging
+
+    return transformers_logging.get_verbosity() <= logging.INFO
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Transformers' progress bars ("Loading weights") off inside the block, the previous
+    setting back after it (even on an error), through transformers' public switches.
+
+    Every ``from_pretrained`` in the project runs inside one. When transformers' own
+    verbosity is info or debug (``loading_is_verbose``) the block changes nothing and the
+    bars show. The switch is process-wide: a bar that another thread starts during the
+    block is hidden too.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    if loading_is_verbose() or not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def register_builtin_model(name: str, ensure: Callable[[], Path]) -> None:
@@ -94,7 +131,8 @@ def load_tokenizer(spec: TokenizerSpec) -> PreTrainedTokenizerBase:
     else:
         name = resolve_model_path(spec)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            with quiet_loading():
+                tokenizer = AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as error:
             raise _load_error("tokenizer", name, error) from error
     if tokenizer.pad_token_id is not None:
@@ -138,9 +176,10 @@ def load_causal_lm(
         name = resolve_model_path(spec)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
-            config = AutoConfig.from_pretrained(name)
-            zero_dropout_config(config)
-            model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
+            with quiet_loading():
+                config = AutoConfig.from_pretrained(name)
+                zero_dropout_config(config)
+                model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **kwargs)
         except (OSError, ValueError) as error:
             raise _load_error("causal language model", name, error) from error
     disable_dropout(model)
@@ -156,9 +195,10 @@ def load_model_body(spec: ModelSpec, device: str | torch.device = "cpu", dtype: 
     else:
         name = resolve_model_path(spec)
         try:
-            config = AutoConfig.from_pretrained(name)
-            zero_dropout_config(config)
-            model = AutoModel.from_pretrained(name, config=config, dtype=dtype)
+            with quiet_loading():
+                config = AutoConfig.from_pretrained(name)
+                zero_dropout_config(config)
+                model = AutoModel.from_pretrained(name, config=config, dtype=dtype)
         except (OSError, ValueError) as error:
             raise _load_error("model body", name, error) from error
     disable_dropout(model)

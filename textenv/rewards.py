@@ -197,12 +197,13 @@ class RewardModelReward(RewardSource):
     ):
         from transformers import AutoModelForSequenceClassification
 
-        from textenv.models import load_tokenizer, resolve_model_path
+        from textenv.models import load_tokenizer, quiet_loading, resolve_model_path
 
         path = resolve_model_path(name_or_path)
         self.name = str(name_or_path)
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path)
+            with quiet_loading():
+                self.model = AutoModelForSequenceClassification.from_pretrained(path)
         except (OSError, ValueError) as error:
             raise OSError(
                 f"Could not load the reward model {path!r}: {error}. Fix: pass a folder "

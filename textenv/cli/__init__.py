@@ -12,7 +12,10 @@
 
 Each module parses and checks its arguments (``arguments``: bad input is a usage
 error before any model loads) and calls the library function in the right-hand
-column; none holds training logic of its own. ``python -m textenv.cli.train`` is
-``textenv-train``. This sub-package is the top of the layering: it may import the
+column; none holds training logic of its own. Each has ``run(argv)``, which does the
+work, prints the results (stdout, or files) and returns them to Python callers, and
+``main(argv)``, the console entry point, which returns the exit status (0 on success;
+``console`` has what they share: quiet libraries, notes on stderr).
+``python -m textenv.cli.train`` is ``textenv-train``. This sub-package is the top of the layering: it may import the
 agents, nothing in the library imports it.
 """

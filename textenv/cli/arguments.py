@@ -21,11 +21,14 @@ import difflib
 import inspect
 import json
 import sys
+import traceback
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 TEXT_ENTRY_POINT = "textenv.env:TextGenEnv"
+ENV_HELP = ("a registered environment id; or MODULE:ID (a module in the current folder or on PYTHONPATH) or "
+            "path/to/file.py:ID, imported first to register ID with textenv.register_task")
 
 
 class DeprecatedAlias(argparse.Action):
@@ -191,38 +194,115 @@ def _text_env_ids() -> list[str]:
 
 
 def env_id(text: str) -> str:
-    """A registered environment id, or ``module:id`` whose module registers it on import.
+    """A registered environment id, or ``MODULE:ID`` / ``path/to/file.py:ID`` whose module
+    registers the id when imported (``import_task_module``).
 
     Importing ``textenv`` registers the built-in ids without loading any model, so
     the registry answers now. Returns the plain id.
     """
-    import importlib
-
     import gymnasium as gym
 
     import textenv  # noqa: F401  (registers the textenv/... ids)
 
     module, _, plain_id = text.rpartition(":")
     if module:
-        try:
-            importlib.import_module(module)
-        except ImportError as error:
-            raise argparse.ArgumentTypeError(
-                f"cannot import {module!r} to register {plain_id!r} ({error}). "
-                "Fix: pass module:id with a module importable from here (on PYTHONPATH)."
-            ) from None
+        import_task_module(module, plain_id)
     try:
         gym.spec(plain_id)
     except gym.error.Error:
         registered = _text_env_ids()
         close = difflib.get_close_matches(plain_id, registered, n=1)
         hint = f"did you mean {close[0]!r}? Otherwise use" if close else "use"
+        where = f" ({module!r} was imported but did not register it)" if module else ""
         raise argparse.ArgumentTypeError(
-            f"unknown environment id {plain_id!r}. Fix: {hint} a registered id such as "
+            f"unknown environment id {plain_id!r}{where}. Fix: {hint} a registered id such as "
             "textenv/PositiveSentiment-v0, or register yours with textenv.register_task in a module "
-            f"and pass --env your_module:{plain_id} (registered: {', '.join(registered)})."
+            f"and pass --env your_module:{plain_id} or --env path/to/your_module.py:{plain_id} "
+            f"(registered: {', '.join(registered)})."
         ) from None
     return plain_id
+
+
+def import_task_module(module: str, plain_id: str) -> None:
+    """Import the module that registers a task, named on the command line.
+
+    ``package.module``: found in the current folder first, then as usual (``PYTHONPATH``,
+    installed packages), the order in which ``python -m`` looks. A console script's
+    ``sys.path`` starts with its ``bin/`` folder, not the current one: without this lookup
+    only ``PYTHONPATH=.`` would find a module beside the user. ``path/to/file.py`` (ends in
+    ``.py``): that file, by its path, as the module named by its stem.
+
+    ``sys.path`` is left as it is (``tests/test_layering.py``): the module is located with
+    the current folder as its search path and loaded from there. So a module's imports of
+    its own neighbours resolve only if they are importable anyway: keep a task of several
+    files in a package (a folder with ``__init__.py``; ``--env mytasks.polite:ID``, relative
+    imports inside) or put its folder on ``PYTHONPATH``.
+
+    An error inside the module is a usage error (exit 2) printed after its traceback.
+    """
+    import importlib
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    if module.endswith(".py"):
+        path = Path(module).expanduser().resolve()
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(
+                f"no such file: {module!r} (to register {plain_id!r}). Fix: check the path (relative paths "
+                f"start from {Path.cwd()}), or pass MODULE:ID for a module importable from here."
+            )
+        name = path.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None:
+            if Path(getattr(loaded, "__file__", None) or "").resolve() == path:
+                return  # imported already (the same file named twice)
+            raise argparse.ArgumentTypeError(
+                f"cannot import {module!r} as module {name!r}: a module of that name is already loaded "
+                f"({getattr(loaded, '__file__', None) or 'built in'}). Fix: rename the file."
+            )
+        if not name.isidentifier():
+            raise argparse.ArgumentTypeError(
+                f"cannot import {module!r}: {name!r} is not a module name. Fix: rename the file to a Python "
+                "identifier (letters, digits, underscores), e.g. my_task.py."
+            )
+        spec = importlib.util.spec_from_file_location(name, path)
+    else:
+        top = module.partition(".")[0]
+        spec = None if top in sys.modules else importlib.machinery.PathFinder.find_spec(top, [os.getcwd()])
+        name = top
+    try:
+        if spec is not None:  # a file, or a module or package in the current folder
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[name] = loaded
+            try:
+                spec.loader.exec_module(loaded)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        if not module.endswith(".py"):
+            importlib.import_module(module)  # the rest of a dotted name, or the module from sys.path
+    except ModuleNotFoundError as error:
+        if module.endswith(".py") or error.name is None or not f"{module}.".startswith(f"{error.name}."):
+            raise _error_in_task_module(module, plain_id, error) from None
+        raise argparse.ArgumentTypeError(
+            f"cannot import {module!r} to register {plain_id!r} ({error}). Fix: run the command from the "
+            f"folder that holds {module.replace('.', '/')}.py (or put that folder on PYTHONPATH), or pass "
+            f"the file's path: --env path/to/{module.rpartition('.')[2]}.py:{plain_id}."
+        ) from None
+    except Exception as error:
+        raise _error_in_task_module(module, plain_id, error) from None
+
+
+def _error_in_task_module(module: str, plain_id: str, error: Exception) -> argparse.ArgumentTypeError:
+    traceback.print_exception(error, file=sys.stderr)
+    fix = "correct that module (its traceback is above)"
+    if isinstance(error, ModuleNotFoundError):
+        fix = ("install what it imports; for a module of your own beside it, make the two a package (a folder "
+               "with __init__.py, relative imports) or put their folder on PYTHONPATH")
+    return argparse.ArgumentTypeError(
+        f"importing {module!r} to register {plain_id!r} failed: {type(error).__name__}: {error}. Fix: {fix}."
+    )
 
 
 def algorithm_name(text: str) -> str:

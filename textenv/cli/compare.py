@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from textenv.cli.arguments import (
-    add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, env_id, json_object, kl_agent_kwargs,
-    non_negative_int, positive_int,
+    ENV_HELP, add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, env_id, json_object,
+    kl_agent_kwargs, non_negative_int, positive_int,
 )
+from textenv.cli.console import quiet_libraries
 from textenv.files import atomic_write_text
 
 
@@ -60,7 +62,7 @@ def variant_entry(text: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="textenv-compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0")
+    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0", help=ENV_HELP)
     parser.add_argument("--algos", nargs="+", type=algorithm_entry, default=None,
                         help="algorithm names, or LABEL:NAME for a variant with its own --algo-kwargs entry "
                              "(default: ppo a2c trpo rloo grpo, unless --variants are given)")
@@ -115,11 +117,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> str:
+def run(argv: list[str] | None = None) -> str:
+    """Parse ``argv``, train and evaluate every run, write the plot, table and JSON, print the
+    table (stdout) and return it."""
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     from agents.comparison import markdown_table, plot_curves, run_comparison, split_variant
 
     common = kl_agent_kwargs(args)
@@ -142,5 +144,12 @@ def main(argv: list[str] | None = None) -> str:
     return table
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-compare: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

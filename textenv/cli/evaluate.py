@@ -1,33 +1,47 @@
-"""Evaluate a saved agent against its reference model on held-out prompts.
+"""Evaluate a saved agent against its reference model on held-out prompts (or prompts you give).
 
     textenv-evaluate runs/textenv-PositiveSentiment-v0-ppo-seed0.zip
     textenv-evaluate agent.zip --env textenv/Arithmetic-v0 --json report.json
 
 Reports mean task score, KL to the reference, perplexity under the reference,
 distinct-1/distinct-2 and samples side by side, as Markdown (and JSON).
+
+The prompts: ``--prompts FILE`` (a .txt with one prompt per line, or a .jsonl with one
+{"prompt": ...} object per line), else the task's held-out prompts where it has some
+(the built-in tasks; ``textenv.register_task(..., heldout_prompts=...)``), else its
+own training prompts. The report says which, first thing on stdout and under
+``"prompts"`` in the JSON, and warns when they are the training prompts.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from textenv.cli.arguments import (
-    agent_zip, check_env_kwargs, check_writable, env_id, existing_file, json_object, non_negative_int, positive_int,
+    ENV_HELP, agent_zip, check_env_kwargs, check_writable, env_id, existing_file, json_object, non_negative_int,
+    positive_int,
 )
+from textenv.cli.console import note, quiet_libraries
+from textenv.files import atomic_write_text
+
+PROG = "textenv-evaluate"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="textenv-evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("agent", type=agent_zip, help="a .zip saved by textenv-train (or model.save)")
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
-                        help="registered environment id, or module:id to import the module that registers it")
+                        help=ENV_HELP)
     parser.add_argument("--env-kwargs", type=json_object('{"model": "out/sft"}'), default="{}", metavar="JSON",
                         help="JSON of extra environment arguments (e.g. the model)")
-    parser.add_argument("--prompts", type=existing_file, default=None,
-                        help="held-out prompts (.txt/.jsonl); default: the built-in task's held-out prompts")
+    parser.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
+                        help="prompts to evaluate on: a .txt (one per line) or .jsonl ({\"prompt\": ...} per line); "
+                             "default: the task's held-out prompts, else its training prompts (the report says which)")
     parser.add_argument("--episodes", type=positive_int, default=128)
     parser.add_argument("--n-envs", type=positive_int, default=16)
     parser.add_argument("--seed", type=non_negative_int, default=0)
@@ -36,36 +50,94 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.json:
         check_writable(parser, "--json", Path(args.json).expanduser().parent)
     check_env_kwargs(parser, "--env-kwargs", args.env, args.env_kwargs)  # before the env loads its models
+    if args.prompts:
+        check_prompt_file(parser, args)
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    import transformers
+def check_prompt_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--prompts`` that the env could not use, before any model loads; keep their count."""
+    import gymnasium as gym
 
-    transformers.utils.logging.disable_progress_bar()
-    from agents import load_agent, make_text_vec_env
-    from agents.evaluation import compare_with_reference, format_report, report_json, save_report_json
+    from textenv.cli.arguments import TEXT_ENTRY_POINT
+    from textenv.env import TextGenEnv
+    from textenv.prompts import load_prompts
+
+    if gym.spec(args.env).entry_point not in (TEXT_ENTRY_POINT, TextGenEnv):
+        parser.error(f"argument --prompts: {args.env} does not take prompts (a multi-turn game draws its episodes "
+                     "from the seed). Fix: drop --prompts.")
+    if "prompts" in args.env_kwargs:
+        parser.error("argument --prompts: the prompts are also given in --env-kwargs. Fix: give them once.")
+    try:
+        args.prompt_count = len(load_prompts(args.prompts))
+    except (ValueError, TypeError) as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        parser.error(f"argument --prompts: {error}")
+
+
+def prompt_choice(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The env keywords that set the prompts evaluated on, and what they are (the report's
+    ``"prompts"``): ``source`` (file, env-kwargs, held-out, training, seed), ``held_out``
+    (true, false, or null where this command cannot know), a sentence for the reader, and
+    a ``warning`` when the prompts are the task's training prompts."""
     import gymnasium as gym
 
     from textenv.multiturn import MULTI_TURN_ENTRY_POINT
     from textenv.registration import HELDOUT_PROMPTS
 
-    env_kwargs = dict(args.env_kwargs)
     if args.prompts:
-        env_kwargs["prompts"] = args.prompts
-    elif args.env in HELDOUT_PROMPTS:
-        env_kwargs["prompts"] = HELDOUT_PROMPTS[args.env]()
-    elif gym.spec(args.env).entry_point != MULTI_TURN_ENTRY_POINT:  # a game draws its episodes from the seed
-        print(f"note: no held-out prompts known for {args.env}; evaluating on its own prompts", file=sys.stderr)
-    env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed, env_kwargs=env_kwargs)
+        return {"prompts": args.prompts}, {
+            "source": "file", "held_out": None, "path": args.prompts, "count": args.prompt_count,
+            "description": f"the {args.prompt_count} prompts of {args.prompts} (--prompts)",
+        }
+    if "prompts" in args.env_kwargs:
+        return {}, {"source": "env-kwargs", "held_out": None, "description": "the prompts given in --env-kwargs"}
+    if args.env in HELDOUT_PROMPTS:
+        prompts = HELDOUT_PROMPTS[args.env]()
+        return {"prompts": prompts}, {
+            "source": "held-out", "held_out": True, "count": len(prompts),
+            "description": f"the {len(prompts)} held-out prompts of {args.env} (kept out of its training prompts)",
+        }
+    if gym.spec(args.env).entry_point == MULTI_TURN_ENTRY_POINT:  # a game draws its episodes from the seed
+        return {}, {"source": "seed", "held_out": None,
+                    "description": f"episodes of {args.env} drawn from --seed {args.seed}"}
+    warning = (f"{args.env} has no held-out prompts, so these are its training prompts: the scores are not "
+               "held-out scores. Fix: pass --prompts FILE (.txt or .jsonl) with prompts kept out of training, "
+               "or register the task with heldout_prompts=.")
+    return {}, {"source": "training", "held_out": False, "warning": warning,
+                "description": f"the training prompts of {args.env}"}
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, evaluate the agent against its reference, print the report (Markdown,
+    stdout) and return it as ``--json`` writes it."""
+    args = parse_args(argv)
+    quiet_libraries()
+    from agents import load_agent, make_text_vec_env
+    from agents.evaluation import compare_with_reference, format_report, report_json
+
+    prompt_kwargs, prompts = prompt_choice(args)
+    if "warning" in prompts:
+        note(PROG, prompts["warning"])
+    env = make_text_vec_env(args.env, n_envs=args.n_envs, seed=args.seed,
+                            env_kwargs={**args.env_kwargs, **prompt_kwargs})
     agent = load_agent(args.agent)  # only its policy is used: the env stays as built here
     results = compare_with_reference(agent, env, n_episodes=args.episodes, seed=args.seed)
-    print(format_report(results))
+    heading = f"Prompts: {prompts['description']}."
+    if "warning" in prompts:
+        heading += f"\n\n**Warning: {prompts['warning']}**"
+    print(f"{heading}\n\n{format_report(results)}")
+    report = {**report_json(results), "prompts": prompts}
     if args.json:
-        save_report_json(results, args.json)
-    return report_json(results)
+        atomic_write_text(args.json, json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-evaluate: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from textenv.cli.arguments import agent_zip, check_writable
+from textenv.cli.console import quiet_libraries
+from textenv.files import plain_modes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,18 +31,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, export the policy, print the summary (JSON, stdout) and return it."""
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     from agents.export import export_policy
 
-    folder = export_policy(args.agent, args.output)
+    with plain_modes(args.output):  # safetensors 0.8 writes its files 0600 (textenv.files.plain_modes)
+        folder = export_policy(args.agent, args.output)
     summary = {"exported_to": str(folder), "files": sorted(path.name for path in folder.iterdir())}
     print(json.dumps(summary, indent=2))
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-export: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from textenv.cli.arguments import add_kl_arguments, check_writable, kl_agent_kwargs, non_negative_int, positive_int
-from textenv.files import atomic_write_text
+from textenv.cli.console import quiet_libraries
+from textenv.files import atomic_write_text, plain_modes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,12 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, run the four steps, print each step's results and the summary (stdout),
+    write ``summary.json`` and return the summary."""
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
     import textenv
     from agents import make_text_vec_env
     from agents.evaluation import compare_with_reference, format_report, report_json
@@ -56,16 +57,18 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output)
     runs = out / "runs"
     print("== 1. supervised fine-tuning ==")
-    sft_summary = fine_tune_and_save(
-        "default", out / "sft", positive_demonstrations(3000), seed=args.seed, steps=args.sft_steps,
-        progress=False, log_dir=runs / "sft",
-    )
+    with plain_modes(out / "sft"):  # safetensors 0.8 writes its files 0600 (textenv.files.plain_modes)
+        sft_summary = fine_tune_and_save(
+            "default", out / "sft", positive_demonstrations(3000), seed=args.seed, steps=args.sft_steps,
+            progress=False, log_dir=runs / "sft",
+        )
     print(json.dumps(sft_summary, indent=2))
     print("== 2. reward model from preference pairs ==")
-    rm_summary = train_and_save_reward_model(
-        str(out / "sft"), out / "reward_model", builtin_preference_pairs(3500, seed=0), seed=args.seed,
-        steps=args.rm_steps, progress=False, log_dir=runs / "reward_model",
-    )
+    with plain_modes(out / "reward_model"):
+        rm_summary = train_and_save_reward_model(
+            str(out / "sft"), out / "reward_model", builtin_preference_pairs(3500, seed=0), seed=args.seed,
+            steps=args.rm_steps, progress=False, log_dir=runs / "reward_model",
+        )
     print(json.dumps(rm_summary, indent=2))
     print("== 3. PPO against the learned reward ==")
     task = dict(model=str(out / "sft"), max_prompt_len=24, max_new_tokens=20)
@@ -98,5 +101,12 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-pipeline: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from textenv.cli.arguments import (
     check_writable, existing_file, fraction, non_negative_int, positive_float, positive_int,
 )
+from textenv.cli.console import quiet_libraries
+from textenv.files import plain_modes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,23 +44,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, fine-tune and save, print the summary (JSON, stdout) and return it."""
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     from textenv.tasks.corpus import positive_demonstrations
     from textenv.training.sft import fine_tune_and_save, load_sft_examples
 
     examples = load_sft_examples(args.data) if args.data else positive_demonstrations(3000)
-    summary = fine_tune_and_save(
-        args.model, args.output, examples, heldout_fraction=args.heldout_fraction, seed=args.seed,
-        steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        max_length=args.max_length, progress=not args.quiet, log_dir=args.tensorboard_log or None,
-    )
+    with plain_modes(args.output):  # safetensors 0.8 writes its files 0600 (textenv.files.plain_modes)
+        summary = fine_tune_and_save(
+            args.model, args.output, examples, heldout_fraction=args.heldout_fraction, seed=args.seed,
+            steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            max_length=args.max_length, progress=not args.quiet, log_dir=args.tensorboard_log or None,
+        )
     print(json.dumps(summary, indent=2))
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-sft: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

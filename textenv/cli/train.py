@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from textenv.cli.arguments import (
-    add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, device, env_id, json_object,
-    kl_agent_kwargs, non_negative_int, positive_float, positive_int,
+    ENV_HELP, add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, device, env_id,
+    json_object, kl_agent_kwargs, non_negative_int, positive_float, positive_int,
 )
+from textenv.cli.console import quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textenv-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
-                        help="registered environment id, or module:id to import the module that registers it")
+                        help=ENV_HELP)
     parser.add_argument("--algo", type=algorithm_name, default="ppo", help="algorithm name (see agents.ALGORITHMS)")
     parser.add_argument("--model", default=None, help="policy and reference model: name or path (default: the env's)")
     parser.add_argument("--total-timesteps", type=positive_int, default=24_576, help="generated tokens to train on")
@@ -103,11 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, train and evaluate, print the summary (JSON, stdout) and return it
+    (``{}`` on the ranks other than 0 of a data-parallel run)."""
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     from agents.distributed import distributed_from_environment, is_main_process
     from agents.training_run import train_and_evaluate
     from textenv.task import resolve_device
@@ -148,5 +150,12 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-train: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from textenv.cli.arguments import (
     check_gpt2_config, check_writable, existing_file, fraction, json_object, non_negative_int, positive_float,
     positive_int,
 )
+from textenv.cli.console import quiet_libraries
+from textenv.files import plain_modes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,25 +49,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run(argv: list[str] | None = None) -> dict:
+    """Parse ``argv``, train and save the reward model, print the summary (JSON, stdout) and
+    return it."""
     args = parse_args(argv)
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_libraries()
     from textenv.tasks.preferences import RULE, builtin_preference_pairs, load_preference_pairs
     from textenv.training.reward_model import train_and_save_reward_model
 
     pairs = load_preference_pairs(args.data) if args.data else builtin_preference_pairs(3500, seed=0)
-    summary = train_and_save_reward_model(
-        args.model, args.output, pairs, heldout_fraction=args.heldout_fraction, seed=args.seed,
-        gpt2_config=args.from_config, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, progress=not args.quiet, log_dir=args.tensorboard_log or None,
-    )
+    with plain_modes(args.output):  # safetensors 0.8 writes its files 0600 (textenv.files.plain_modes)
+        summary = train_and_save_reward_model(
+            args.model, args.output, pairs, heldout_fraction=args.heldout_fraction, seed=args.seed,
+            gpt2_config=args.from_config, steps=args.steps, batch_size=args.batch_size,
+            learning_rate=args.learning_rate, progress=not args.quiet, log_dir=args.tensorboard_log or None,
+        )
     summary["rule"] = None if args.data else RULE
     print(json.dumps(summary, indent=2))
     return summary
 
 
+def main(argv: list[str] | None = None) -> int:
+    """The console command textenv-train-reward-model: exit status 0 on success (its results are on stdout; ``run``
+    returns them to Python callers)."""
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

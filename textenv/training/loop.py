@@ -27,6 +27,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
+from textenv.files import plain_modes
+
 Item = TypeVar("Item")
 
 
@@ -132,7 +134,9 @@ def split_heldout(items: Sequence[Item], heldout_fraction: float, seed: int, nou
 
 
 def save_model_and_tokenizer(model, tokenizer, output_dir: str | Path) -> None:
-    """``save_pretrained`` both into ``output_dir``: the folder loads back by its path."""
+    """``save_pretrained`` both into ``output_dir``: the folder loads back by its path, its
+    files with a plain write's modes (``textenv.files.plain_modes``; safetensors writes 0600)."""
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    with plain_modes(output_dir):
+        model.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)

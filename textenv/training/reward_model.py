@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import load_tokenizer, resolve_model_path
+from textenv.models import load_tokenizer, quiet_loading, resolve_model_path
 from textenv.rewards import left_truncating
 from textenv.tasks.preferences import PreferencePair
 from textenv.training.loop import linear_decay, save_model_and_tokenizer, split_heldout, train_loop
@@ -124,7 +124,9 @@ def reward_model_from_causal_lm(name_or_path: str) -> PreTrainedModel:
     """A one-output sequence classifier whose body starts from a causal LM's weights."""
     from transformers import AutoModelForSequenceClassification
 
-    return AutoModelForSequenceClassification.from_pretrained(resolve_model_path(name_or_path), num_labels=1)
+    path = resolve_model_path(name_or_path)
+    with quiet_loading():
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
 
 
 def train_and_save_reward_model(
