@@ -60,9 +60,10 @@ from textenv.vector import BatchedTokenVecEnv
 
 # The KL penalty's defaults, one set for the Python API and the scripts (which pass
 # only what their user gives): beta adapted toward 4 nats of KL per episode, from
-# 0.05 (an algorithm may start elsewhere: ``default_kl_coef``, GRPO 0.3), moving by
-# about exp(+-0.2) per 10,000 episodes (Ziegler et al.'s horizon).
-KL_DEFAULTS: dict[str, Any] = dict(kl_coef=0.05, kl_target=4.0, kl_horizon=10_000)
+# 0.05 (an algorithm may start elsewhere: ``default_kl_coef``), moving by about
+# exp(+-0.2) in every twentieth of the run (``agents.kl_control``; kl_horizon=N: per N
+# episodes, Ziegler et al.'s horizon).
+KL_DEFAULTS: dict[str, Any] = dict(kl_coef=0.05, kl_target=4.0, kl_horizon=None)
 
 PPO_DEFAULTS: dict[str, Any] = dict(
     learning_rate=2e-4,
@@ -160,7 +161,8 @@ class LMAgentMixin(FastRolloutMixin):
         the algorithm's ``default_kl_coef`` (0.05; GRPO 0.3).
     :param kl_target: the per-episode KL that the adaptive controller steers beta toward
         (``KL_DEFAULTS``); ``None`` keeps beta fixed.
-    :param kl_horizon: the adaptive controller's horizon, in episodes (``KL_DEFAULTS``).
+    :param kl_horizon: the adaptive controller's horizon in episodes, as Ziegler et al.'s;
+        ``None`` (``KL_DEFAULTS``): a twentieth of the run's tokens (``agents.kl_control``).
     :param kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``, the per-token estimator of
         KL(pi || ref) (``agents.kl_penalty.kl_estimate``: their biases and gradients);
         ``None``: k1 in the reward, k3 in the loss.
@@ -209,7 +211,7 @@ class LMAgentMixin(FastRolloutMixin):
         env: GymEnv | str | None = None,
         kl_coef: float | None = None,
         kl_target: float | None = KL_DEFAULTS["kl_target"],
-        kl_horizon: int = KL_DEFAULTS["kl_horizon"],
+        kl_horizon: int | None = KL_DEFAULTS["kl_horizon"],
         kl_estimator: KLEstimator | None = None,
         kl_placement: KLPlacement | None = None,
         fast: bool = True,
@@ -388,10 +390,11 @@ class LMAgentMixin(FastRolloutMixin):
             self.tensorboard_log, self.verbose = None, 0
         if reset_num_timesteps or self._last_obs is None:  # SB3's condition for env.reset()
             self.kl_episode_sums = None
-        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps,  # type: ignore[misc]
-                                      tb_log_name, progress_bar)
+        total_timesteps, callback = super()._setup_learn(  # type: ignore[misc]
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        self.kl_controller.start_run(total_timesteps)  # the whole run's tokens, a resumed one's too
         log_config(self.logger, self, self.env)
-        return result
+        return total_timesteps, callback
 
     def _init_callback(self, callback: Any, progress_bar: bool = False) -> Any:
         """SB3's callback set-up, with a progress bar that counts the tokens the agent
@@ -403,23 +406,13 @@ class LMAgentMixin(FastRolloutMixin):
         return super()._init_callback(callback, progress_bar=False)  # type: ignore[misc]
 
     def collect_rollouts(self, env: VecEnv, callback: Any, rollout_buffer: Any, n_rollout_steps: int, **kwargs: Any) -> bool:
-        """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation.
-        In data-parallel training ``num_timesteps`` counts every rank's tokens, so all ranks
-        stop after the same rollout."""
-        timesteps_before = self.num_timesteps
+        """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation."""
         if not super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps):
             return False
-        self._count_every_ranks_timesteps(timesteps_before)
         if self._recomputes_old_log_probs(rollout_buffer):
             rollout_buffer.recompute_log_probs(self.policy, getattr(self, "batch_size", None))
         self._normalize_advantages(rollout_buffer)
         return True
-
-    def _count_every_ranks_timesteps(self, timesteps_before: int) -> None:
-        """Data-parallel training: the tokens generated since ``timesteps_before`` by all ranks."""
-        if distributed.is_distributed():
-            generated = distributed.global_sums([self.num_timesteps - timesteps_before])[0]
-            self.num_timesteps = timesteps_before + int(generated)
 
     def _recomputes_old_log_probs(self, rollout_buffer: Any) -> bool:
         if not isinstance(rollout_buffer, SequenceRolloutBuffer):

@@ -48,6 +48,7 @@ class RunResult:
     task_score: float
     kl: float
     tokens_per_second: float
+    final_kl_coef: float | None = None  # beta at the end (where the controller took it)
     curve: list[tuple[int, float, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # agents.config.resolved_config
 
@@ -91,7 +92,7 @@ def run_comparison(
             seconds = time.perf_counter() - start
             after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             results.append(RunResult(label, seed, before.task_score, after.task_score, after.kl,
-                                     agent.num_timesteps / seconds, curve.points, config))
+                                     agent.num_timesteps / seconds, agent.kl_controller.value, curve.points, config))
     return results
 
 

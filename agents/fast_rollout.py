@@ -28,6 +28,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
+from agents import distributed
 from agents.kl_penalty import KLPenaltyCallback, callbacks_of_type
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies.decoding import PolicyRolloutDecoder
@@ -57,6 +58,14 @@ class FastRolloutMixin:
         """One token per episode from ``softmax(logits)`` (exact inverse-CDF sampling). Every
         rollout and ``evaluate_agent`` sample through here (tests replace it to replay actions)."""
         return sample_tokens(logits)
+
+    def _count_every_ranks_timesteps(self, timesteps_before: int) -> None:
+        """Data-parallel training: ``num_timesteps`` counts the tokens every rank generated
+        since ``timesteps_before`` (so all ranks stop after the same rollout, and the rollout's
+        end sees the global count)."""
+        if distributed.is_distributed():
+            generated = distributed.global_sums([self.num_timesteps - timesteps_before])[0]
+            self.num_timesteps = timesteps_before + int(generated)
 
     def _defers_reference_scoring(self, env: VecEnv) -> bool:
         return bool(getattr(self, "deferred_reference", False)) and hasattr(env, "defer_reference_scoring")
@@ -94,6 +103,7 @@ class FastRolloutMixin:
         rollout_buffer.reset()
         callback.on_rollout_start()
 
+        timesteps_before = self.num_timesteps
         decoder = self._rollout_decoder(env.num_envs)
         input_ids, attention_mask = observation_tensors(self._last_obs, self.device)
         # The update changed the weights: recompute the keys of every running episode.
@@ -138,6 +148,7 @@ class FastRolloutMixin:
             if reference_deferred:
                 env.defer_reference_scoring(False)
 
+        self._count_every_ranks_timesteps(timesteps_before)
         rollout_buffer.close_open_segments(input_ids.cpu(), attention_mask.cpu())
         if reference_deferred:
             self._score_reference(env, rollout_buffer, callback, np.stack(step_dones))

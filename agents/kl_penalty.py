@@ -118,6 +118,7 @@ class KLPenaltyCallback(BaseCallback):
         self._episode_kl = sums
 
     def _on_rollout_start(self) -> None:
+        self._timesteps_at_rollout_start = self.model.num_timesteps
         self._rollout_scores: list[float] = []
         self._rollout_kls: list[float] = []
         self._rollout_samples: list[tuple[str, str, float]] = []
@@ -185,7 +186,10 @@ class KLPenaltyCallback(BaseCallback):
             mean_kl = float(kl_sum / n_kls)
             self.logger.record("rollout/kl", mean_kl)
             self.logger.record("rollout/kl_penalty", -controller.value * mean_kl)  # the beta these rewards had
-            controller.update(mean_kl, n_episodes=int(n_kls))  # Ziegler et al. count episodes
+            # Ziegler et al. count episodes; a run-scaled horizon, tokens (every rank's, counted
+            # before the rollout's end in data-parallel training: agents.fast_rollout).
+            controller.update(mean_kl, n_episodes=int(n_kls),
+                              n_tokens=self.model.num_timesteps - self._timesteps_at_rollout_start)
         # After the update: the coefficient the update that follows uses (a KL in the loss) and
         # the next rollout's rewards carry.
         self.logger.record("train/kl_coef", controller.value)

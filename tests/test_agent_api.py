@@ -121,8 +121,9 @@ def test_kl_defaults_live_in_one_place_and_are_adaptive(tiny_id):
     assert parameters["kl_target"].default == KL_DEFAULTS["kl_target"] == 4.0
     assert parameters["kl_horizon"].default == KL_DEFAULTS["kl_horizon"]
     env = make_text_vec_env(tiny_id, n_envs=4)
-    assert LMPPO(env=env).kl_controller == AdaptiveKLController(0.05, 4.0, 10_000)
-    assert LMGRPO(env=env, group_size=2).kl_controller == AdaptiveKLController(0.3, 4.0, 10_000)
+    assert LMPPO(env=env).kl_controller == AdaptiveKLController(0.05, 4.0, None)  # the run's horizon
+    assert LMGRPO(env=env, group_size=2).kl_controller == AdaptiveKLController(LMGRPO.default_kl_coef, 4.0, None)
+    assert LMPPO(env=env, kl_horizon=10_000).kl_controller == AdaptiveKLController(0.05, 4.0, 10_000)
     assert LMPPO(env=env, kl_coef=0.1, kl_target=None).kl_controller == FixedKLController(0.1)
 
 
@@ -141,7 +142,11 @@ def test_the_scripts_pass_on_only_what_their_user_gives(capsys):
     assert kl_agent_kwargs(compare.parse_args(["--kl-target", "0"])) == {"kl_target": None}
     # The numbers the help states are the API's.
     text = " ".join(train.build_parser().format_help().split())
-    assert f"(default {KL_DEFAULTS['kl_target']})" in text and f"default {KL_DEFAULTS['kl_horizon']})" in text
+    from agents.kl_control import RUN_HORIZON_FRACTION
+
+    assert KL_DEFAULTS["kl_horizon"] is None  # the run's own scale
+    assert f"(default {KL_DEFAULTS['kl_target']})" in text
+    assert f"(default: {RUN_HORIZON_FRACTION:g} of the run's generated tokens" in text
     assert f"({KL_DEFAULTS['kl_coef']}; GRPO {LMGRPO.default_kl_coef})" in text
     assert f"(default {DEFAULT_N_ENVS})" in text
 
@@ -160,7 +165,7 @@ def test_resolved_config_holds_every_argument_as_the_agent_runs_with_it(tiny_id,
     assert "normalize_advantage" not in algorithm  # replaced by advantage_normalization
     assert (algorithm["algorithm"], algorithm["n_steps"], algorithm["batch_size"], algorithm["clip_range"]) == (
         "ppo", 4, 8, 0.1)
-    assert (algorithm["kl_coef"], algorithm["kl_target"], algorithm["kl_horizon"]) == (0.2, 4.0, 10_000)
+    assert (algorithm["kl_coef"], algorithm["kl_target"], algorithm["kl_horizon"]) == (0.2, 4.0, None)
     assert (algorithm["learning_rate"], algorithm["gamma"], algorithm["seed"]) == (2e-4, 1.0, 1)
     assert algorithm["advantage_normalization"] == "rollout" and algorithm["fast"] is True
     assert policy["policy_class"].endswith("LMActorCriticPolicy")

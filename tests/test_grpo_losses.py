@@ -84,7 +84,8 @@ def test_scale_rewards_false_centres_without_dividing_by_the_std_dr_grpo():
 def test_kl_coef_zero_is_allowed_and_stays_zero():
     agent = build(LMGRPO, kl_coef=0.0)  # adaptive by default: 0 times any factor is 0
     assert agent.kl_controller.value == 0.0
-    agent.kl_controller.update(observed_kl=40.0, n_episodes=1000)
+    agent.kl_controller.start_run(10_000)
+    agent.kl_controller.update(observed_kl=40.0, n_episodes=1000, n_tokens=5_000)
     assert agent.kl_controller.value == 0.0
 
 

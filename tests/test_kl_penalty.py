@@ -120,6 +120,48 @@ def test_adaptive_controller_follows_ziegler_et_al(kl, n_episodes):
     assert fixed.value == 0.1
 
 
+def test_the_default_controller_acts_on_the_scale_of_the_run():
+    """``horizon=None``: a rollout covers ``n_tokens / (RUN_HORIZON_FRACTION * run_tokens)`` of
+    the horizon (at most all of it), so beta moves by up to exp(+-0.2) per twentieth of any run.
+    Ziegler et al.'s 10,000 episodes moved it by 2% at most in a run of a thousand."""
+    from agents.kl_control import RUN_HORIZON_FRACTION
+
+    controller = AdaptiveKLController(value=0.1, target=4.0)
+    with pytest.raises(RuntimeError, match="start_run"):
+        controller.update(observed_kl=8.0, n_episodes=40, n_tokens=1024)
+    controller.start_run(24_576)
+    controller.update(observed_kl=8.0, n_episodes=40, n_tokens=1024)  # error clipped to +0.2
+    assert controller.value == pytest.approx(0.1 * np.exp(0.2 * 1024 / (RUN_HORIZON_FRACTION * 24_576)), rel=1e-12)
+    # A KL held at twice the target moves beta by exp(0.2) per horizon, however long the run
+    # and however it is cut into rollouts.
+    for run_tokens, rollout_tokens in ((24_576, 1024), (245_760, 1024), (245_760, 4096)):
+        controller = AdaptiveKLController(value=1.0, target=4.0)
+        controller.start_run(run_tokens)
+        for _ in range(run_tokens // rollout_tokens):
+            controller.update(observed_kl=8.0, n_episodes=40, n_tokens=rollout_tokens)
+        assert controller.value == pytest.approx(np.exp(0.2 / RUN_HORIZON_FRACTION), rel=1e-9)
+    # A rollout longer than the horizon moves beta by the clipped error once, never to zero.
+    controller = AdaptiveKLController(value=0.1, target=4.0)
+    controller.start_run(100)
+    controller.update(observed_kl=0.0, n_episodes=4, n_tokens=100)
+    assert controller.value == pytest.approx(0.1 * np.exp(-0.2))
+    # Ziegler et al.'s rule when a horizon in episodes is given.
+    ziegler = AdaptiveKLController(value=0.1, target=2.0, horizon=1000)
+    ziegler.start_run(100)
+    ziegler.update(observed_kl=4.0, n_episodes=100, n_tokens=10**6)
+    assert ziegler.value == pytest.approx(ziegler_update(0.1, 4.0, 2.0, 100, 1000), rel=1e-12)
+
+
+def test_learn_gives_the_controller_the_whole_runs_length(default_model_path):
+    """``learn(n)`` starts a run of n tokens; a run that goes on (a resume) keeps its length."""
+    env = make_text_vec_env("textenv/PositiveSentiment-v0", n_envs=2, seed=0, env_kwargs={"device": "cpu"})
+    agent = make_agent("ppo", env, seed=0, n_steps=4, batch_size=8)
+    agent.learn(16)
+    assert agent.kl_controller.run_tokens == 16
+    agent.learn(16, reset_num_timesteps=False)
+    assert agent.kl_controller.run_tokens == 32
+
+
 class RolloutKLRecorder(BaseCallback):
     """Per rollout: the logged beta (after the controller's update), the logged mean KL, episodes finished."""
 

@@ -64,9 +64,12 @@ def add_kl_arguments(parser: argparse.ArgumentParser) -> None:
                              "fixed. Not SB3's target_kl (PPO's early stop, TRPO's trust region: --algo-kwargs)")
     parser.add_argument("--target-kl", dest="kl_target", type=non_negative_float, action=DeprecatedAlias,
                         new_option="--kl-target", help=argparse.SUPPRESS)
+    from agents.kl_control import RUN_HORIZON_FRACTION
+
     parser.add_argument("--kl-horizon", type=positive_int, default=None,
-                        help="episodes over which the adaptive controller moves beta by about exp(+-0.2) "
-                             "(Ziegler et al.'s horizon; default 10000)")
+                        help="episodes over which the adaptive controller moves beta by about exp(+-0.2), as "
+                             f"Ziegler et al.'s horizon (default: {RUN_HORIZON_FRACTION:g} of the run's generated "
+                             "tokens, whatever its length)")
 
 
 def kl_agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
