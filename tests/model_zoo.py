@@ -322,3 +322,34 @@ def save_tiny_checkpoint(kind: str, folder: Path) -> ZooModel:
         tokenizer_size=len(tokenizer),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
     )
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_chat_checkpoint(folder: Path) -> ZooModel:
+    """A tiny Qwen2-style instruct checkpoint with a ChatML chat template whose end of turn,
+    ``<|im_end|>``, is *not* the tokenizer's EOS nor in the generation config (EOS is
+    ``<|endoftext|>``): a task must find the turn's end from the template itself."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        tokenizer = _qwen2_tokenizer()
+        tokenizer.eos_token = "<|endoftext|>"
+        tokenizer.chat_template = CHATML_TEMPLATE
+        config = Qwen2Config(vocab_size=len(tokenizer), num_key_value_heads=1, bos_token_id=tokenizer.eos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             tie_word_embeddings=True, use_sliding_window=False, **_SMALL)
+        model = Qwen2ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return ZooModel(path=folder, kind="chatml", architecture=type(model).__name__,
+                    eos_token_ids=(tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")),
+                    word_start_marker=None, pad_token_id=tokenizer.pad_token_id, vocab_size=config.vocab_size,
+                    tokenizer_size=len(tokenizer), dtype="float32")

@@ -97,13 +97,18 @@ class MultiTurnTask(TokenTask):
         reply_template: str = "{reply}",
         first_message_template: str = "{message}",
         device: str | torch.device = "auto",
+        chat_template: bool = False,
+        system_prompt: str | None = None,
     ):
         if min(max_prompt_len, max_turn_tokens, max_turns, max_episode_tokens) < 1:
             raise ValueError("max_prompt_len, max_turn_tokens, max_turns and max_episode_tokens must be at least 1")
         if "{reply}" not in reply_template or "{message}" not in first_message_template:
             raise ValueError("reply_template needs '{reply}' and first_message_template '{message}'")
+        if chat_template and (reply_template != "{reply}" or first_message_template != "{message}"):
+            raise ValueError("With chat_template=True the chat template writes the turns. Fix: drop reply_template "
+                             "and first_message_template (or chat_template).")
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_episode_tokens,
-                         "max_prompt_len + max_episode_tokens", device)
+                         "max_prompt_len + max_episode_tokens", device, chat=chat_template, system_prompt=system_prompt)
         self.max_turn_tokens, self.max_turns, self.max_episode_tokens = max_turn_tokens, max_turns, max_episode_tokens
         # The most tokens the agent can take in one episode (what a group rollout must cover).
         self.max_new_tokens = min(max_episode_tokens, max_turns * max_turn_tokens)
@@ -118,15 +123,27 @@ class MultiTurnTask(TokenTask):
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def prompt_ids(self, first_message: str) -> list[int]:
-        """The first message as the episode's prompt; one longer than ``max_prompt_len`` is
+        """The first message as the episode's prompt (with a chat template: as the user's
+        first turn, then the generation prompt); one longer than ``max_prompt_len`` is
         refused with the fix named."""
-        ids = self.encode(self.first_message_template.format(message=first_message))
+        if self.chat is not None:
+            ids = self.chat.prompt_ids(first_message)
+        else:
+            ids = self.encode(self.first_message_template.format(message=first_message))
         if len(ids) > self.max_prompt_len:
             raise ValueError(
                 f"The first message is {len(ids)} tokens, longer than max_prompt_len={self.max_prompt_len}: "
                 f"{first_message[:80]!r}. Fix: raise max_prompt_len (or shorten the env's first message)."
             )
         return ids
+
+    def reply_ids(self, reply: str, turn_closed: bool) -> list[int]:
+        """The reply's tokens to append after the agent's turn: through ``reply_template``, or,
+        with a chat template, as a user turn after the assistant's (``ChatFormat.user_turn_ids``;
+        ``turn_closed``: the agent's turn ended with the template's end-of-turn token)."""
+        if self.chat is not None:
+            return self.chat.user_turn_ids(reply, turn_closed)
+        return self.encode(self.reply_template.format(reply=reply))
 
     def turn_text(self, tokens: Sequence[int]) -> str:
         """The agent's turn as the turn-level env receives it: decoded without stop tokens,
@@ -187,6 +204,7 @@ class Conversation:
         agent token."""
         task = self.task
         turn_text = task.turn_text(self.turn_tokens)
+        turn_closed = task.chat is not None and self.turn_tokens[-1] == task.chat.end_of_turn_id
         reply, reward, turn_terminated, turn_truncated, turn_info = self.turn_env.step(turn_text)
         reward = float(reward)
         if not np.isfinite(reward):
@@ -201,7 +219,7 @@ class Conversation:
         context_exhausted = False
         reply_ids: list[int] = []
         if not over:
-            reply_ids = task.encode(task.reply_template.format(reply=reply))
+            reply_ids = task.reply_ids(reply, turn_closed)
             if len(reply_ids) + 1 > columns_left:
                 over = context_exhausted = True  # the reply would not fit with one more agent token
                 reply_ids = []
@@ -246,6 +264,10 @@ class MultiTurnTextEnv(TokenEnv):
     :param reply_template: how a reply is written into the transcript (``{reply}``),
         e.g. ``"\\nUser: {reply}\\nAssistant:"``.
     :param first_message_template: how the first message is written (``{message}``).
+    :param chat_template: write the dialogue with the tokenizer's chat template instead:
+        the first message as the user's first turn, each reply appended as a user turn
+        after the agent's (``textenv.chat``); the agent's turn ends at the template's end of turn.
+    :param system_prompt: a system message before the first message (with ``chat_template``).
     """
 
     def __init__(self, turn_env: TurnEnvSpec, render_mode: str | None = None, **task_kwargs: Any):

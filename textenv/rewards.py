@@ -1,7 +1,11 @@
 """Reward sources: what scores a finished completion.
 
-All sources share one small interface, ``source(prompts, completions) -> scores``,
-scored in batches. The environment calls it once per finished episode and puts
+All sources share one small interface, ``source(prompts, completions, **fields) ->
+scores``, scored in batches; ``fields`` are the prompt records' other fields (a
+reference answer, ...: ``textenv.prompts``), lists aligned with the completions, as TRL
+passes a data set's columns. A Python reward takes those it names, or all of them with
+``**kwargs``; a two-argument reward gets none. A prompt is a string or a chat (a list of
+messages); the text scorers read a chat's contents. The environment calls it once per finished episode and puts
 the score in the last step's reward; the per-token KL penalty is added by the
 agent (see ``agents.kl_penalty``), because only the agent knows ``log pi_old``.
 
@@ -12,20 +16,23 @@ broken user reward fails loudly at the first episode, not as a NaN loss later.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
+
+from textenv.prompts import Prompt, prompt_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from textenv.models import TokenizerSpec
 
-ScoreFn = Callable[[list[str], list[str]], Sequence[float]]
+ScoreFn = Callable[..., Sequence[float]]  # f(prompts, completions, **fields) -> one score per completion
 
 
 class RewardError(RuntimeError):
@@ -52,17 +59,22 @@ class RewardSource(ABC):
     name: str = "reward"
 
     @abstractmethod
-    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
+    def _score(self, prompts: list[Prompt], completions: list[str], **fields: list[Any]) -> Sequence[float]:
         """Raw scores, one per (prompt, completion) pair."""
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
+    def check_fields(self, names: Sequence[str]) -> None:
+        """Refuse, before any episode, a reward that needs a field the records lack."""
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], **fields: Sequence[Any]) -> np.ndarray:
         prompts, completions = list(prompts), list(completions)
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        fields = {name: list(values) for name, values in fields.items()}
+        if len(prompts) != len(completions) or any(len(values) != len(prompts) for values in fields.values()):
+            raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and fields of "
+                             f"{sorted({len(values) for values in fields.values()})} values: they must align")
         try:
-            raw = self._score(prompts, completions)
+            raw = self._score(prompts, completions, **fields)
         except Exception as error:
-            raise self._scoring_error(error, prompts, completions) from error
+            raise self._scoring_error(error, prompts, completions, fields) from error
         try:
             scores = np.asarray([float(s) for s in raw], dtype=np.float64)
         except (TypeError, ValueError) as error:
@@ -86,13 +98,14 @@ class RewardSource(ABC):
             )
         return scores
 
-    def _scoring_error(self, error: Exception, prompts: list[str], completions: list[str]) -> RewardError:
+    def _scoring_error(self, error: Exception, prompts: list[Prompt], completions: list[str],
+                       fields: dict[str, list[Any]]) -> RewardError:
         """A ``RewardError`` naming the pair that makes ``_score`` raise.
 
         Scores come in batches, so the first of (at most ``MAX_PAIRS_TO_RESCORE``)
         pairs that fails when scored alone is named; if none does, the batch is.
         """
-        culprit = self._first_failing_pair(prompts, completions)
+        culprit = self._first_failing_pair(prompts, completions, fields)
         where = (
             f"while scoring prompt {_shorten(prompts[culprit])} with completion "
             f"{_shorten(completions[culprit])}"
@@ -114,28 +127,54 @@ class RewardSource(ABC):
             "error and its traceback are shown above."
         )
 
-    def _first_failing_pair(self, prompts: list[str], completions: list[str]) -> int | None:
+    def _first_failing_pair(self, prompts: list[Prompt], completions: list[str],
+                            fields: dict[str, list[Any]]) -> int | None:
         if len(prompts) == 1:
             return 0
         for i in range(min(len(prompts), MAX_PAIRS_TO_RESCORE)):
             try:
-                self._score([prompts[i]], [completions[i]])
+                self._score([prompts[i]], [completions[i]], **{name: [values[i]] for name, values in fields.items()})
             except Exception:
                 return i
         return None
 
 
 class CallableReward(RewardSource):
-    """Any Python function ``f(prompts, completions) -> scores``."""
+    """Any Python function ``f(prompts, completions, **fields) -> scores`` (module doc): it
+    gets the fields it names as parameters, or every field with ``**kwargs``."""
 
     def __init__(self, fn: ScoreFn, name: str | None = None):
         if not callable(fn):
             raise TypeError(f"reward must be callable, got {type(fn).__name__}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self._takes_all_fields, self._named, self._required = _field_parameters(fn)
 
-    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
-        return self.fn(prompts, completions)
+    def check_fields(self, names: Sequence[str]) -> None:
+        missing = [name for name in self._required if name not in names]
+        if missing:
+            raise ValueError(
+                f"The reward {self.name!r} takes {', '.join(map(repr, missing))}, which the prompts do not have "
+                f"(their fields: {', '.join(map(repr, names)) or 'none'}). Fix: give every prompt record that field "
+                "(e.g. {\"prompt\": ..., \"answer\": ...}), or give the parameter a default."
+            )
+
+    def _score(self, prompts: list[Prompt], completions: list[str], **fields: list[Any]) -> Sequence[float]:
+        given = fields if self._takes_all_fields else {k: v for k, v in fields.items() if k in self._named}
+        return self.fn(prompts, completions, **given)
+
+
+def _field_parameters(fn: Callable) -> tuple[bool, set[str], list[str]]:
+    """How a reward function takes fields: all of them (``**kwargs``), the names of the
+    parameters after the first two, and those of them without a default."""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: prompts and completions only
+        return False, set(), []
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = positional[2:] + [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    return takes_all, {p.name for p in named}, [p.name for p in named if p.default is p.empty]
 
 
 class VaderSentimentReward(RewardSource):
@@ -154,9 +193,9 @@ class VaderSentimentReward(RewardSource):
         self.include_prompt = include_prompt
         self._analyzer = SentimentIntensityAnalyzer()
 
-    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
+    def _score(self, prompts: list[Prompt], completions: list[str], **fields: list[Any]) -> Sequence[float]:
         texts = [
-            (p + c) if self.include_prompt else c for p, c in zip(prompts, completions)
+            (prompt_text(p) + c) if self.include_prompt else c for p, c in zip(prompts, completions)
         ]
         return [self._analyzer.polarity_scores(t)["compound"] for t in texts]
 
@@ -231,8 +270,8 @@ class RewardModelReward(RewardSource):
         self.max_length = max_length
 
     @torch.no_grad()
-    def _score(self, prompts: list[str], completions: list[str]) -> Sequence[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
+    def _score(self, prompts: list[Prompt], completions: list[str], **fields: list[Any]) -> Sequence[float]:
+        texts = [prompt_text(p) + c for p, c in zip(prompts, completions)]
         scores: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(

@@ -10,6 +10,7 @@ model-side half, ``TokenTask``, is shared with the multi-turn task
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Sequence
 
@@ -25,7 +26,8 @@ from textenv.models import (
     load_tokenizer,
     vocab_size_of,
 )
-from textenv.prompts import PromptSpec, load_prompts
+from textenv.chat import ChatFormat
+from textenv.prompts import PromptSpec, display_text, load_prompts
 from textenv.rewards import RewardSpec, make_reward
 
 
@@ -75,18 +77,26 @@ class TokenTask:
     max_new_tokens: int  # the most tokens the agent takes in one episode (each subclass sets it)
 
     def __init__(self, model: ModelSpec, tokenizer: TokenizerSpec, max_prompt_len: int, width: int,
-                 width_names: str, device: str | torch.device = "auto"):
+                 width_names: str, device: str | torch.device = "auto", chat: bool = False,
+                 system_prompt: str | None = None):
         model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
         if tokenizer is None and model_is_instance:
             raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
+        if system_prompt is not None and not chat:
+            raise ValueError("system_prompt= opens a chat, and these prompts are plain text. Fix: pass "
+                             "chat_template=True too (or chat prompts, 'messages'), or drop system_prompt.")
         self.device = resolve_device(device)
         self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
+        # The chat template, when the prompts are chats (checked before the model loads).
+        self.chat = ChatFormat(self.tokenizer, system_prompt) if chat else None
         self.reference = load_frozen_lm(model, self.device)
         check_tokenizer_fits_model(self.tokenizer, self.reference)
         self.max_prompt_len = max_prompt_len
         self.width = width
         self.eos_token_ids = stop_token_ids(self.tokenizer, self.reference)
+        if self.chat is not None:  # the template's end of an assistant turn ends a generation too
+            self.eos_token_ids = self.eos_token_ids | {self.chat.end_of_turn_id}
         self.eos_token_id = self.tokenizer.eos_token_id  # the tokenizer's own; every id above ends a generation
         self.pad_token_id = self.tokenizer.pad_token_id
         self.vocab_size = vocab_size_of(self.reference)
@@ -108,8 +118,9 @@ class TokenTask:
 
     def settings(self) -> dict[str, Any]:
         """What defines the task, for a run's resolved configuration (``agents.config``)."""
+        chat = {} if self.chat is None else {"chat_template": True, "system_prompt": self.chat.system_prompt}
         return {"model": self.model_name_or_path, "max_prompt_len": self.max_prompt_len,
-                "max_new_tokens": self.max_new_tokens, "device": str(self.device)}
+                "max_new_tokens": self.max_new_tokens, "device": str(self.device), **chat}
 
 
 class TaskAttributes:
@@ -148,7 +159,17 @@ class TaskAttributes:
 class TextTask(TokenTask):
     """The fixed parts of a text-generation task (``TokenTask``'s, plus prompts and reward).
 
-    :param prompts: list of strings, or path of a .txt (one per line) / .jsonl file.
+    :param prompts: the prompt records (``textenv.prompts``): a list of strings or of dicts
+        (``{"prompt": ..., "answer": ...}``, ``{"messages": [...]}``), a .txt, .jsonl, .json,
+        .csv or .parquet file, or a ``datasets.Dataset``. A record's other fields reach the
+        reward as keyword arguments.
+    :param prompt_field: the field that holds a record's prompt (default: ``"prompt"``,
+        then ``"messages"``, then ``"text"``).
+    :param chat_template: render string prompts as one user message with the tokenizer's
+        chat template (chat prompts, ``"messages"``, always are): the episode starts at the
+        assistant's turn, ends at the template's end of turn, and the reward gets the
+        assistant's text (``textenv.chat``).
+    :param system_prompt: a system message before each chat that has none.
     :param model: reference model: ``"default"``, a name, a path, or a model instance
         (frozen in place). The policy usually starts from the same weights.
     :param tokenizer: defaults to the tokenizer saved with ``model``.
@@ -172,21 +193,29 @@ class TextTask(TokenTask):
         max_new_tokens: int = 24,
         prompt_truncation: str = "error",
         device: str | torch.device = "auto",
+        prompt_field: str | None = None,
+        chat_template: bool = False,
+        system_prompt: str | None = None,
     ):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
         if prompt_truncation not in ("error", "left"):
             raise ValueError(f"prompt_truncation must be 'error' or 'left', got {prompt_truncation!r}")
-        self.prompts = load_prompts(prompts)  # a missing prompts file is refused before any model loads
+        # Bad records (a missing file, a record without a prompt) are refused before any model loads.
+        self.records = load_prompts(prompts, prompt_field)
+        self.prompts = [display_text(prompt) for prompt in self.records.prompts]  # as samples show them
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_new_tokens,
-                         "max_prompt_len + max_new_tokens", device)
+                         "max_prompt_len + max_new_tokens", device, chat=chat_template or self.records.has_chat,
+                         system_prompt=system_prompt)
         self.reward_source = make_reward(reward, device=self.device)
+        self.reward_source.check_fields(list(self.records.fields))
         self.max_new_tokens = max_new_tokens
         self.prompt_ids = self._tokenize_prompts(prompt_truncation)
 
     def settings(self) -> dict[str, Any]:
         reward = getattr(self.reward_source, "name", type(self.reward_source))
-        return {**super().settings(), "reward": reward, "n_prompts": len(self.prompts)}
+        return {**super().settings(), "reward": reward, "n_prompts": len(self.prompts),
+                "prompt_fields": list(self.records.fields)}
 
     def completion_text(self, prompt_index: int, tokens: Sequence[int]) -> str:
         """Generated tokens as text, without the stop token, as they read after the prompt.
@@ -205,12 +234,25 @@ class TextTask(TokenTask):
         return self.tokenizer.decode(completion, skip_special_tokens=True)  # the prompt re-tokenizes differently
 
     def score(self, prompt_indices: Sequence[int], completions: Sequence[str]) -> np.ndarray:
-        """Task scores of finished episodes, in one batched call to the reward source."""
-        return self.reward_source([self.prompts[i] for i in prompt_indices], completions)
+        """Task scores of finished episodes, in one batched call to the reward source: each
+        record's prompt (a string or a chat) and its fields (``textenv.rewards``)."""
+        indices = list(prompt_indices)
+        return self.reward_source([self.records.prompts[i] for i in indices], completions,
+                                  **self.records.fields_at(indices))
 
     def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
-        encoded = self.tokenizer(self.prompts)["input_ids"]
+        if self.chat is not None:
+            encoded = [self.chat.prompt_ids(prompt) for prompt in self.records.prompts]
+        else:
+            encoded = self.tokenizer(self.prompts)["input_ids"]
         too_long = [i for i, ids in enumerate(encoded) if len(ids) > self.max_prompt_len]
+        if too_long and self.chat is not None:
+            i = too_long[0]
+            raise ValueError(
+                f"{len(too_long)} chat prompt(s) are longer than max_prompt_len={self.max_prompt_len} tokens once "
+                f"rendered with the chat template, e.g. #{i} ({len(encoded[i])} tokens): {self.prompts[i][:80]!r}. "
+                "Fix: raise max_prompt_len (a chat cannot lose its start: the template opens it), or shorten them."
+            )
         if too_long and prompt_truncation == "error":
             i = too_long[0]
             raise ValueError(
@@ -227,4 +269,5 @@ class TextTask(TokenTask):
             )
             encoded = [ids[-self.max_prompt_len :] for ids in encoded]
             self.prompts = [self.tokenizer.decode(ids) for ids in encoded]
+            self.records = dataclasses.replace(self.records, prompts=list(self.prompts))  # the reward sees them cut
         return [list(ids) for ids in encoded]
