@@ -64,8 +64,9 @@ def test_the_episode_ends_at_the_templates_end_of_turn_and_the_reward_gets_the_a
     assert seen == [(QUESTION, "red", "red")]  # the record's chat as the prompt, the answer beside it
 
 
-def test_string_prompts_become_user_turns_with_chat_template_true(chat_model):
-    env = chat_env(chat_model, prompts=[{"prompt": "Name a colour.", "answer": "red"}], chat_template=True)
+@pytest.mark.parametrize("chat_template", [True, "auto"])
+def test_string_prompts_become_user_turns_with_chat_template_true(chat_model, chat_template):
+    env = chat_env(chat_model, prompts=[{"prompt": "Name a colour.", "answer": "red"}], chat_template=chat_template)
     obs, info = env.reset(seed=0)
     tokenizer = load_tokenizer(str(chat_model.path))
     assert obs["input_ids"][obs["attention_mask"] == 1].tolist() == encode(
@@ -76,6 +77,8 @@ def test_string_prompts_become_user_turns_with_chat_template_true(chat_model):
 def test_chat_prompts_need_a_tokenizer_with_a_chat_template(default_model_path):
     with pytest.raises(ValueError, match="has no chat template.*Fix"):
         gym.make("textenv/TextGen-v0", prompts=[{"messages": QUESTION}], model="default", device="cpu")
+    env = gym.make("textenv/TextGen-v0", prompts=["Hello"], model="default", chat_template="auto", device="cpu")
+    assert env.unwrapped.task.chat is None  # "auto": plain text for a tokenizer without a template
     with pytest.raises(ValueError, match="system_prompt= opens a chat.*Fix"):
         gym.make("textenv/TextGen-v0", prompts=["Hello"], model="default", system_prompt="Be kind.", device="cpu")
 

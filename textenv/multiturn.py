@@ -97,18 +97,18 @@ class MultiTurnTask(TokenTask):
         reply_template: str = "{reply}",
         first_message_template: str = "{message}",
         device: str | torch.device = "auto",
-        chat_template: bool = False,
+        chat_template: bool | str = False,
         system_prompt: str | None = None,
     ):
         if min(max_prompt_len, max_turn_tokens, max_turns, max_episode_tokens) < 1:
             raise ValueError("max_prompt_len, max_turn_tokens, max_turns and max_episode_tokens must be at least 1")
         if "{reply}" not in reply_template or "{message}" not in first_message_template:
             raise ValueError("reply_template needs '{reply}' and first_message_template '{message}'")
-        if chat_template and (reply_template != "{reply}" or first_message_template != "{message}"):
-            raise ValueError("With chat_template=True the chat template writes the turns. Fix: drop reply_template "
-                             "and first_message_template (or chat_template).")
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_episode_tokens,
                          "max_prompt_len + max_episode_tokens", device, chat=chat_template, system_prompt=system_prompt)
+        if self.chat is not None and (reply_template != "{reply}" or first_message_template != "{message}"):
+            raise ValueError("With a chat template the template writes the turns. Fix: drop reply_template and "
+                             "first_message_template (or pass chat_template=False).")
         self.max_turn_tokens, self.max_turns, self.max_episode_tokens = max_turn_tokens, max_turns, max_episode_tokens
         # The most tokens the agent can take in one episode (what a group rollout must cover).
         self.max_new_tokens = min(max_episode_tokens, max_turns * max_turn_tokens)

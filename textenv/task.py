@@ -77,17 +77,21 @@ class TokenTask:
     max_new_tokens: int  # the most tokens the agent takes in one episode (each subclass sets it)
 
     def __init__(self, model: ModelSpec, tokenizer: TokenizerSpec, max_prompt_len: int, width: int,
-                 width_names: str, device: str | torch.device = "auto", chat: bool = False,
+                 width_names: str, device: str | torch.device = "auto", chat: bool | str = False,
                  system_prompt: str | None = None):
         model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
         if tokenizer is None and model_is_instance:
             raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
+        if chat not in (True, False, "auto"):
+            raise ValueError(f"chat_template must be True, False or 'auto', got {chat!r}")
         if system_prompt is not None and not chat:
             raise ValueError("system_prompt= opens a chat, and these prompts are plain text. Fix: pass "
                              "chat_template=True too (or chat prompts, 'messages'), or drop system_prompt.")
         self.device = resolve_device(device)
         self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
+        if chat == "auto":  # a chat where the tokenizer has a template (an instruct model)
+            chat = bool(getattr(self.tokenizer, "chat_template", None))
         # The chat template, when the prompts are chats (checked before the model loads).
         self.chat = ChatFormat(self.tokenizer, system_prompt) if chat else None
         self.reference = load_frozen_lm(model, self.device)
@@ -168,7 +172,8 @@ class TextTask(TokenTask):
     :param chat_template: render string prompts as one user message with the tokenizer's
         chat template (chat prompts, ``"messages"``, always are): the episode starts at the
         assistant's turn, ends at the template's end of turn, and the reward gets the
-        assistant's text (``textenv.chat``).
+        assistant's text (``textenv.chat``). ``"auto"``: when the tokenizer has one (an
+        instruct model), plain text otherwise.
     :param system_prompt: a system message before each chat that has none.
     :param model: reference model: ``"default"``, a name, a path, or a model instance
         (frozen in place). The policy usually starts from the same weights.
@@ -194,7 +199,7 @@ class TextTask(TokenTask):
         prompt_truncation: str = "error",
         device: str | torch.device = "auto",
         prompt_field: str | None = None,
-        chat_template: bool = False,
+        chat_template: bool | str = False,
         system_prompt: str | None = None,
     ):
         if max_prompt_len < 1 or max_new_tokens < 1:
@@ -205,7 +210,8 @@ class TextTask(TokenTask):
         self.records = load_prompts(prompts, prompt_field)
         self.prompts = [display_text(prompt) for prompt in self.records.prompts]  # as samples show them
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_new_tokens,
-                         "max_prompt_len + max_new_tokens", device, chat=chat_template or self.records.has_chat,
+                         "max_prompt_len + max_new_tokens", device,
+                         chat=True if self.records.has_chat else chat_template,
                          system_prompt=system_prompt)
         self.reward_source = make_reward(reward, device=self.device)
         self.reward_source.check_fields(list(self.records.fields))
