@@ -18,9 +18,11 @@ callback then only measures the KL. On the fast path the reference is scored aft
 the rollout instead (``agents.fast_rollout``): the steps carry no ``ref_logprob``,
 and ``apply_rollout_penalty`` adds the same penalty to the stored rewards, step by
 step in the same order, before GAE. It also logs the task score, the KL and ``beta``
-per rollout, text samples for TensorBoard, and feeds the mean per-episode KL and the
-number of episodes finished in the rollout to the coefficient controller (both over
-every rank's episodes in data-parallel training, ``agents.distributed``). The KL it
+per rollout (with several rewards, each one's mean score too, ``rollout/reward/<name>``,
+from the finished episodes' ``info["reward_components"]``), text samples for
+TensorBoard, and feeds the mean per-episode KL and the number of episodes finished in
+the rollout to the coefficient controller (all over every rank's episodes in
+data-parallel training, ``agents.distributed``). The KL it
 logs (``rollout/kl``, and ``rollout/kl_penalty = -beta * rollout/kl``) and feeds to
 the controller is always the k1 sum ``sum_t log pi_old - log pi_ref`` (unbiased for
 the episode's KL), whatever the estimator, so that runs with different estimators
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.distributed import global_sums
+from agents.distributed import gather_objects, global_sums
 
 TEXT_ONLY_FOR_TENSORBOARD = ("stdout", "log", "json", "csv")
 
@@ -122,6 +124,7 @@ class KLPenaltyCallback(BaseCallback):
         self._rollout_scores: list[float] = []
         self._rollout_kls: list[float] = []
         self._rollout_samples: list[tuple[str, str, float]] = []
+        self._rollout_components: dict[str, list[float]] = {}  # name -> [episodes, sum of scores]
 
     def _on_step(self) -> bool:
         rewards: np.ndarray = self.locals["rewards"]
@@ -174,14 +177,22 @@ class KLPenaltyCallback(BaseCallback):
                 episode_kls[env_index] = 0.0
             if "task_score" in info:
                 self._rollout_scores.append(float(info["task_score"]))
+                for name, score in info.get("reward_components", {}).items():
+                    count_and_sum = self._rollout_components.setdefault(name, [0.0, 0.0])
+                    count_and_sum[0] += 1
+                    count_and_sum[1] += float(score)
                 if len(self._rollout_samples) < self.n_text_samples:
                     self._rollout_samples.append((info["prompt"], info["completion"], info["task_score"]))
 
     def _on_rollout_end(self) -> None:
         controller = self.model.kl_controller
         # Over every rank's episodes in data-parallel training, so that beta moves alike on all.
-        n_kls, kl_sum, n_scores, score_sum = global_sums(
-            [len(self._rollout_kls), sum(self._rollout_kls), len(self._rollout_scores), sum(self._rollout_scores)])
+        # The reward components any rank saw, in one order on all (a rank may have finished none).
+        names = list(dict.fromkeys(name for names in gather_objects(list(self._rollout_components)) for name in names))
+        component_sums = [value for name in names for value in self._rollout_components.get(name, [0.0, 0.0])]
+        n_kls, kl_sum, n_scores, score_sum, *component_sums = global_sums(
+            [len(self._rollout_kls), sum(self._rollout_kls), len(self._rollout_scores), sum(self._rollout_scores),
+             *component_sums])
         if n_kls:
             mean_kl = float(kl_sum / n_kls)
             self.logger.record("rollout/kl", mean_kl)
@@ -195,6 +206,9 @@ class KLPenaltyCallback(BaseCallback):
         self.logger.record("train/kl_coef", controller.value)
         if n_scores:
             self.logger.record("rollout/task_score", float(score_sum / n_scores))
+        for name, n_episodes, total in zip(names, component_sums[0::2], component_sums[1::2]):
+            if n_episodes:  # each of several rewards (info["reward_components"]), as the task score
+                self.logger.record(f"rollout/reward/{name}", float(total / n_episodes))
         if self._rollout_samples:
             self.logger.record(
                 "samples/text", format_samples(self._rollout_samples), exclude=TEXT_ONLY_FOR_TENSORBOARD

@@ -14,7 +14,9 @@ one module per task), and the names of the models the project builds itself
   "Higher."/"Lower." replies (``textenv.multiturn``; GEM's and TextArena's versions
   are ``gem/GuessTheNumber-v0-easy`` and ``textarena/GuessTheNumber-v0``).
 
-``textenv.register_task`` registers your own.
+``textenv.register_task`` registers your own; ``textenv.verifiers`` holds rule-based rewards
+that check an ``answer`` field (exact, numeric, ``\\boxed{}``) or a format, and
+``reward=[...]`` combines several rewards (``textenv.rewards.WeightedRewards``).
 """
 
 from textenv.env import TextGenEnv
@@ -25,8 +27,10 @@ from textenv.rewards import (
     RewardModelReward,
     RewardSource,
     VaderSentimentReward,
+    WeightedRewards,
     make_reward,
 )
+from textenv.verifiers import boxed_match, exact_match, numeric_match, numeric_match_within, regex_format
 from textenv.tasks import register_builtin_tasks
 from textenv.training.builtin_models import register_builtin_models
 
@@ -44,5 +48,11 @@ __all__ = [
     "CallableReward",
     "VaderSentimentReward",
     "RewardModelReward",
+    "WeightedRewards",
     "make_reward",
+    "exact_match",
+    "numeric_match",
+    "numeric_match_within",
+    "boxed_match",
+    "regex_format",
 ]

@@ -110,7 +110,8 @@ class TextGenEnv(TokenEnv):
     ``step`` returns ``info["ref_logprob"]`` at every step and, at the last step of an
     episode (always ``terminated``), ``info["task_score"]``, ``info["prompt"]``,
     ``info["completion"]`` and ``info["budget_exhausted"]`` (``True``: ended because
-    ``max_new_tokens`` ran out; ``False``: ended at EOS).
+    ``max_new_tokens`` ran out; ``False``: ended at EOS); with several rewards
+    (``reward=[...]``), ``info["reward_components"]`` too, each one's score by name.
     """
 
     def __init__(self, prompts: Any, render_mode: str | None = None, **task_kwargs: Any):
@@ -162,9 +163,11 @@ class TextGenEnv(TokenEnv):
         reward = 0.0
         if terminated:
             prompt, completion = self.prompts[self._prompt_index], self.completion_text()
-            score = float(self.task.score([self._prompt_index], [completion])[0])
-            reward = score
+            scores, components = self.task.score_components([self._prompt_index], [completion])
+            reward = score = float(scores[0])
             info.update(task_score=score, prompt=prompt, completion=completion, budget_exhausted=budget_exhausted)
+            if components:  # several rewards: each one's score
+                info["reward_components"] = {name: float(values[0]) for name, values in components.items()}
             self._end_reference()
         else:
             self._advance_reference([action], first=False)

@@ -11,6 +11,11 @@ agent (see ``agents.kl_penalty``), because only the agent knows ``log pi_old``.
 
 The base class validates every result (one finite float per completion), so a
 broken user reward fails loudly at the first episode, not as a NaN loss later.
+
+Several rewards (``make_reward([...], weights=[...])``, ``WeightedRewards``) score as their
+weighted sum; each component is scored and checked on its own, and the environment reports
+each one's score in the finished episode's ``info["reward_components"]``. The built-in
+verifiers (exact, numeric and ``\\boxed{}`` match, regex format) are in ``textenv.verifiers``.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import inspect
 import math
 import os
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 
 from textenv.prompts import Prompt, prompt_text
+from textenv.verifiers import VERIFIERS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,6 +59,17 @@ def _shorten(text: str, limit: int = 120) -> str:
     return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
+def aligned(prompts: Sequence[Prompt], completions: Sequence[str],
+            fields: dict[str, Sequence[Any]]) -> tuple[list[Prompt], list[str], dict[str, list[Any]]]:
+    """Prompts, completions and fields as lists, refused unless they have one entry per pair."""
+    prompts, completions = list(prompts), list(completions)
+    lists = {name: list(values) for name, values in fields.items()}
+    if len(prompts) != len(completions) or any(len(values) != len(prompts) for values in lists.values()):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and fields of "
+                         f"{sorted({len(values) for values in lists.values()})} values: they must align")
+    return prompts, completions, lists
+
+
 class RewardSource(ABC):
     """Scores completions of prompts; subclasses implement ``_score``."""
 
@@ -66,25 +83,35 @@ class RewardSource(ABC):
         """Refuse, before any episode, a reward that needs a field the records lack."""
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], **fields: Sequence[Any]) -> np.ndarray:
-        prompts, completions = list(prompts), list(completions)
-        fields = {name: list(values) for name, values in fields.items()}
-        if len(prompts) != len(completions) or any(len(values) != len(prompts) for values in fields.values()):
-            raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and fields of "
-                             f"{sorted({len(values) for values in fields.values()})} values: they must align")
+        return self.score_components(prompts, completions, **fields)[0]
+
+    def score_components(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                         **fields: Sequence[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The scores, and each component's (name -> scores) when the source combines several
+        rewards (``WeightedRewards``); a single reward has none."""
+        prompts, completions, lists = aligned(prompts, completions, fields)
+        return self.checked_scores(prompts, completions, lists), {}
+
+    def checked_scores(self, prompts: list[Prompt], completions: list[str], fields: dict[str, list[Any]],
+                       what: str | None = None) -> np.ndarray:
+        """``_score``'s results, checked: one finite float per completion. Errors name
+        ``what`` (default ``"reward 'NAME'"``; a component of ``WeightedRewards`` is named as
+        one) and the text that broke it."""
+        what = what or f"reward {self.name!r}"
         try:
             raw = self._score(prompts, completions, **fields)
         except Exception as error:
-            raise self._scoring_error(error, prompts, completions, fields) from error
+            raise self._scoring_error(error, prompts, completions, fields, what) from error
         try:
             scores = np.asarray([float(s) for s in raw], dtype=np.float64)
         except (TypeError, ValueError) as error:
             raise TypeError(
-                f"The reward {self.name!r} must return a sequence of numbers, got "
+                f"The {what} must return a sequence of numbers, got "
                 f"{type(raw).__name__}: {error}. Fix: return one float per completion."
             ) from error
         if scores.shape != (len(completions),):
             raise ValueError(
-                f"The reward {self.name!r} returned {scores.size} scores for "
+                f"The {what} returned {scores.size} scores for "
                 f"{len(completions)} completions. Fix: return exactly one score per "
                 "(prompt, completion) pair, in order."
             )
@@ -92,14 +119,14 @@ class RewardSource(ABC):
         if bad:
             i = bad[0]
             raise ValueError(
-                f"The reward {self.name!r} returned a non-finite score ({scores[i]}) for "
+                f"The {what} returned a non-finite score ({scores[i]}) for "
                 f"prompt {prompts[i]!r} with completion {completions[i]!r}. Fix: make it "
                 "return a finite float for every text (e.g. 0.0 where it cannot judge)."
             )
         return scores
 
     def _scoring_error(self, error: Exception, prompts: list[Prompt], completions: list[str],
-                       fields: dict[str, list[Any]]) -> RewardError:
+                       fields: dict[str, list[Any]], what: str) -> RewardError:
         """A ``RewardError`` naming the pair that makes ``_score`` raise.
 
         Scores come in batches, so the first of (at most ``MAX_PAIRS_TO_RESCORE``)
@@ -123,7 +150,7 @@ class RewardSource(ABC):
         )
         raised = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         return RewardError(
-            f"The reward {self.name!r} raised {raised} {where}. Fix: {fix}; the original "
+            f"The {what} raised {raised} {where}. Fix: {fix}; the original "
             "error and its traceback are shown above."
         )
 
@@ -246,7 +273,8 @@ class RewardModelReward(RewardSource):
         except (OSError, ValueError) as error:
             raise OSError(
                 f"Could not load the reward model {path!r}: {error}. Fix: pass a folder "
-                "written by `save_pretrained` of a sequence-classification model."
+                "written by `save_pretrained` of a sequence-classification model, or a built-in "
+                f"reward's name ({', '.join(map(repr, BUILTIN_REWARDS))})."
             ) from error
         self.model.requires_grad_(False).eval().to(device)
         self.tokenizer = left_truncating(load_tokenizer(tokenizer if tokenizer is not None else path))
@@ -286,20 +314,143 @@ class RewardModelReward(RewardSource):
         return scores
 
 
+class WeightedRewards(RewardSource):
+    """Several rewards as one: the task score is ``sum_i weights[i] * component_i``.
+
+    Each component is scored in one batched call per batch of finished episodes, and checked
+    on its own (one finite float per completion; errors name the component and the text).
+    ``score_components`` returns their scores too, which the environment puts in each
+    finished episode's ``info["reward_components"]``.
+
+    :param components: ``{name: RewardSource}``, in order (``make_reward`` builds them from
+        specs and names them).
+    :param weights: one finite float per component (default: all 1.0).
+    """
+
+    def __init__(self, components: Mapping[str, RewardSource], weights: Sequence[float] | None = None):
+        if not components:
+            raise ValueError("No rewards to combine. Fix: give at least one reward, e.g. reward=[fn] or "
+                             "reward='vader'.")
+        self.components = dict(components)
+        self.weights = _checked_weights(weights, list(self.components))
+        self.name = "+".join(name if weight == 1.0 else f"{weight:g}*{name}"
+                             for name, weight in zip(self.components, self.weights))
+
+    def check_fields(self, names: Sequence[str]) -> None:
+        for component in self.components.values():
+            component.check_fields(names)
+
+    def score_components(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                         **fields: Sequence[Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        prompts, completions, lists = aligned(prompts, completions, fields)
+        scores = {name: component.checked_scores(prompts, completions, lists, f"reward component {name!r}")
+                  for name, component in self.components.items()}
+        total = np.zeros(len(completions), dtype=np.float64)
+        for weight, component_scores in zip(self.weights, scores.values()):
+            total += weight * component_scores
+        if not np.isfinite(total).all():
+            raise ValueError(f"The weighted sum of the rewards {self.name!r} overflowed. Fix: scale the rewards or "
+                             "their weights down.")
+        return total, scores
+
+    def _score(self, prompts: list[Prompt], completions: list[str], **fields: list[Any]) -> Sequence[float]:
+        return self(prompts, completions, **fields)
+
+
+def _checked_weights(weights: Sequence[float] | Mapping[str, float] | None, names: list[str]) -> list[float]:
+    """One finite float per component, in their order (a mapping is keyed by their names)."""
+    if weights is None:
+        return [1.0] * len(names)
+    if isinstance(weights, Mapping):
+        if set(weights) != set(names):
+            raise ValueError(f"reward_weights name {sorted(weights)}, the rewards are {names}. Fix: give one "
+                             "weight per reward, under its name (or a list in the rewards' order).")
+        weights = [weights[name] for name in names]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"reward_weights must be a list of numbers, got {weights!r}")
+    if len(weights) != len(names):
+        raise ValueError(f"{len(weights)} reward_weights for {len(names)} rewards ({', '.join(names)}). Fix: give "
+                         "one weight per reward, in the same order.")
+    checked = []
+    for name, weight in zip(names, weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float, np.number)) or not math.isfinite(weight):
+            raise ValueError(f"The weight of the reward {name!r} is {weight!r}. Fix: give a finite number.")
+        checked.append(float(weight))
+    return checked
+
+
 RewardSpec = Union[RewardSource, ScoreFn, str, os.PathLike]
+#: Several rewards: a list of specs, or specs by component name.
+RewardSpecs = Union[RewardSpec, Sequence[RewardSpec], Mapping[str, RewardSpec]]
+#: The rewards known by name besides reward-model names and paths.
+BUILTIN_REWARDS = ("vader", *VERIFIERS)
 
 
-def make_reward(spec: RewardSpec, device: str | torch.device = "cpu") -> RewardSource:
-    """``"vader"``, a reward-model name or path, a callable, or a ``RewardSource``."""
+def make_reward(spec: RewardSpecs, device: str | torch.device = "cpu",
+                weights: Sequence[float] | Mapping[str, float] | None = None) -> RewardSource:
+    """A ``RewardSource`` from a spec: ``"vader"``, a verifier's name (``"exact-match"``,
+    ``"numeric-match"``, ``"boxed-match"``: ``textenv.verifiers``), a reward-model name or
+    path, a callable, or a ``RewardSource``.
+
+    Several rewards: a list of specs, or a dict ``{name: spec}``, with ``weights`` (one per
+    reward; default 1.0 each) make a ``WeightedRewards``, whose score is the weighted sum.
+    Components are named by the dict's keys, else by the function's ``__name__`` or the
+    source's ``name`` (a path's last part), made unique with ``_2``, ``_3``...:
+    ``make_reward([exact_match, regex_format(r"^<answer>.*</answer>$")], weights=[1.0, 0.2])``.
+    """
+    if isinstance(spec, Mapping) or isinstance(spec, (list, tuple)):
+        return _weighted(spec, device, weights)
+    if weights is not None:  # one reward, weighted
+        return _weighted([spec], device, weights)
     if isinstance(spec, RewardSource):
         return spec
     if isinstance(spec, (str, os.PathLike)):
         if str(spec) == "vader":
             return VaderSentimentReward()
+        if str(spec) in VERIFIERS:
+            return CallableReward(VERIFIERS[str(spec)])
         return RewardModelReward(spec, device=device)
     if callable(spec):
         return CallableReward(spec)
     raise TypeError(
-        f"Unknown reward {spec!r}. Fix: pass 'vader', the name or path of a "
-        "sequence-classification reward model, or a function f(prompts, completions)."
+        f"Unknown reward {spec!r}. Fix: pass one of {', '.join(map(repr, BUILTIN_REWARDS))}, the name or path of a "
+        "sequence-classification reward model, a function f(prompts, completions), or a list of these."
     )
+
+
+def _weighted(specs: Sequence[RewardSpec] | Mapping[str, RewardSpec], device: str | torch.device,
+              weights: Sequence[float] | Mapping[str, float] | None) -> WeightedRewards:
+    if isinstance(specs, Mapping):
+        named = list(specs.items())
+        for name, _ in named:
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"Reward names must be non-empty strings, got {name!r}")
+    else:
+        named = [(None, spec) for spec in specs]
+    components: dict[str, RewardSource] = {}
+    for given, spec in named:
+        if isinstance(spec, (Mapping, list, tuple)):
+            raise TypeError(f"A reward in a list is itself a {type(spec).__name__}. Fix: give one flat list of "
+                            "rewards (a WeightedRewards object combines a group, if you need nesting).")
+        if callable(spec) and not isinstance(spec, RewardSource):
+            name = _unique(given or getattr(spec, "__name__", type(spec).__name__), components)
+            components[name] = CallableReward(spec, name=name)
+        else:
+            source = make_reward(spec, device=device)
+            components[_unique(given or _short_name(source.name), components)] = source
+    return WeightedRewards(components, weights)
+
+
+def _short_name(name: str) -> str:
+    """A component's name from a source's: a path's last part (``runs/rm/`` -> ``rm``)."""
+    parts = [part for part in str(name).replace("\\", "/").split("/") if part]
+    return parts[-1] if parts else str(name)
+
+
+def _unique(name: str, taken: Mapping[str, Any]) -> str:
+    if name not in taken:
+        return name
+    number = 2
+    while f"{name}_{number}" in taken:
+        number += 1
+    return f"{name}_{number}"

@@ -178,8 +178,11 @@ class TextTask(TokenTask):
     :param model: reference model: ``"default"``, a name, a path, or a model instance
         (frozen in place). The policy usually starts from the same weights.
     :param tokenizer: defaults to the tokenizer saved with ``model``.
-    :param reward: ``"vader"``, a reward-model name or path, ``f(prompts,
-        completions) -> scores``, or a ``textenv.rewards.RewardSource``.
+    :param reward: ``"vader"``, a verifier's name (``"exact-match"``, ``"numeric-match"``,
+        ``"boxed-match"``: ``textenv.verifiers``), a reward-model name or path, ``f(prompts,
+        completions, **fields) -> scores``, a ``textenv.rewards.RewardSource``, or a list
+        (or a ``{name: ...}`` dict) of these, whose weighted sum is the task score.
+    :param reward_weights: one weight per reward of a list (default 1.0 each).
     :param device: where the reference and reward models run and the episodes' state
         lives: ``"auto"`` (default, as SB3's agents: CUDA when there is a GPU), ``"cpu"``,
         ``"cuda"``... An agent made from an env id builds its env on the agent's device.
@@ -201,6 +204,7 @@ class TextTask(TokenTask):
         prompt_field: str | None = None,
         chat_template: bool | str = False,
         system_prompt: str | None = None,
+        reward_weights: Sequence[float] | None = None,
     ):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
@@ -209,12 +213,13 @@ class TextTask(TokenTask):
         # Bad records (a missing file, a record without a prompt) are refused before any model loads.
         self.records = load_prompts(prompts, prompt_field)
         self.prompts = [display_text(prompt) for prompt in self.records.prompts]  # as samples show them
+        # The reward, and the fields it needs, checked before the reference model loads.
+        self.reward_source = make_reward(reward, device=resolve_device(device), weights=reward_weights)
+        self.reward_source.check_fields(list(self.records.fields))
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_new_tokens,
                          "max_prompt_len + max_new_tokens", device,
                          chat=True if self.records.has_chat else chat_template,
                          system_prompt=system_prompt)
-        self.reward_source = make_reward(reward, device=self.device)
-        self.reward_source.check_fields(list(self.records.fields))
         self.max_new_tokens = max_new_tokens
         self.prompt_ids = self._tokenize_prompts(prompt_truncation)
 
@@ -240,11 +245,17 @@ class TextTask(TokenTask):
         return self.tokenizer.decode(completion, skip_special_tokens=True)  # the prompt re-tokenizes differently
 
     def score(self, prompt_indices: Sequence[int], completions: Sequence[str]) -> np.ndarray:
+        """Task scores of finished episodes (``score_components``' first half)."""
+        return self.score_components(prompt_indices, completions)[0]
+
+    def score_components(self, prompt_indices: Sequence[int],
+                         completions: Sequence[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Task scores of finished episodes, in one batched call to the reward source: each
-        record's prompt (a string or a chat) and its fields (``textenv.rewards``)."""
+        record's prompt (a string or a chat) and its fields (``textenv.rewards``); and, with
+        several rewards, each one's scores by name."""
         indices = list(prompt_indices)
-        return self.reward_source([self.records.prompts[i] for i in indices], completions,
-                                  **self.records.fields_at(indices))
+        return self.reward_source.score_components([self.records.prompts[i] for i in indices], completions,
+                                                   **self.records.fields_at(indices))
 
     def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
         if self.chat is not None:

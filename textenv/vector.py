@@ -7,7 +7,8 @@ An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
 - the reference model decodes one token for all episodes in one forward pass,
   with a KV-cache slot per episode (``textenv.slot_decoding``); new episodes are
   prefilled together;
-- finished episodes are scored together, in one call to the reward source.
+- finished episodes are scored together, in one call to the reward source (one per
+  component of several rewards, each one's score in ``info["reward_components"]``).
 
 Reference scoring is per step by default (``info["ref_logprob"]`` at every step, the
 contract of ``TextGenEnv``). An agent that only needs the reference's log-probs at
@@ -401,7 +402,7 @@ class BatchedTextGenVecEnv(BatchedTokenVecEnv):
         generated = self._input_ids[finished, task.max_prompt_len :].tolist()
         completions = [task.completion_text(self._prompt_index[env], tokens[:n])
                        for env, tokens, n in zip(finished_list, generated, lengths)]
-        scores = task.score(self._prompt_index[finished_list], completions)
+        scores, components = task.score_components(self._prompt_index[finished_list], completions)
         final_ids = self._input_ids[finished].cpu().numpy()
         final_mask = self._attention_mask[finished].cpu().numpy()
         now = time.time()
@@ -416,5 +417,7 @@ class BatchedTextGenVecEnv(BatchedTokenVecEnv):
                 episode={"r": float(scores[j]), "l": lengths[j], "t": round(now - self._episode_start_time[env], 6)},
                 budget_exhausted=budget_list[j],
             )
+            if components:
+                infos[env]["reward_components"] = {name: float(values[j]) for name, values in components.items()}
             infos[env]["TimeLimit.truncated"] = False  # terminal, as DummyVecEnv reports it (module doc)
 
