@@ -15,6 +15,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from agents.fast_rollout import observation_tensors
 from policies.sampling import sample_tokens
 from textenv.files import atomic_write_text
+from textenv.registration import FULL_MARKS
 
 
 @dataclass
@@ -26,6 +27,9 @@ class EvaluationResult:
     distinct_1: float  # distinct words / words, over all completions
     distinct_2: float  # distinct word bigrams / bigrams
     samples: list[tuple[str, str, float]] = field(default_factory=list)
+    # Share of episodes whose task score reaches the task's full marks (a correct answer), for
+    # tasks that declare them (``textenv.registration.FULL_MARKS``), else None:
+    accuracy: float | None = None
     # Multi-turn environments (textenv.multiturn) only, else None:
     success_rate: float | None = None  # share of episodes the turn-level env counted as a success
     turns: float | None = None  # agent turns per episode
@@ -140,17 +144,48 @@ def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: i
     return sorted(episodes, key=lambda episode: (episode.number, episode.slot))
 
 
+def full_marks_of(env: VecEnv) -> float | None:
+    """The task score of a correct answer on ``env``: its id's ``FULL_MARKS`` entry, ``None``
+    for an id without one, an env whose id is unknown, or one made with a reward of its own
+    (``make_text_vec_env(..., env_kwargs={"reward": ...})``: the id's full marks were its
+    reward's)."""
+    make_args = getattr(env, "make_args", None) or {}
+    if "reward" in make_args.get("env_kwargs", {}):
+        return None
+    env_id = make_args.get("env_id") or getattr(env, "env_id", None)
+    if env_id is None:
+        try:
+            env_id = getattr(env.get_attr("spec")[0], "id", None)  # SB3's DummyVecEnv of gym.make envs
+        except AttributeError:
+            return None
+    return FULL_MARKS.get(env_id)
+
+
+ACCURACY_TOLERANCE = 1e-9  # a score computed as 0.1 * 10 still counts as 1.0
+
+
+def accuracy_of(scores: list[float], full_marks: float | None) -> float | None:
+    """Share of ``scores`` at ``full_marks`` or above (``None`` without full marks)."""
+    if full_marks is None or not scores:
+        return None
+    return float(np.mean([score >= full_marks - ACCURACY_TOLERANCE for score in scores]))
+
+
 def evaluate_agent(
-    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
+    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0,
+    full_marks: float | None = None,
 ) -> EvaluationResult:
     """Sample ``n_episodes`` episodes with the agent's policy (``sample_episodes``) and
     measure them: mean task score, KL and length, perplexity under the reference,
-    diversity, and the (prompt, completion, score) samples."""
+    diversity, the (prompt, completion, score) samples, and the accuracy where the task has
+    full marks (``full_marks``, default the env id's, ``full_marks_of``)."""
     episodes = sample_episodes(model, env, n_episodes, seed)
     completions = [episode.completion for episode in episodes]
     lengths = [episode.length for episode in episodes]
     multi_turn = all(episode.turns is not None for episode in episodes)
+    full_marks = full_marks if full_marks is not None else full_marks_of(env)
     return EvaluationResult(
+        accuracy=accuracy_of([episode.task_score for episode in episodes], full_marks),
         success_rate=float(np.mean([bool(episode.success) for episode in episodes])) if multi_turn else None,
         turns=float(np.mean([episode.turns for episode in episodes])) if multi_turn else None,
         task_score=float(np.mean([episode.task_score for episode in episodes])),
@@ -179,6 +214,7 @@ def compare_with_reference(
 
 METRICS = [
     ("task score (mean)", "task_score", "{:+.3f}"),
+    ("accuracy (score at full marks)", "accuracy", "{:.3f}"),
     ("KL to reference (nats/episode)", "kl", "{:.3f}"),
     ("perplexity under reference", "perplexity", "{:.2f}"),
     ("distinct-1", "distinct_1", "{:.3f}"),

@@ -50,6 +50,11 @@ class TrainingRun:
                 "success_rate_after": round(self.after.success_rate, 4),
                 "turns_before": round(self.before.turns, 3), "turns_after": round(self.after.turns, 3)}
 
+    def _accuracy_summary(self) -> dict[str, Any]:
+        if self.before is None or self.after is None or self.after.accuracy is None:
+            return {}
+        return {"accuracy_before": round(self.before.accuracy, 4), "accuracy_after": round(self.after.accuracy, 4)}
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready: the scores, the KL, the speed, the paths and the resolved configuration."""
         return {
@@ -61,6 +66,7 @@ class TrainingRun:
             "tokens_per_second": round(self.tokens_trained / self.train_seconds, 1),
             "task_score_before": round(self.before.task_score, 4),
             "task_score_after": round(self.after.task_score, 4),
+            **self._accuracy_summary(),
             "kl_before": round(self.before.kl, 4),
             "kl_after": round(self.after.kl, 4),
             "kl_coef_final": round(self.agent.kl_controller.value, 5),
@@ -72,8 +78,11 @@ class TrainingRun:
 
 
 def describe(result: EvaluationResult) -> str:
-    """One line: score and KL, and on a multi-turn task the success rate and turns."""
+    """One line: score and KL, the accuracy on a task with full marks, and on a multi-turn
+    task the success rate and turns."""
     text = f"mean task score {result.task_score:+.3f}, KL {result.kl:.3f}"
+    if result.accuracy is not None:
+        text += f", accuracy {result.accuracy:.3f}"
     if result.success_rate is not None:
         text += f", success rate {result.success_rate:.3f}, {result.turns:.2f} turns per episode"
     return text

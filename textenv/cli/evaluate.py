@@ -3,8 +3,9 @@
     textenv-evaluate runs/textenv-PositiveSentiment-v0-ppo-seed0.zip
     textenv-evaluate agent.zip --env textenv/Arithmetic-v0 --json report.json
 
-Reports mean task score, KL to the reference, perplexity under the reference,
-distinct-1/distinct-2 and samples side by side, as Markdown (and JSON).
+Reports mean task score, accuracy (the share of correct answers, on tasks whose score has
+full marks: ``textenv.registration.FULL_MARKS``), KL to the reference, perplexity under
+the reference, distinct-1/distinct-2 and samples side by side, as Markdown (and JSON).
 
 The prompts: ``--prompts FILE`` (a .txt with one prompt per line, or a .jsonl with one
 {"prompt": ...} object per line), else the task's held-out prompts where it has some

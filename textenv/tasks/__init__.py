@@ -4,7 +4,10 @@
   ``textenv/ShortPositive-v0`` (continue a review opening so the text reads positive);
 - ``arithmetic``: ``textenv/Arithmetic-v0`` (answer ``a+b=`` exactly);
 - ``guess_number``: ``textenv/GuessTheNumber-v0`` (a multi-turn game: find a number
-  from 1 to 10 from "higher"/"lower" replies; ``textenv.multiturn``).
+  from 1 to 10 from "higher"/"lower" replies; ``textenv.multiturn``);
+- ``reasoning_gym``: ``reasoning-gym/<generator>-v0``, reasoning-gym's procedurally
+  generated problems (``reasoning-gym/chain_sum-v0``, ...), scored by each generator's own
+  ``score_answer``; registered when reasoning-gym is installed (the ``games`` extra).
 
 Their data: ``corpus`` (the review corpus, also what the default model is trained
 on) and ``preferences`` (the preference pairs the learned reward model is trained
@@ -15,9 +18,9 @@ on). Tasks name their models (``"default"``, ``"textenv:arithmetic"``,
 
 from __future__ import annotations
 
-from textenv.tasks import arithmetic, guess_number, sentiment
+from textenv.tasks import arithmetic, guess_number, reasoning_gym, sentiment
 
-TASK_MODULES = (sentiment, arithmetic, guess_number)
+TASK_MODULES = (sentiment, arithmetic, guess_number, reasoning_gym)
 
 
 def register_builtin_tasks() -> None:

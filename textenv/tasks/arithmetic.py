@@ -54,4 +54,5 @@ def register() -> None:
         max_prompt_len=8,
         max_new_tokens=4,
         heldout_prompts=heldout_prompts,
+        full_marks=1.0,  # the exact answer: evaluation reports the share as accuracy
     )
