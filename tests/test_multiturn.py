@@ -321,3 +321,45 @@ def test_ppo_learns_to_use_the_replies_in_guess_the_number(tmp_path, default_mod
     assert after.success_rate > before.success_rate + 0.25  # measured: 0.33 -> 0.87
     assert after.turns < before.turns - 0.1  # measured: 3.30 -> 2.95 (binary search: 2.9)
     assert "[agent]" in after.samples[0][1] and "[env]" in after.samples[0][1]  # whole dialogues
+
+
+class Wordy:
+    """A game that talks like GEM's and TextArena's: long instructions, long replies."""
+
+    repeats = 3
+
+    def reset(self, seed=None):
+        self.turns = 0
+        return "Instructions: " + "guess the hidden word, one letter at a time. " * (self.repeats + (seed or 0) % 2), {}
+
+    def step(self, text):
+        self.turns += 1
+        return "Board: " + "_ " * 20 + f"(turn {self.turns})", 0.0, self.turns >= 3, False, {}
+
+
+def test_a_games_lengths_are_sized_from_its_own_messages(default_model_path):
+    """``max_prompt_len="auto"``, ``max_episode_tokens="auto"`` (the games' registrations'
+    default): the probe's longest first message and reply, with room to spare, so that every
+    game of the probe fits; a model whose context is too short is refused with the sizes."""
+    from textenv.multiturn import SIZING_MARGIN, size_dialogue
+
+    tokenizer = load_tokenizer("default")
+    settings = dict(model="default", max_prompt_len="auto", max_episode_tokens="auto", max_turn_tokens=4,
+                    max_turns=3, reply_template="\n{reply}\n", device="cpu")
+    sized = size_dialogue(Wordy, settings)
+    longest_first = max(len(encode(tokenizer, Wordy().reset(seed=s)[0])) for s in range(4))
+    game = Wordy()
+    game.reset(seed=0)
+    longest_reply = len(encode(tokenizer, "\n" + game.step("1")[0] + "\n"))
+    assert longest_first <= sized["max_prompt_len"] <= longest_first * SIZING_MARGIN + 8
+    assert sized["max_episode_tokens"] >= 3 * 4 + 2 * longest_reply
+    with pytest.raises(ValueError, match=r"sized from 4 games: first messages up to \d+ tokens.*exceeds the "
+                                         r"model's context of 128 tokens.*longer context"):
+        MultiTurnTextEnv(Wordy, **settings)
+    class Brief(Wordy):
+        repeats = 1
+
+    fitting = MultiTurnTextEnv(Brief, **{**settings, "max_turns": 1})  # one turn: no reply to hold
+    fitting.reset(seed=1)  # the longer of its first messages fits
+    assert fitting.task.max_prompt_len == size_dialogue(Brief, {**settings, "max_turns": 1})["max_prompt_len"]
+    assert size_dialogue(Wordy, {**settings, "max_prompt_len": 40, "max_episode_tokens": 50})["max_prompt_len"] == 40

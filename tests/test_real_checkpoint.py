@@ -230,3 +230,29 @@ def test_a_gguf_path_without_gguf_or_file_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(GGUFUnavailable, match=r'needs the `gguf` package.*Fix: pip install -e "\.\[real\]"'):
         resolve_model_path(str(present))
     assert not (tmp_path / "cache").exists()
+
+
+@needs_real
+@pytest.mark.parametrize("adapter, game", [("gem", "game:Mastermind-v0-easy"), ("textarena", "GuessTheNumber-v0")])
+def test_a_gem_and_a_textarena_game_fit_the_real_checkpoint_at_their_sized_lengths(smollm2_folder, adapter, game):
+    """The games' registrations size their lengths from the games' own messages (hundreds of
+    tokens: the default model's 128-token context holds none) and render the dialogue with
+    the model's chat template; on SmolLM2-135M-Instruct a game plays, replies appended."""
+    pytest.importorskip("gem" if adapter == "gem" else "textarena")
+    from textenv.games import register_gem_game, register_textarena_game
+
+    env_id = f"test/{adapter}-{game.replace(':', '-')}"
+    if env_id not in gym.registry:
+        register = register_gem_game if adapter == "gem" else register_textarena_game
+        register(env_id, game, model="smollm2-135m-instruct", max_turns=3, max_turn_tokens=4, device="cpu")
+    env = gym.make(env_id)
+    task = env.unwrapped.task
+    assert task.chat is not None and task.max_prompt_len > 128  # sized, and a chat
+    obs, _ = env.reset(seed=0)
+    first = int(obs["attention_mask"].sum())
+    assert first <= task.max_prompt_len
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    turn = tokenizer("1", add_special_tokens=False)["input_ids"] + [task.chat.end_of_turn_id]
+    for token in turn:
+        obs, _, done, _, info = env.step(token)
+    assert int(obs["attention_mask"].sum()) > first + len(turn) or done  # a reply appended, or the game over

@@ -151,19 +151,27 @@ class TextArenaTurnEnv:
         return self.format_observation(outcome.get("reason", "")), reward, True, False, outcome
 
 
+#: What a game's registration defaults to: lengths sized from the game's own messages
+#: (``textenv.multiturn.size_dialogue``: a game's first message alone runs to hundreds of
+#: tokens), and a chat where the model has a template.
+GAME_DEFAULTS: dict[str, Any] = dict(max_prompt_len="auto", max_episode_tokens="auto", chat_template="auto")
+
+
 def register_gem_game(env_id: str, gem_id: str, format_action: Callable[[str], str] = boxed,
                       format_observation: Callable[[str], str] = _identity, **env_kwargs: Any) -> None:
-    """Register ``env_id``: GEM's ``gem_id`` as a token-level ``MultiTurnTextEnv``."""
+    """Register ``env_id``: GEM's ``gem_id`` as a token-level ``MultiTurnTextEnv``, with
+    ``GAME_DEFAULTS`` under ``env_kwargs``."""
     from textenv.multiturn import register_multi_turn_task
 
     register_multi_turn_task(env_id, turn_env=partial(GemTurnEnv, gem_id, format_action, format_observation),
-                             **env_kwargs)
+                             **{**GAME_DEFAULTS, **env_kwargs})
 
 
 def register_textarena_game(env_id: str, textarena_id: str, format_action: Callable[[str], str] = bracketed,
                             format_observation: Callable[[str], str] = _identity, **env_kwargs: Any) -> None:
-    """Register ``env_id``: TextArena's single-player ``textarena_id`` as a ``MultiTurnTextEnv``."""
+    """Register ``env_id``: TextArena's single-player ``textarena_id`` as a ``MultiTurnTextEnv``,
+    with ``GAME_DEFAULTS`` under ``env_kwargs``."""
     from textenv.multiturn import register_multi_turn_task
 
     register_multi_turn_task(env_id, turn_env=partial(TextArenaTurnEnv, textarena_id, format_action,
-                                                      format_observation), **env_kwargs)
+                                                      format_observation), **{**GAME_DEFAULTS, **env_kwargs})

@@ -81,9 +81,71 @@ def make_turn_env(spec: TurnEnvSpec) -> TurnEnv:
     raise TypeError(f"turn_env must be an object with reset(seed) and step(text), or a factory of one; got {spec!r}")
 
 
+AUTO = "auto"
+SIZING_GAMES = 4  # games played by the sizing probe (``size_dialogue``)
+SIZING_MARGIN = 1.25  # room over the longest first message and reply the probe saw
+
+
+def size_dialogue(turn_env: TurnEnvSpec, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a ``MultiTurnTask``'s) with ``max_prompt_len="auto"`` and
+    ``max_episode_tokens="auto"`` made numbers from the game itself: a probe plays
+    ``SIZING_GAMES`` games (seeds 0, 1, ...) with a one-token answer each turn and measures,
+    with the task's tokenizer and templates, the longest first message and reply;
+    ``max_prompt_len`` is the first with ``SIZING_MARGIN`` to spare, ``max_episode_tokens``
+    room for ``max_turns`` agent turns of ``max_turn_tokens`` and the replies between them
+    (where the probe's answer ended every game at once, a reply is taken to be as long as
+    the first message).
+    A game's own messages run to hundreds of tokens, which no fixed default fits; a model
+    whose context is too short for them is then refused with the sizes named."""
+    if AUTO not in (settings.get("max_prompt_len"), settings.get("max_episode_tokens")):
+        return settings
+    from textenv.chat import ChatFormat
+    from textenv.models import load_tokenizer
+
+    tokenizer = load_tokenizer(settings.get("tokenizer") or settings.get("model", "default"))
+    chat_template = settings.get("chat_template", False)
+    chat = None
+    if chat_template is True or (chat_template == AUTO and getattr(tokenizer, "chat_template", None)):
+        chat = ChatFormat(tokenizer, settings.get("system_prompt"))
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    first_template = settings.get("first_message_template", "{message}")
+    reply_template = settings.get("reply_template", "{reply}")
+    max_turns, turn_tokens = settings.get("max_turns", 8), settings.get("max_turn_tokens", 8)
+    probe = make_turn_env(turn_env)
+    first_lengths, reply_lengths = [], []
+    for seed in range(SIZING_GAMES):
+        first_message, _ = probe.reset(seed=seed)
+        first_lengths.append(len(chat.prompt_ids(first_message) if chat else encode(first_template.format(
+            message=first_message))))
+        for _ in range(max_turns - 1):
+            reply, _, terminated, truncated, _ = probe.step("1")
+            if terminated or truncated:
+                break
+            reply_lengths.append(len(chat.user_turn_ids(reply, turn_closed=True) if chat else encode(
+                reply_template.format(reply=reply))))
+
+    def with_margin(tokens: int) -> int:
+        return -(-int(tokens * SIZING_MARGIN) // 8) * 8
+
+    if not reply_lengths:  # every probe game ended at its first answer: a reply is taken to be as long as
+        reply_lengths = first_lengths  # the first message (a game's board, say, is in both)
+    sized = dict(settings)
+    if sized.get("max_prompt_len") == AUTO:
+        sized["max_prompt_len"] = with_margin(max(first_lengths))
+    if sized.get("max_episode_tokens") == AUTO:
+        sized["max_episode_tokens"] = max_turns * turn_tokens + (max_turns - 1) * with_margin(max(reply_lengths))
+    sized["width_note"] = (f"sized from {SIZING_GAMES} games: first messages up to {max(first_lengths)} tokens, "
+                           f"replies up to {max(reply_lengths)}")
+    return sized
+
+
 class MultiTurnTask(TokenTask):
     """What every episode of a multi-turn task shares (``TokenTask``'s, plus the turn
-    budgets and templates); arguments as for ``MultiTurnTextEnv``."""
+    budgets and templates); arguments as for ``MultiTurnTextEnv`` (numbers here: the
+    envs size ``"auto"`` lengths first, ``size_dialogue``)."""
 
     def __init__(
         self,
@@ -99,13 +161,18 @@ class MultiTurnTask(TokenTask):
         device: str | torch.device = "auto",
         chat_template: bool | str = False,
         system_prompt: str | None = None,
+        width_note: str | None = None,
     ):
+        if AUTO in (max_prompt_len, max_episode_tokens):
+            raise ValueError("max_prompt_len='auto' and max_episode_tokens='auto' are sized from the game by the env "
+                             "(MultiTurnTextEnv, make_text_vec_env). Fix: build the env, or pass numbers to the task.")
         if min(max_prompt_len, max_turn_tokens, max_turns, max_episode_tokens) < 1:
             raise ValueError("max_prompt_len, max_turn_tokens, max_turns and max_episode_tokens must be at least 1")
         if "{reply}" not in reply_template or "{message}" not in first_message_template:
             raise ValueError("reply_template needs '{reply}' and first_message_template '{message}'")
-        super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_episode_tokens,
-                         "max_prompt_len + max_episode_tokens", device, chat=chat_template, system_prompt=system_prompt)
+        what = "max_prompt_len + max_episode_tokens" + (f" ({width_note})" if width_note else "")
+        super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_episode_tokens, what, device,
+                         chat=chat_template, system_prompt=system_prompt)
         if self.chat is not None and (reply_template != "{reply}" or first_message_template != "{message}"):
             raise ValueError("With a chat template the template writes the turns. Fix: drop reply_template and "
                              "first_message_template (or pass chat_template=False).")
@@ -255,11 +322,13 @@ class MultiTurnTextEnv(TokenEnv):
     :param turn_env: the turn-level env, or a zero-argument factory of one.
     :param model: the reference model (and, by default, the policy's starting point):
         ``"default"``, a name, a path, or a model instance (with ``tokenizer``).
-    :param max_prompt_len: room for the first message, in tokens.
+    :param max_prompt_len: room for the first message, in tokens; ``"auto"``: sized from the
+        game's own first messages (``size_dialogue``; the games' registrations default to it).
     :param max_turn_tokens: the agent's tokens per turn.
     :param max_turns: agent turns per episode.
     :param max_episode_tokens: room for everything after the first message (agent and
         reply tokens); the observation is ``max_prompt_len + max_episode_tokens`` wide.
+        ``"auto"``: room for ``max_turns`` turns and the replies the game gives.
     :param stop_strings: texts that end the agent's turn besides the stop tokens.
     :param reply_template: how a reply is written into the transcript (``{reply}``),
         e.g. ``"\\nUser: {reply}\\nAssistant:"``.
@@ -271,7 +340,7 @@ class MultiTurnTextEnv(TokenEnv):
     """
 
     def __init__(self, turn_env: TurnEnvSpec, render_mode: str | None = None, **task_kwargs: Any):
-        super().__init__(MultiTurnTask(**task_kwargs), render_mode)
+        super().__init__(MultiTurnTask(**size_dialogue(turn_env, task_kwargs)), render_mode)
         self.conversation = Conversation(self.task, make_turn_env(turn_env))
 
     @property

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
-from textenv.multiturn import MULTI_TURN_ENTRY_POINT, Conversation, MultiTurnTask, MultiTurnTextEnv, TurnEnvSpec, make_turn_env
+from textenv.multiturn import (
+    MULTI_TURN_ENTRY_POINT, Conversation, MultiTurnTask, MultiTurnTextEnv, TurnEnvSpec, make_turn_env, size_dialogue,
+)
 from textenv.vector import BatchedTokenVecEnv
 
 
@@ -46,7 +48,7 @@ class BatchedMultiTurnVecEnv(BatchedTokenVecEnv):
 
     def __init__(self, n_envs: int, turn_env: TurnEnvSpec, **task_kwargs: Any):
         task_kwargs.pop("render_mode", None)
-        super().__init__(n_envs, MultiTurnTask(**task_kwargs))
+        super().__init__(n_envs, MultiTurnTask(**size_dialogue(turn_env, task_kwargs)))
         turn_envs = [make_turn_env(turn_env) for _ in range(n_envs)]
         if len({id(env) for env in turn_envs}) < n_envs:
             raise ValueError(

@@ -48,7 +48,8 @@ def check_fits_context(model, width: int, what: str) -> None:
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is not None and width > context:
-        raise ValueError(f"{what} = {width} exceeds the model's context of {context} tokens. Fix: lower one of them.")
+        raise ValueError(f"{what} = {width} exceeds the model's context of {context} tokens. Fix: lower one of them, "
+                         "or use a model with a longer context (e.g. model='smollm2-135m-instruct', 8,192 tokens).")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
