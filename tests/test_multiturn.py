@@ -363,3 +363,65 @@ def test_a_games_lengths_are_sized_from_its_own_messages(default_model_path):
     fitting.reset(seed=1)  # the longer of its first messages fits
     assert fitting.task.max_prompt_len == size_dialogue(Brief, {**settings, "max_turns": 1})["max_prompt_len"]
     assert size_dialogue(Wordy, {**settings, "max_prompt_len": 40, "max_episode_tokens": 50})["max_prompt_len"] == 40
+
+
+class Quiz:
+    """A dialogue over a data set: the record's question first; a turn that says the record's
+    answer scores 1 and ends the episode, else "Try again." (three tries)."""
+
+    def reset(self, seed=None, record=None):
+        self.record, self.tries = record, 0
+        return record["prompt"], {}
+
+    def step(self, text):
+        self.tries += 1
+        right = text.strip() == self.record["answer"]
+        return "Try again.", float(right), right or self.tries >= 3, False, {"success": right}
+
+
+QUIZ_RECORDS = [{"prompt": f"What is {i} plus one?", "answer": str(i + 1)} for i in range(6)]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_dialogue_over_records_hands_each_episode_its_record(default_model_path, batched):
+    """``prompts=`` records on a multi-turn task: each episode's turn-level env gets its record
+    (its question is the first message, its answer judges the turns), the batched env draws
+    them as the single env does, groups share one, and a saved state keeps them."""
+    from agents import make_text_vec_env
+    from textenv.multiturn import register_multi_turn_task
+
+    import gymnasium as gym
+
+    if "test/Quiz-v0" not in gym.registry:
+        register_multi_turn_task("test/Quiz-v0", turn_env=Quiz, prompts=QUIZ_RECORDS, model="default", max_prompt_len=16,
+                                 max_turn_tokens=3, max_turns=3, max_episode_tokens=30, reply_template="\n{reply}\n",
+                                 device="cpu")
+    env = make_text_vec_env("test/Quiz-v0", n_envs=4, seed=3, batched=batched)
+    singles = make_text_vec_env("test/Quiz-v0", n_envs=4, seed=3, batched=False)
+    obs, expected = env.reset(), singles.reset()
+    np.testing.assert_array_equal(obs["input_ids"], expected["input_ids"])  # the same records, drawn alike
+    tokenizer = load_tokenizer("default")
+    questions = [tokenizer.decode(row[mask == 1]) for row, mask in zip(obs["input_ids"], obs["attention_mask"])]
+    assert all(q.strip().startswith("What is") for q in questions)
+    index = [int(q.split()[2]) for q in questions]
+    answer = [encode(tokenizer, str(i + 1)) for i in index]  # each episode says its own answer, then EOS
+    eos = tokenizer.eos_token_id
+    rewards = np.zeros(env.num_envs)
+    for step in range(max(len(a) for a in answer) + 1):
+        actions = np.array([a[step] if step < len(a) else eos for a in answer])
+        _, step_rewards, dones, infos = env.step(actions)
+        rewards += step_rewards
+    assert rewards.tolist() == [1.0] * env.num_envs  # every episode was judged by its own record's answer
+    if batched:
+        env.configure_episodes(group_size=2, autoreset=False)
+        env.reset()
+        assert env._record_index[0] == env._record_index[1] and env._record_index[2] == env._record_index[3]
+        state = env.get_state()
+        other = make_text_vec_env("test/Quiz-v0", n_envs=4, seed=9)
+        other.set_state(state)
+        assert other._record_index.tolist() == env._record_index.tolist()
+
+
+def test_records_need_a_turn_env_that_takes_them(default_model_path):
+    with pytest.raises(TypeError, match=r"takes no record=.*Fix"):
+        MultiTurnTextEnv(CountingGame, prompts=QUIZ_RECORDS, **COUNTING_SETTINGS)

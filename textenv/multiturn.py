@@ -45,6 +45,7 @@ steps many dialogues at once, plays exactly as this env does.
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence, Union
 
@@ -54,6 +55,7 @@ import torch
 
 from textenv.env import TokenEnv
 from textenv.models import ModelSpec, TokenizerSpec
+from textenv.prompts import load_prompts
 from textenv.task import TokenTask
 
 MULTI_TURN_ENTRY_POINT = "textenv.multiturn:MultiTurnTextEnv"
@@ -162,6 +164,8 @@ class MultiTurnTask(TokenTask):
         chat_template: bool | str = False,
         system_prompt: str | None = None,
         width_note: str | None = None,
+        prompts: Any = None,
+        prompt_field: str | None = None,
     ):
         if AUTO in (max_prompt_len, max_episode_tokens):
             raise ValueError("max_prompt_len='auto' and max_episode_tokens='auto' are sized from the game by the env "
@@ -176,6 +180,8 @@ class MultiTurnTask(TokenTask):
         if self.chat is not None and (reply_template != "{reply}" or first_message_template != "{message}"):
             raise ValueError("With a chat template the template writes the turns. Fix: drop reply_template and "
                              "first_message_template (or pass chat_template=False).")
+        # Records (``textenv.prompts``), one per episode, handed to the turn-level env at reset.
+        self.records = None if prompts is None else load_prompts(prompts, prompt_field)
         self.max_turn_tokens, self.max_turns, self.max_episode_tokens = max_turn_tokens, max_turns, max_episode_tokens
         # The most tokens the agent can take in one episode (what a group rollout must cover).
         self.max_new_tokens = min(max_episode_tokens, max_turns * max_turn_tokens)
@@ -188,6 +194,12 @@ class MultiTurnTask(TokenTask):
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def record(self, index: int) -> dict[str, Any]:
+        """Record ``index`` as its turn-level env receives it: ``{"prompt": ..., **fields}``."""
+        assert self.records is not None
+        fields = {name: values[index] for name, values in self.records.fields.items()}
+        return {"prompt": self.records.prompts[index], **fields}
 
     def prompt_ids(self, first_message: str) -> list[int]:
         """The first message as the episode's prompt (with a chat template: as the user's
@@ -246,9 +258,14 @@ class Conversation:
         self.turns, self.episode_return = 0, 0.0
         self.transcript: list[tuple[str, str]] = []
 
-    def start(self, seed: int) -> tuple[list[int], dict[str, Any]]:
-        """A new episode: the prompt ids of the turn-level env's first message, and its info."""
-        first_message, turn_info = self.turn_env.reset(seed=seed)
+    def start(self, seed: int, record: dict[str, Any] | None = None) -> tuple[list[int], dict[str, Any]]:
+        """A new episode: the prompt ids of the turn-level env's first message, and its info.
+        A task of records hands the episode's record to the turn-level env (``reset(seed=...,
+        record=...)``: its question, the answer to judge the turns by, ...)."""
+        if record is None:
+            first_message, turn_info = self.turn_env.reset(seed=seed)
+        else:
+            first_message, turn_info = self.turn_env.reset(seed=seed, record=record)
         prompt_ids = self.task.prompt_ids(first_message)
         self.first_message = first_message
         self.turn_tokens, self.turns, self.episode_return, self.transcript = [], 0, 0.0, []
@@ -337,11 +354,17 @@ class MultiTurnTextEnv(TokenEnv):
         the first message as the user's first turn, each reply appended as a user turn
         after the agent's (``textenv.chat``); the agent's turn ends at the template's end of turn.
     :param system_prompt: a system message before the first message (with ``chat_template``).
+    :param prompts: records (``textenv.prompts``), one drawn per episode and handed to the
+        turn-level env's ``reset(seed=..., record={"prompt": ..., **fields})``: a data set of
+        problems played as dialogues (the env asks, judges the answers by the record's fields).
+    :param prompt_field: the field of a record that holds its prompt.
     """
 
     def __init__(self, turn_env: TurnEnvSpec, render_mode: str | None = None, **task_kwargs: Any):
         super().__init__(MultiTurnTask(**size_dialogue(turn_env, task_kwargs)), render_mode)
         self.conversation = Conversation(self.task, make_turn_env(turn_env))
+        check_takes_records(self.task, self.conversation.turn_env)
+        self._record_index = 0
 
     @property
     def turn_env(self) -> TurnEnv:
@@ -354,7 +377,15 @@ class MultiTurnTextEnv(TokenEnv):
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """A new episode: the turn-level env's first message, as the prompt."""
         super().reset(seed=seed)
-        prompt_ids, info = self.conversation.start(seed=int(self.np_random.integers(2**31)))
+        record = None
+        if self.task.records is not None:  # a record per episode, or options={"prompt_index": i}
+            options = options or {}
+            if "prompt_index" in options:
+                self._record_index = int(options["prompt_index"]) % len(self.task.records)
+            else:
+                self._record_index = int(self.np_random.integers(len(self.task.records)))
+            record = self.task.record(self._record_index)
+        prompt_ids, info = self.conversation.start(seed=int(self.np_random.integers(2**31)), record=record)
         self._start(prompt_ids)
         self.agent_columns: list[int] = []  # where the agent's tokens sit (for inspection and tests)
         return self._observation(), info
@@ -384,6 +415,17 @@ class MultiTurnTextEnv(TokenEnv):
         if self.render_mode == "ansi":
             return f"[env] {self.conversation.first_message} {self.transcript_text()}"
         return None
+
+
+def check_takes_records(task: MultiTurnTask, turn_env: TurnEnv) -> None:
+    """A task of records needs a turn-level env whose ``reset`` takes ``record=``."""
+    if task.records is None:
+        return
+    parameters = inspect.signature(turn_env.reset).parameters.values()
+    if not any(p.name == "record" or p.kind is p.VAR_KEYWORD for p in parameters):
+        raise TypeError(f"The task has prompt records, and {type(turn_env).__name__}.reset takes no record=. Fix: "
+                        "give it reset(self, seed=None, record=None) (the record's 'prompt' and fields: build the "
+                        "first message from them), or drop prompts=.")
 
 
 def register_multi_turn_task(env_id: str, turn_env: TurnEnvSpec, **env_kwargs: Any) -> None:

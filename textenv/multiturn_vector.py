@@ -35,6 +35,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvStepReturn
 
 from textenv.multiturn import (
     MULTI_TURN_ENTRY_POINT, Conversation, MultiTurnTask, MultiTurnTextEnv, TurnEnvSpec, make_turn_env, size_dialogue,
+    check_takes_records,
 )
 from textenv.vector import BatchedTokenVecEnv
 
@@ -56,7 +57,9 @@ class BatchedMultiTurnVecEnv(BatchedTokenVecEnv):
                 "instance. Fix: pass a factory that makes one (its class, or a function without arguments)."
             )
         self.conversations = [Conversation(self.task, env) for env in turn_envs]
+        check_takes_records(self.task, turn_envs[0])
         self._episode_seeds = np.zeros(n_envs, dtype=np.int64)  # what each turn-level env was reset with
+        self._record_index = np.zeros(n_envs, dtype=np.int64)  # each episode's record (a task of records)
 
     @torch.no_grad()
     def step_wait(self) -> VecEnvStepReturn:
@@ -94,13 +97,17 @@ class BatchedMultiTurnVecEnv(BatchedTokenVecEnv):
         """New games in ``envs``' rows (each group's the same game when ``grouped``): every
         turn-level env resets with a seed from its episode's sampler, as
         ``MultiTurnTextEnv.reset`` does."""
-        prompts = []
+        prompts, records = [], self.task.records
         for env in envs.tolist():
-            if grouped and env % self.group_size:  # the group's first episode drew the game
-                self._episode_seeds[env] = self._episode_seeds[env - env % self.group_size]
+            if grouped and env % self.group_size:  # the group's first episode drew the game (and record)
+                leader = env - env % self.group_size
+                self._episode_seeds[env], self._record_index[env] = self._episode_seeds[leader], self._record_index[leader]
             else:
+                if records is not None:  # as MultiTurnTextEnv.reset draws them: the record, then the seed
+                    self._record_index[env] = int(self._rngs[env].integers(len(records)))
                 self._episode_seeds[env] = int(self._rngs[env].integers(2**31))
-            prompt_ids, _ = self.conversations[env].start(seed=int(self._episode_seeds[env]))
+            record = None if records is None else self.task.record(int(self._record_index[env]))
+            prompt_ids, _ = self.conversations[env].start(seed=int(self._episode_seeds[env]), record=record)
             prompts.append(prompt_ids)
         self._write_prompts(envs, prompts)
 
@@ -121,10 +128,11 @@ class BatchedMultiTurnVecEnv(BatchedTokenVecEnv):
             infos[env]["TimeLimit.truncated"] = False  # every end is terminal (textenv.multiturn)
 
     def _episode_state(self) -> dict[str, Any]:
-        return {"episode_seeds": self._episode_seeds.copy(),
+        return {"episode_seeds": self._episode_seeds.copy(), "record_index": self._record_index.copy(),
                 "conversations": [conversation.state() for conversation in self.conversations]}
 
     def _restore_episode_state(self, state: dict[str, Any]) -> None:
         self._episode_seeds[:] = state["episode_seeds"]
+        self._record_index[:] = state.get("record_index", 0)
         for conversation, saved in zip(self.conversations, state["conversations"]):
             conversation.restore(copy.deepcopy(saved))
