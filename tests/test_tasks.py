@@ -12,6 +12,7 @@ import pytest
 import textenv  # noqa: F401
 from agents import make_agent, make_text_vec_env
 from agents.evaluation import distinct_n
+from textenv.prompts import load_prompts
 from textenv.registration import HELDOUT_PROMPTS
 from textenv.tasks.arithmetic import exact_match_reward
 from textenv.tasks.sentiment import short_positive_reward
@@ -38,8 +39,9 @@ def test_heldout_prompts_are_not_training_prompts():
     for env_id, heldout in HELDOUT_PROMPTS.items():
         if env_id.startswith("reasoning-gym/"):
             continue
-        training = set(gym.spec(env_id).kwargs["prompts"])
-        assert heldout() and not training & set(heldout()), env_id
+        training = set(map(str, load_prompts(gym.spec(env_id).kwargs["prompts"]).prompts))
+        held = set(map(str, load_prompts(heldout()).prompts))
+        assert held and not training & held, env_id
 
 
 def test_every_builtin_prompt_task_keeps_heldout_prompts():
@@ -48,7 +50,7 @@ def test_every_builtin_prompt_task_keeps_heldout_prompts():
 
     builtin = [env_id for env_id in gym.registry if env_id.startswith("textenv/") and env_id != "textenv/TextGen-v0"]
     prompt_tasks = [env_id for env_id in builtin if gym.spec(env_id).entry_point != MULTI_TURN_ENTRY_POINT]
-    assert len(prompt_tasks) == 4 and set(prompt_tasks) <= set(HELDOUT_PROMPTS)
+    assert len(prompt_tasks) == 5 and set(prompt_tasks) <= set(HELDOUT_PROMPTS)
     assert sorted(set(builtin) - set(prompt_tasks)) == ["textenv/GuessTheNumber-v0"]
 
 

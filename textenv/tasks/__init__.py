@@ -5,6 +5,8 @@
 - ``arithmetic``: ``textenv/Arithmetic-v0`` (answer ``a+b=`` exactly);
 - ``guess_number``: ``textenv/GuessTheNumber-v0`` (a multi-turn game: find a number
   from 1 to 10 from "higher"/"lower" replies; ``textenv.multiturn``);
+- ``sums``: ``textenv/ChatSums-v0`` (one-digit sums as chats for the real instruct
+  checkpoint, SmolLM2-135M-Instruct, scored by the answer's last number);
 - ``reasoning_gym``: ``reasoning-gym/<generator>-v0``, reasoning-gym's procedurally
   generated problems (``reasoning-gym/chain_sum-v0``, ...), scored by each generator's own
   ``score_answer``; registered when reasoning-gym is installed (the ``games`` extra).
@@ -18,9 +20,9 @@ on). Tasks name their models (``"default"``, ``"textenv:arithmetic"``,
 
 from __future__ import annotations
 
-from textenv.tasks import arithmetic, guess_number, reasoning_gym, sentiment
+from textenv.tasks import arithmetic, guess_number, reasoning_gym, sentiment, sums
 
-TASK_MODULES = (sentiment, arithmetic, guess_number, reasoning_gym)
+TASK_MODULES = (sentiment, arithmetic, guess_number, reasoning_gym, sums)
 
 
 def register_builtin_tasks() -> None:
