@@ -154,7 +154,7 @@ def politeness(prompts, completions):
 textenv.register_task("my/Polite-v0", prompts=str(Path(__file__).with_name("polite.jsonl")), reward=politeness,
                       max_prompt_len=32, max_new_tokens=8)
 '''
-TASK_PROMPTS = ['{"prompt": "Dear customer,"}', '{"prompt": "Thank you for your order."}', '{"text": "Hello"}']
+TASK_PROMPTS = ['{"prompt": "Dear customer,"}', '{"prompt": "Thank you for your order."}', '{"prompt": "Hello"}']
 
 
 @pytest.fixture(scope="module")

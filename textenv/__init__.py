@@ -10,6 +10,8 @@ one module per task), and the names of the models the project builds itself
   the built-in preference pairs;
 - ``textenv/Arithmetic-v0``: answer ``a+b=`` exactly;
 - ``textenv/ShortPositive-v0``: say something short and positive, then stop;
+- ``textenv/ChatSums-v0``: one-digit sums as chats for the real instruct checkpoint
+  (SmolLM2-135M-Instruct), scored by the answer's last number;
 - ``textenv/GuessTheNumber-v0``: a multi-turn game, find a number from 1 to 10 from
   "Higher."/"Lower." replies (``textenv.multiturn``; GEM's and TextArena's versions
   are ``gem/GuessTheNumber-v0-easy`` and ``textarena/GuessTheNumber-v0``).
