@@ -11,7 +11,11 @@ SB3's rollout calls ``policy(obs)`` on the full prefix at every step. Here each
 parallel episode keeps a KV-cache slot (``textenv.slot_decoding``): a step feeds
 only the token just taken, and a new episode fills its slot from its prompt.
 After every update the cached keys of running episodes are stale, so each
-rollout begins with ``start`` (one prefill of all current prefixes).
+rollout begins with ``start`` (one prefill of all current prefixes); between a rollout's
+last step and the next ``start`` the caches are freed (``release``: ``observe_last`` and
+the policy's ``set_training_mode(True)`` call it), so that the update does not hold them
+(``n_envs x layers x 2 x W`` keys and values: 0.19 GB for SmolLM2-135M at 8 episodes of
+512 columns).
 """
 
 from __future__ import annotations
@@ -111,17 +115,29 @@ class PolicyRolloutDecoder:
         bootstrap running episodes) and the next call is ``start``, which refills every slot.
         Episodes that ended get no prefill of their successor (the floor of a rollout
         decodes nothing after its last token either): their value is 0, unused by GAE after
-        a terminal step, and when every episode ended nothing is decoded at all."""
+        a terminal step, and when every episode ended nothing is decoded at all. Then the
+        KV caches are freed (``release``): the update does not hold them."""
         if bool(new_episode.all()):
-            self.logits, self.values = None, torch.zeros(len(new_episode), device=new_episode.device)
+            self.values = torch.zeros(len(new_episode), device=new_episode.device)
+            self.release()
             return
         extend_from = self._extend_from(attention_mask, new_episode)
         self.last_columns = last_token_index(attention_mask)
         slots = self.critic_slots if self.critic_slots is not None else self.slots  # only values are needed
         with self.policy.compute_context():
             hidden = slots.step(actions, input_ids, attention_mask, extend_from=extend_from, skip=new_episode)
-            self.logits = None  # "start" comes next
             self.values = self.policy.value(hidden).flatten().masked_fill(new_episode, 0.0)
+        self.release()  # "start" comes next
+
+    def release(self) -> None:
+        """Free the KV caches (``n_envs x layers x 2 x W`` keys and values) and the logits:
+        after a rollout's last step nothing reads them (the next rollout's ``start`` refills
+        every slot, its caches allocated again), and the update should not hold them.
+        ``values`` stay (they bootstrap the rollout)."""
+        self.slots = SlotDecoder(self.slots.model, self.slots.n_slots, self.slots.width)
+        if self.critic_slots is not None:
+            self.critic_slots = SlotDecoder(self.critic_slots.model, self.critic_slots.n_slots, self.critic_slots.width)
+        self.logits = None
 
 
 class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
@@ -131,6 +147,10 @@ class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
     def __init__(self, policy, n_envs: int, width: int):
         super().__init__(policy, n_envs, width)
         self.mask_slots = SlotDecoder(causal_lm_of(policy.mask_lm), n_envs, width)
+
+    def release(self) -> None:
+        super().release()
+        self.mask_slots = SlotDecoder(self.mask_slots.model, self.mask_slots.n_slots, self.mask_slots.width)
 
     def _masked(self, logits: torch.Tensor, mask_hidden: torch.Tensor) -> torch.Tensor:
         allowed = top_p_mask(self.policy.mask_logits(mask_hidden), self.policy.top_p)

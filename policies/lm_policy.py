@@ -22,12 +22,21 @@ Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
   forward passes under bf16 autocast); ``"bf16"`` keeps bf16 weights (half the
   memory; small updates are lost to rounding);
 - observations are cast back to integer ids (SB3 casts every ``Box`` to float;
-  exact below 2**24).
+  exact below 2**24);
+- memory between the phases of training: after every optimizer step that was taken
+  the gradients are freed (set to ``None``, as SB3's ``zero_grad`` before the next
+  backward would), so they never sit beside the next minibatch's activations; with
+  ``trim_memory`` (default) on a CPU the C heap keeps no freed memory
+  (``policies.memory``: glibc's mmap threshold fixed, the heap trimmed after every step
+  and when an update starts). The rollout's KV caches are freed after its last step
+  (``policies.decoding``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Any, ContextManager, Literal
 
 import torch
@@ -40,6 +49,7 @@ from torch import nn
 
 from policies.guarded_optimizer import skipping_non_finite
 from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
+from policies.memory import keep_heap_small, trim_heap
 from policies.observations import last_token_index, positions_from_mask, unpack_observation
 from policies.sampling import log_prob_of
 from policies.sequences import TokenSequences
@@ -63,6 +73,10 @@ class LMPolicyMixin:
     #: Set by a data-parallel agent (``agents.distributed.DataParallelEvaluation``): the
     #: synchronised ``evaluate_actions`` for evaluations under gradient; ``None``: one process.
     data_parallel: Any = None
+    #: A full fine-tune of more trainable parameters than this on a CPU gets a one-time
+    #: notice (per process) that LoRA is the path there (``notice_full_fine_tune_on_cpu``).
+    cpu_full_fine_tune_notice_parameters: int = 100_000_000
+    _cpu_notice_given: bool = False  # class-wide: once per process
 
     def __init__(
         self,
@@ -79,6 +93,7 @@ class LMPolicyMixin:
         critic: Critic = "shared",
         critic_model_name_or_path: str | None = None,
         critic_learning_rate: float | None = None,
+        trim_memory: bool = True,
         **kwargs: Any,
     ):
         if critic not in CRITICS:
@@ -111,6 +126,7 @@ class LMPolicyMixin:
         self.critic = critic
         self.critic_model_name_or_path = None if critic_model_name_or_path is None else str(critic_model_name_or_path)
         self.critic_learning_rate = critic_learning_rate
+        self.trim_memory = bool(trim_memory)
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -152,6 +168,45 @@ class LMPolicyMixin:
         # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
         self.optimizer = skipping_non_finite(self.optimizer_class)(self._parameter_groups(lr_schedule(1)),
                                                                    lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.release_hook = self.optimizer.register_step_post_hook(
+            release_gradients_and_heap if self.trim_memory else release_gradients)
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's switch, at the start of every rollout (``False``) and update (``True``). When
+        an update starts, the KV caches of this policy's decoders are freed (``release_decoders``;
+        a PPO rollout frees its own after its last step, a group rollout does not). With
+        ``trim_memory`` on a CPU: glibc's mmap threshold is fixed once (``keep_heap_small``),
+        and when an update starts the rollout's freed heap memory goes back to the system."""
+        super().set_training_mode(mode)
+        if mode:  # an update starts: the rollout's KV caches are stale and of no use to it
+            self.release_decoders()
+        if self.device.type != "cpu":
+            return
+        self.notice_full_fine_tune_on_cpu()
+        if self.trim_memory:
+            keep_heap_small()
+            if mode:
+                trim_heap()
+
+    def notice_full_fine_tune_on_cpu(self) -> None:
+        """Once per process, at the first rollout or update on a CPU of a full fine-tune of
+        more than ``cpu_full_fine_tune_notice_parameters`` trainable parameters: a notice
+        that LoRA is the path on a CPU (measured: ``scripts/benchmark.py --workloads R``)."""
+        if self.lora is not None or LMPolicyMixin._cpu_notice_given:
+            return
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        if trainable <= self.cpu_full_fine_tune_notice_parameters:
+            return
+        LMPolicyMixin._cpu_notice_given = True
+        weights_gb = sum(p.numel() * p.element_size() for p in self.parameters() if p.requires_grad) / 1e9
+        warnings.warn(
+            f"Full fine-tuning of {self.model_name_or_path!r} ({trainable / 1e6:.0f}M trainable parameters) on a "
+            f"CPU: its weights, their gradients, Adam's two moments and the frozen reference copy take about "
+            f"4 x {weights_gb:.2f} GB before any activation, and every update steps every weight. LoRA trains "
+            "the adapters alone and its reference is the same weights with the adapters off (no copy): on "
+            "SmolLM2-135M-Instruct about half the peak memory and twice the tokens/s of a full fine-tune. "
+            "Fix: policy_kwargs={'lora': {'r': 8}} (textenv-train --lora-r 8), or train on a GPU.",
+            UserWarning, stacklevel=3)
 
     def _parameter_groups(self, learning_rate: float) -> list[dict[str, Any]]:
         """One group of trainable parameters, or two with a separate critic: its body and
@@ -191,6 +246,7 @@ class LMPolicyMixin:
             critic=self.critic,
             critic_model_name_or_path=self.critic_model_name_or_path,
             critic_learning_rate=self.critic_learning_rate,
+            trim_memory=self.trim_memory,
         )
         return data
 
@@ -330,7 +386,38 @@ class LMPolicyMixin:
         episodes: training rollouts, group rollouts and evaluation all decode with it."""
         from policies.decoding import PolicyRolloutDecoder
 
-        return PolicyRolloutDecoder(self, n_envs, width)
+        return self.tracked_decoder(PolicyRolloutDecoder(self, n_envs, width))
+
+    def tracked_decoder(self, decoder: "PolicyRolloutDecoder") -> "PolicyRolloutDecoder":
+        """``decoder``, remembered (weakly) so that every update frees its KV caches first:
+        an update makes them stale, and the next ``start`` refills every slot anyway."""
+        live = [ref for ref in getattr(self, "_decoders", []) if ref() is not None]
+        self._decoders = [*live, weakref.ref(decoder)]
+        return decoder
+
+    def release_decoders(self) -> None:
+        """Free the KV caches of every decoder of this policy still alive (``tracked_decoder``)."""
+        for ref in getattr(self, "_decoders", []):
+            decoder = ref()
+            if decoder is not None:
+                decoder.release()
+
+
+def release_gradients(optimizer: torch.optim.Optimizer, args: Any = (), kwargs: Any = None) -> None:
+    """After a step that was taken (``policies.guarded_optimizer``: a skipped step leaves its
+    non-finite gradients to be looked at), free the gradients: the step consumed them, and
+    SB3's update calls ``zero_grad()`` (``set_to_none``) only after the next minibatch's
+    forward pass, so they would otherwise sit beside its activations (a full copy of the
+    trainable weights). The next backward allocates them afresh, as it does anyway."""
+    if getattr(optimizer, "consecutive_skips", 0) == 0:
+        optimizer.zero_grad(set_to_none=True)
+
+
+def release_gradients_and_heap(optimizer: torch.optim.Optimizer, args: Any = (), kwargs: Any = None) -> None:
+    """``release_gradients``, then the freed C-heap memory (the minibatch's activations and
+    gradients) back to the operating system (``policies.memory.trim_heap``)."""
+    release_gradients(optimizer)
+    trim_heap()
 
 
 class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
@@ -356,4 +443,9 @@ class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
         policy's start): any checkpoint with the same tokenizer, e.g. a reward model's.
     :param critic_learning_rate: the separate critic's learning rate (default: the
         policy's); it follows the policy's schedule in proportion.
+    :param trim_memory: on a CPU, keep glibc from holding freed memory (``policies.memory``:
+        its mmap threshold fixed at 128 KiB, the heap trimmed after every optimizer step and
+        when an update starts); glibc otherwise held 0.5-1.5 GB at the peak on
+        SmolLM2-135M. ``False``: leave the allocator alone (a page handed back costs a
+        page fault when it is used again).
     """

@@ -98,4 +98,4 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
         """The rollout step with this policy's top-p masks (see ``policies.decoding``)."""
         from policies.decoding import TopPMaskedRolloutDecoder
 
-        return TopPMaskedRolloutDecoder(self, n_envs, width)
+        return self.tracked_decoder(TopPMaskedRolloutDecoder(self, n_envs, width))
