@@ -22,6 +22,11 @@ loop doing the work of one PPO iteration and nothing more; see
 4. Multi-turn (``--multi-turn``, ``bench.multi_turn``): end-to-end tokens/s of PPO on a
    scripted dialogue task: the fast path on the batched multi-turn env and on
    per-episode envs, and SB3's stock path (left out with ``--skip-stock``).
+5. The real checkpoint (``--workloads R``, only when asked: SmolLM2-135M-Instruct on a chat
+   task, 8 episodes x 8 new tokens, ``bench.workloads``): end-to-end tokens/s and peak
+   memory of the fast path and the floor, full fine-tune and LoRA r=8, and the fast path
+   with ``trim_memory=False`` (glibc's heap left alone) beside each; skipped, with the
+   install line, where the checkpoint is not installed. About 10-20 min on a 2-core CPU.
 
 Timing: by default every variant times 32 iterations on S (16,384 generated
 tokens), 4 on M (8,192) and 1 on L (2,048), after one untimed warm-up iteration;
@@ -47,6 +52,9 @@ import tempfile
 
 VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
 LENGTH_VARIANTS = ("bare_ppo", "fast")  # end to end only
+# The real checkpoint (bench.measure.variant_settings reads the suffixes): end to end only.
+REAL_WORKLOADS = ("R",)
+REAL_VARIANTS = ("fast", "fast_untrimmed", "bare_ppo", "fast_lora", "fast_lora_untrimmed", "bare_ppo_lora")
 DEFAULT_WORKLOADS = ("S", "M", "L")
 DEFAULT_LENGTHS = (32, 128, 512)
 DEFAULT_PROCESSES = (1, 2)
@@ -60,7 +68,8 @@ PPO_FLOOR = ("tight bare PyTorch PPO loop (scripts/ppo_reference.py: KV-cached d
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="*", default=None,
-                        help="names from bench.workloads.WORKLOADS (default: S M L; none: only the length table)")
+                        help="names from bench.workloads.WORKLOADS (default: S M L; none: only the length table; "
+                             "R: the real checkpoint, its own table)")
     parser.add_argument("--lengths", nargs="*", type=int, default=None,
                         help="new tokens per episode for the episode-length table on S (bare --lengths: 32 128 512; "
                              "default: 32 128 512 when every workload runs, else none)")
@@ -119,14 +128,36 @@ def length_workloads(args: argparse.Namespace) -> list[str]:
     return [f"S@{tokens}" for tokens in args.lengths]
 
 
+def measurement_plan(args: argparse.Namespace) -> dict[str, list[str]]:
+    """``plan[workload]``: the variants measured on it, in order."""
+    plan = {w: list(REAL_VARIANTS) if w in REAL_WORKLOADS else
+            [v for v in VARIANTS if v != "stock" or w in args.stock_workloads] for w in args.workloads}
+    plan.update({w: list(LENGTH_VARIANTS) for w in length_workloads(args)})
+    return plan
+
+
+def drop_unavailable_workloads(args: argparse.Namespace) -> list[str]:
+    """Leave out the workloads whose checkpoint is not installed; returns a note for each."""
+    from bench.workloads import real_checkpoint_problem, workload_named
+
+    notes, kept = [], []
+    for w in args.workloads:
+        problem = real_checkpoint_problem(workload_named(w))
+        if problem is None:
+            kept.append(w)
+        else:
+            notes.append(f"Workload {w} skipped: {problem}")
+    args.workloads = kept
+    return notes
+
+
 def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     """``results[workload][variant]``: one measurement per repeat. Repeats go round all variants
     in turn, so slow drifts of the machine's load spread over every variant alike."""
     from bench.measure import run_measurement
 
     context = multiprocessing.get_context("spawn")
-    plan = {w: [v for v in VARIANTS if v != "stock" or w in args.stock_workloads] for w in args.workloads}
-    plan.update({w: list(LENGTH_VARIANTS) for w in length_workloads(args)})
+    plan = measurement_plan(args)
     results: dict[str, dict[str, list[dict]]] = {w: {v: [] for v in variants} for w, variants in plan.items()}
     for workload, variants in plan.items():
         for repeat in range(args.repeats):
@@ -242,6 +273,53 @@ def format_length_table(results: dict[str, dict[str, list[dict]]], lengths: list
     return "\n".join(lines)
 
 
+def format_real_table(runs: dict[str, list[dict]]) -> str:
+    """Workload R: a column each for the full fine-tune and LoRA; end-to-end tok/s and peak
+    memory of the fast path, the floor and the fast path with ``trim_memory=False``, their
+    ratios, and the fast path's LoRA / full ratios below the table."""
+    columns = {"full fine-tune": "", "LoRA r=8": "_lora"}
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, fn) -> None:
+        values = []
+        for suffix in columns.values():
+            try:
+                values.append(fn(suffix))
+            except KeyError:
+                values.append("n/a")
+        rows.append((label, values))
+
+    def v(name: str, suffix: str, untrimmed: bool = False) -> list[dict]:
+        return runs[f"{name}{suffix}{'_untrimmed' if untrimmed else ''}"]
+
+    add("end-to-end tok/s: fast path", lambda x: f"{median_tps(v('fast', x)):,.2f}")
+    add(f"end-to-end tok/s: {PPO_FLOOR}", lambda x: f"{median_tps(v('bare_ppo', x)):,.2f}")
+    add("**end to end: fast / tight floor**", lambda x: format_ratio(ratios(v("fast", x), v("bare_ppo", x))))
+    add("share of a fast iteration: rollout / scoring / update", lambda x: " / ".join(
+        f"{statistics.median(100 * r['parts'][part] / r['seconds'] for r in v('fast', x)):.0f}%"
+        for part in ("rollout", "scoring", "update")))
+    add("end-to-end tok/s: fast path, trim_memory=False (glibc's heap left alone)",
+        lambda x: f"{median_tps(v('fast', x, True)):,.2f}")
+    add("**end to end: fast / fast with trim_memory=False**",
+        lambda x: format_ratio(ratios(v("fast", x), v("fast", x, True))))
+    add("peak memory MB (RSS): fast path", lambda x: f"{peak_mb(v('fast', x)):,.0f}")
+    add("peak memory MB: fast path, trim_memory=False", lambda x: f"{peak_mb(v('fast', x, True)):,.0f}")
+    add("peak memory MB: tight floor", lambda x: f"{peak_mb(v('bare_ppo', x)):,.0f}")
+    add("**peak memory: fast / tight floor**",
+        lambda x: f"**{peak_mb(v('fast', x)) / peak_mb(v('bare_ppo', x)):.2f}x**")
+    add("**peak memory: fast / fast with trim_memory=False**",
+        lambda x: f"**{peak_mb(v('fast', x)) / peak_mb(v('fast', x, True)):.2f}x**")
+    lines = ["| figure | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+    try:
+        speed = format_ratio(ratios(runs["fast_lora"], runs["fast"]), suffix="x")
+        memory = peak_mb(runs["fast_lora"]) / peak_mb(runs["fast"])
+        lines.append(f"\nFast path, LoRA r=8 / full fine-tune: end-to-end tok/s {speed}, peak memory {memory:.2f}x")
+    except KeyError:
+        pass
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     """One Markdown table, a column per workload; "n/a" where a variant was not measured."""
     workloads = list(results)
@@ -289,6 +367,9 @@ def main(argv=None) -> str:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    skipped = drop_unavailable_workloads(args)
+    for note in skipped:
+        print(note)
     load_before = os.getloadavg()[0]
     results = measure_all(args)
     data_parallel = measure_data_parallel_runs(args) if args.data_parallel else {}
@@ -303,14 +384,22 @@ def main(argv=None) -> str:
     for w in [*args.workloads, *length_workloads(args)]:
         spec = workload_named(w)
         stock = f"stock {iterations_for(args, w, 'stock')}" if w in args.stock_workloads else "stock not measured"
-        print(f"Workload {w}: {spec.n_layer} layers, {spec.n_embd} dims, vocab {spec.vocab_size}, "
+        checkpoint = f"checkpoint {spec.model}{', chat prompts' if spec.chat else ''}: " if spec.model else ""
+        stock = "stock not measured" if w in REAL_WORKLOADS else stock
+        print(f"Workload {w}: {checkpoint}{spec.n_layer} layers, {spec.n_embd} dims, vocab {spec.vocab_size}, "
               f"{spec.n_envs} episodes x {spec.new_tokens} new tokens, {spec.n_epochs} epochs, "
               f"{spec.minibatches} minibatches; timed iterations: {iterations_for(args, w, 'fast')} per variant, {stock}")
     tables = []
-    if args.workloads:
-        tables.append(format_table({w: results[w] for w in args.workloads}))
+    built = [w for w in args.workloads if w not in REAL_WORKLOADS]
+    if built:
+        tables.append(format_table({w: results[w] for w in built}))
         print()
         print(tables[-1])
+    for w in args.workloads:
+        if w in REAL_WORKLOADS:
+            tables.append(format_real_table(results[w]))
+            print(f"\nThe real checkpoint (workload {w}: end to end, full fine-tune and LoRA):\n")
+            print(tables[-1])
     if args.lengths:
         tables.append(format_length_table(results, args.lengths))
         print("\nEpisode length (workload S, end to end):\n")

