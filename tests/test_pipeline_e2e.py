@@ -17,9 +17,12 @@ def test_pipeline_raises_the_learned_reward_and_the_rules_score(tmp_path, defaul
     assert summary["reward_model_heldout_accuracy"] >= 0.9
     learned_before, learned_after = summary["learned_reward"]
     rule_before, rule_after = summary["rule_score"]
-    assert learned_after > learned_before + 0.3  # standardised reward units
-    assert rule_after > rule_before + 0.05  # PPO on the learned reward also moves the rule's score
-    assert summary["kl_to_reference"] < 12.0
+    # Seeds 0, 1, 2 (2-core CPU): learned reward +1.08, +1.08, +1.10 (standardised units), the
+    # rule's score +0.28, +0.21, +0.27, held-out KL 3.69, 3.54, 2.61 with the controller's target
+    # at 4 (scripts/kl_hold.py: the training KL held 3.9-4.1). Margins well inside that spread.
+    assert learned_after > learned_before + 0.5
+    assert rule_after > rule_before + 0.1  # PPO on the learned reward also moves the rule's score
+    assert summary["kl_to_reference"] < 6.0
     saved = json.loads((tmp_path / "pipe" / "summary.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(summary))
 
