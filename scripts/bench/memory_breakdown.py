@@ -49,9 +49,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make ``bench`` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 MB = 2**20
 REAL_MODEL = "smollm2-135m-instruct"
 PROMPTS = [
