@@ -147,6 +147,11 @@ def distributed_from_environment(device: str = "auto") -> Iterator[DistributedCo
     context = init_from_environment(device)
     try:
         yield context
+        if context is not None:
+            # Every rank is done before any tears its group down: gloo aborted a rank (SIGABRT,
+            # "terminate called without an active exception") that left while another still
+            # talked to it. Only on a normal exit: a rank that failed must not wait for the rest.
+            dist.barrier()
     finally:
         if context is not None and dist.is_initialized():
             dist.destroy_process_group()

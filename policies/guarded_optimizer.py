@@ -36,7 +36,7 @@ class SkipsNonFiniteSteps:
         finite = not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all())
         if finite:
             self.consecutive_skips = 0
-            return super().step(closure)  # type: ignore[misc]
+            return wrapped_step_without_hooks(super().step)(closure)  # type: ignore[misc]
         self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
         self.consecutive_skips = getattr(self, "consecutive_skips", 0) + 1
         if self.consecutive_skips >= self.max_consecutive_skips:
@@ -63,6 +63,18 @@ class SkipsNonFiniteSteps:
         super().load_state_dict(state_dict)  # type: ignore[misc]
         self.skipped_steps = int(counters.get("skipped_steps", 0))
         self.consecutive_skips = int(counters.get("consecutive_skips", 0))
+
+
+def wrapped_step_without_hooks(step):
+    """The wrapped optimizer's own ``step``, without torch's hook runner. torch wraps a class's
+    ``step`` with the runner of the step hooks when the class's first instance is made; this
+    class's ``step`` is wrapped so, and runs the hooks once. Had a plain instance of the wrapped
+    class been made earlier in the process (an Adam anywhere), its ``step`` would run them a
+    second time: every post hook (the policy's gradient release) twice per step."""
+    function = getattr(step, "__func__", step)
+    if getattr(function, "hooked", False) and hasattr(function, "__wrapped__"):
+        return function.__wrapped__.__get__(step.__self__)
+    return step
 
 
 @lru_cache(maxsize=None)

@@ -69,3 +69,21 @@ def test_the_skip_counters_survive_a_save_and_load(tmp_path, default_model_path)
         p.grad = torch.full_like(p, float("nan"))
     with pytest.raises(NonFiniteUpdateError, match="3 updates in a row"):
         loaded.policy.optimizer.step()
+
+
+def test_step_hooks_run_once_per_step_even_after_a_plain_adam_was_made():
+    """torch wraps ``Adam.step`` with its hook runner when the first plain Adam is made; the
+    guarded subclass is wrapped too, and must not run the hooks a second time (CI caught the
+    policy's gradient release running twice per step in a full test session)."""
+    from policies.guarded_optimizer import skipping_non_finite
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    torch.optim.Adam([torch.nn.Parameter(torch.ones(1))])  # hooks Adam.step, as any earlier test may
+    optimizer = skipping_non_finite(torch.optim.Adam)([weight], lr=0.1)
+    pre_calls, post_calls = [], []
+    optimizer.register_step_pre_hook(lambda *_: pre_calls.append(1))
+    optimizer.register_step_post_hook(lambda *_: post_calls.append(1))
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert (len(pre_calls), len(post_calls)) == (1, 1)
+    assert torch.allclose(weight.detach(), torch.full((3,), 0.9))  # and the step itself was taken once
