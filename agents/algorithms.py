@@ -44,7 +44,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents import distributed
-from agents.clipped_update import clipped_update
+from agents.clipped_update import PolicyLoss, check_policy_loss, clipped_update
 from agents.config import log_config
 from agents.envs import env_device, resolve_env
 from agents.fast_rollout import FastRolloutMixin
@@ -56,6 +56,7 @@ from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
 from textenv.files import atomic_write
+from textenv.rewards import is_skipped
 from textenv.vector import BatchedTokenVecEnv
 
 # The KL penalty's defaults, one set for the Python API and the scripts (which pass
@@ -144,6 +145,13 @@ def warn_if_env_elsewhere(env: VecEnv | None, device: torch.device) -> None:
             UserWarning,
             stacklevel=3,
         )
+
+
+def stores_sequences(fast: bool, kwargs: dict[str, Any]) -> bool:
+    """Whether the agent's rollout buffer will be the fast path's ``SequenceRolloutBuffer``
+    (whole sequences, the reference's log-probs, segments that can be left out of the loss)."""
+    buffer_class = kwargs.get("rollout_buffer_class") or (SequenceRolloutBuffer if fast else None)
+    return isinstance(buffer_class, type) and issubclass(buffer_class, SequenceRolloutBuffer)
 
 
 def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
@@ -294,9 +302,7 @@ class LMAgentMixin(FastRolloutMixin):
         if placement == "loss" and not self.supports_kl_in_loss:
             raise ValueError(f"{name} runs its library's own update, which has no place for a KL term. Fix: use "
                              "kl_placement='reward' (any kl_estimator), or ppo, rloo or grpo for the KL in the loss.")
-        buffer_class = kwargs.get("rollout_buffer_class") or (SequenceRolloutBuffer if fast else None)
-        keeps_reference = isinstance(buffer_class, type) and issubclass(buffer_class, SequenceRolloutBuffer)
-        if placement == "loss" and not keeps_reference:
+        if placement == "loss" and not stores_sequences(fast, kwargs):
             raise ValueError("kl_placement='loss' needs the reference's log-prob of each token in the update, which "
                              "only the fast path's buffer keeps. Fix: drop fast=False (and rollout_buffer_class).")
         return placement, estimator
@@ -328,10 +334,30 @@ class LMAgentMixin(FastRolloutMixin):
         return policy_kwargs
 
     def train(self) -> None:
-        """The algorithm's update; then how many of its steps were skipped for NaN/inf
-        gradients so far (``policies.guarded_optimizer``)."""
-        super().train()  # type: ignore[misc]
+        """The algorithm's update (none when every episode was left out of the loss); then how
+        many of its steps were skipped for NaN/inf gradients so far (``policies.guarded_optimizer``)."""
+        if self._has_samples_to_train():
+            super().train()  # type: ignore[misc]
         self._record_skipped_updates()
+
+    def _has_samples_to_train(self) -> bool:
+        """Whether the rollout holds segments in the loss on every rank (a reward's ``None``
+        and group filtering leave episodes out: ``agents.sequence_buffer``). Where a rank has
+        none, every rank skips the update, so that they run the same backward passes."""
+        if not isinstance(self.rollout_buffer, SequenceRolloutBuffer):
+            return True
+        return distributed.global_min(len(self.rollout_buffer.trained_segments())) > 0
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones: Any = None) -> None:
+        """SB3's episode statistics, after refusing a sample the reward could not judge (its
+        ``None``) where the rollout storage cannot leave it out of the loss: SB3's own
+        per-transition buffer (``fast=False``) would train on the step's placeholder 0."""
+        if not isinstance(self.rollout_buffer, SequenceRolloutBuffer) and any(map(is_skipped, infos)):
+            raise ValueError("The reward returned None for a completion (it could not judge it), and SB3's own "
+                             "rollout buffer (fast=False) cannot leave that sample out of the loss. Fix: drop "
+                             "fast=False (the fast path leaves it out), or make the reward return a number for "
+                             "every completion.")
+        super()._update_info_buffer(infos, dones)  # type: ignore[misc]
 
     def _update_learning_rate(self, optimizers: Any) -> None:
         """SB3's schedule, then each parameter group's ``lr_scale`` (a separate critic's own
@@ -441,19 +467,38 @@ class LMAgentMixin(FastRolloutMixin):
 
 class LMPPO(LMAgentMixin, PPO):
     """PPO with the per-token KL penalty toward the reference model (or, with
-    ``kl_placement="loss"``, the KL term in the loss)."""
+    ``kl_placement="loss"``, the KL term in the loss).
+
+    :param policy_loss: ``"clip"``, PPO's clipped surrogate (Schulman et al., 2017), or
+        ``"cispo"``, the clipped importance weight held constant, so that every token keeps
+        a gradient (MiniMax-M1, 2025; ``agents.clipped_update``). ``"cispo"`` runs on the
+        fast path.
+    """
 
     algorithm_name = "ppo"
     defaults = PPO_DEFAULTS
     supports_separate_critic = True
     supports_kl_in_loss = True
 
+    def __init__(self, policy: Any = None, env: GymEnv | str | None = None, policy_loss: PolicyLoss = "clip",
+                 **kwargs: Any):
+        check_policy_loss(policy_loss)
+        if policy_loss != "clip" and not stores_sequences(kwargs.get("fast", True), kwargs):
+            raise ValueError(f"policy_loss={policy_loss!r} runs in agents.clipped_update, which reads the fast "
+                             "path's whole sequences. Fix: drop fast=False (and rollout_buffer_class).")
+        self.policy_loss = policy_loss
+        super().__init__(policy, env, **kwargs)
+
     def train(self) -> None:
-        """SB3's ``PPO.train``; with ``kl_placement="loss"``, the same update plus ``beta * KL``
-        in the loss (``agents.clipped_update``: SB3's loss has no place for it)."""
-        if self.kl_in_reward:
+        """SB3's ``PPO.train``; with ``kl_placement="loss"`` or ``policy_loss="cispo"``, the
+        same update with ``beta * KL`` in the loss or CISPO's policy term
+        (``agents.clipped_update``: SB3's loss has no place for either)."""
+        if self.kl_in_reward and self.policy_loss == "clip":
             return super().train()
-        clipped_update(self)
+        if self._has_samples_to_train():
+            clipped_update(self, policy_loss=self.policy_loss)
+        else:
+            self._record_skipped_updates()
 
 
 class LMA2C(LMAgentMixin, A2C):

@@ -51,6 +51,8 @@ class RunResult:
     final_kl_coef: float | None = None  # beta at the end (where the controller took it)
     curve: list[tuple[int, float, float]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # agents.config.resolved_config
+    # The task's metrics after training (TextTask(metrics=...): beside the reward, never trained on).
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def run_comparison(
@@ -92,7 +94,8 @@ def run_comparison(
             seconds = time.perf_counter() - start
             after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             results.append(RunResult(label, seed, before.task_score, after.task_score, after.kl,
-                                     agent.num_timesteps / seconds, agent.kl_controller.value, curve.points, config))
+                                     agent.num_timesteps / seconds, agent.kl_controller.value, curve.points, config,
+                                     getattr(after, "metrics", {})))
     return results
 
 
@@ -133,11 +136,14 @@ def parse_variant(entry: str) -> tuple[str, dict[str, Any]]:
 
 
 def markdown_table(results: list[RunResult]) -> str:
-    """One row per algorithm: means over seeds (and the spread when there are several)."""
+    """One row per algorithm: means over seeds (and the spread when there are several), and a
+    column per metric of the task (after training), where it has any."""
     import numpy as np
 
-    lines = ["| algorithm | seeds | task score before | task score after | KL to reference | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    metric_names = list(dict.fromkeys(name for r in results for name in r.metrics))
+    lines = ["| algorithm | seeds | task score before | task score after | KL to reference | tokens/s |"
+             + "".join(f" {name} (metric) |" for name in metric_names),
+             "|---|---|---|---|---|---|" + "---|" * len(metric_names)]
     for algo in dict.fromkeys(r.algo for r in results):
         runs = [r for r in results if r.algo == algo]
 
@@ -150,6 +156,7 @@ def markdown_table(results: list[RunResult]) -> str:
             f"| {algo} | {len(runs)} | {cell([r.task_score_before for r in runs], '+.3f')} | "
             f"{cell([r.task_score for r in runs], '+.3f')} | {cell([r.kl for r in runs], '.2f')} | "
             f"{cell([r.tokens_per_second for r in runs], '.0f')} |"
+            + "".join(f" {cell([r.metrics.get(name, np.nan) for r in runs], '.3f')} |" for name in metric_names)
         )
     return "\n".join(lines)
 

@@ -1,4 +1,9 @@
-"""Measure an agent: task score, KL and perplexity under the reference, diversity, samples."""
+"""Measure an agent: task score, KL and perplexity under the reference, diversity, samples,
+and the task's metrics (``TextTask(metrics=...)``: scores beside the reward, never trained on).
+
+An episode whose reward could not judge it (``info["task_score"] is None``) is counted in
+``skipped_samples`` and left out of the task score and the accuracy, never scored 0; a
+metric's mean is over the episodes it judged."""
 
 from __future__ import annotations
 
@@ -16,17 +21,21 @@ from agents.fast_rollout import observation_tensors
 from policies.sampling import sample_tokens
 from textenv.files import atomic_write_text
 from textenv.registration import FULL_MARKS
+from textenv.rewards import is_skipped
 
 
 @dataclass
 class EvaluationResult:
-    task_score: float
+    task_score: float  # mean over the judged episodes (NaN when none was)
     kl: float  # mean over episodes of sum_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t))
     episode_length: float
     perplexity: float  # exp(mean negative log-likelihood of generated tokens under the reference)
     distinct_1: float  # distinct words / words, over all completions
     distinct_2: float  # distinct word bigrams / bigrams
-    samples: list[tuple[str, str, float]] = field(default_factory=list)
+    samples: list[tuple[str, str, float | None]] = field(default_factory=list)
+    # The task's metrics, each one's mean over the episodes it judged (``TextTask(metrics=...)``):
+    metrics: dict[str, float] = field(default_factory=dict)
+    skipped_samples: int = 0  # episodes whose reward returned None (left out of the task score)
     # Share of episodes whose task score reaches the task's full marks (a correct answer), for
     # tasks that declare them (``textenv.registration.FULL_MARKS``), else None:
     accuracy: float | None = None
@@ -49,12 +58,13 @@ class EvaluatedEpisode:
     slot: int  # the parallel env it ran in
     prompt: str
     completion: str
-    task_score: float
+    task_score: float | None  # None: the reward could not judge it
     kl: float  # sum_t (log pi(a_t|s_t) - log pi_ref(a_t|s_t))
     ref_logprob: float  # sum_t log pi_ref(a_t|s_t)
     length: int  # generated tokens
     success: bool | None = None  # multi-turn episodes: the turn-level env's verdict
     turns: int | None = None  # multi-turn episodes: agent turns
+    metrics: dict[str, float | None] = field(default_factory=dict)  # the task's metrics (None: not judged)
 
 
 @contextmanager
@@ -129,9 +139,9 @@ def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: i
                 info = infos[i]
                 episodes.append(EvaluatedEpisode(
                     number=int(done_per_env[i]), slot=int(i), prompt=info["prompt"], completion=info["completion"],
-                    task_score=float(info["task_score"]), kl=float(running_kl[i]),
+                    task_score=None if is_skipped(info) else float(info["task_score"]), kl=float(running_kl[i]),
                     ref_logprob=float(running_ref_logprob[i]), length=int(running_len[i]),
-                    success=info.get("success"), turns=info.get("turns"),
+                    success=info.get("success"), turns=info.get("turns"), metrics=dict(info.get("metrics", {})),
                 ))
                 done_per_env[i] += 1
             running_kl[i] = running_ref_logprob[i] = running_len[i] = 0
@@ -184,11 +194,14 @@ def evaluate_agent(
     lengths = [episode.length for episode in episodes]
     multi_turn = all(episode.turns is not None for episode in episodes)
     full_marks = full_marks if full_marks is not None else full_marks_of(env)
+    judged_scores = [episode.task_score for episode in episodes if episode.task_score is not None]
     return EvaluationResult(
-        accuracy=accuracy_of([episode.task_score for episode in episodes], full_marks),
+        accuracy=accuracy_of(judged_scores, full_marks),
         success_rate=float(np.mean([bool(episode.success) for episode in episodes])) if multi_turn else None,
         turns=float(np.mean([episode.turns for episode in episodes])) if multi_turn else None,
-        task_score=float(np.mean([episode.task_score for episode in episodes])),
+        task_score=float(np.mean(judged_scores)) if judged_scores else float("nan"),
+        metrics=metric_means([episode.metrics for episode in episodes]),
+        skipped_samples=len(episodes) - len(judged_scores),
         kl=float(np.mean([episode.kl for episode in episodes])),
         episode_length=float(np.mean(lengths)),
         perplexity=float(np.exp(-np.sum([episode.ref_logprob for episode in episodes]) / np.sum(lengths))),
@@ -196,6 +209,17 @@ def evaluate_agent(
         distinct_2=distinct_n(completions, 2),
         samples=[(episode.prompt, episode.completion, episode.task_score) for episode in episodes],
     )
+
+
+def metric_means(episode_metrics: list[dict[str, float | None]]) -> dict[str, float]:
+    """Each metric's mean over the episodes it judged (NaN where it judged none), in the
+    order the episodes name them."""
+    names = list(dict.fromkeys(name for metrics in episode_metrics for name in metrics))
+    means = {}
+    for name in names:
+        judged = [metrics[name] for metrics in episode_metrics if metrics.get(name) is not None]
+        means[name] = float(np.mean(judged)) if judged else float("nan")
+    return means
 
 
 def compare_with_reference(
@@ -233,12 +257,23 @@ def format_report(results: dict[str, EvaluationResult], n_samples: int = 5) -> s
         if any(getattr(results[n], attribute) is None for n in names):
             continue  # e.g. success rate on a single-turn task
         lines.append(f"| {label} | " + " | ".join(fmt.format(getattr(results[n], attribute)) for n in names) + " |")
+    for metric in dict.fromkeys(metric for n in names for metric in results[n].metrics):  # the task's own
+        cells = [format(results[n].metrics.get(metric, float("nan")), ".3f") for n in names]
+        lines.append(f"| {metric} (task metric, not trained on) | " + " | ".join(cells) + " |")
+    if any(results[n].skipped_samples for n in names):
+        lines.append("| samples the reward could not judge | " + " | ".join(str(results[n].skipped_samples)
+                                                                             for n in names) + " |")
     lines += ["", "| prompt | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for i in range(min(n_samples, *(len(results[n].samples) for n in names))):
         prompt = results[names[0]].samples[i][0]
-        cells = [f"{results[n].samples[i][1]} ({results[n].samples[i][2]:+.2f})" for n in names]
+        cells = [f"{results[n].samples[i][1]} ({format_score(results[n].samples[i][2])})" for n in names]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in [prompt, *cells]) + " |")
     return "\n".join(lines)
+
+
+def format_score(score: float | None) -> str:
+    """A sample's score for a report: signed, or ``not judged`` where the reward returned None."""
+    return "not judged" if score is None else f"{score:+.2f}"
 
 
 def report_json(results: dict[str, EvaluationResult]) -> dict[str, Any]:

@@ -32,9 +32,27 @@ later papers proposed are options of both:
 - ``kl_coef=0``: no KL term (TRL's default, DAPO, Dr. GRPO).
 - GRPO's ``scale_rewards=False``: advantages ``R_i - mean(R)``, without dividing by
   the group's std (Dr. GRPO: the std weights easy and hard prompts unequally).
+- ``importance_level="sequence"``: GSPO (Zheng et al., 2025, "Group Sequence Policy
+  Optimization"; TRL's ``importance_sampling_level="sequence"``), the ratio of the whole
+  sequence, the geometric mean of its tokens' ratios, clipped per sequence (the paper
+  clips to ``[1 - 3e-4, 1 + 4e-4]``: ``clip_range=3e-4, clip_range_high=4e-4``; its
+  objective is a mean over sequences, ``loss_aggregation="sequence_mean"``).
+- ``policy_loss="cispo"``: CISPO (MiniMax-M1, 2025), the importance weight clipped and
+  held constant rather than the update clipped, so every token keeps a gradient
+  (MiniMax-M1 bounds it above only: ``clip_range=1``, ``clip_range_high`` as tuned).
+- ``ent_coef``: SB3's entropy bonus, ``ent_coef * -entropy`` in the loss (logged as
+  ``train/entropy_loss``), as PPO's.
+- ``filter_groups=True``: DAPO's dynamic sampling (Yu et al., 2025), without the
+  resampling: a group whose judged task scores are all equal carries no signal and is
+  left out of the loss (counted in ``rollout/filtered_groups``).
+
+A reward's ``None`` (``textenv.rewards``: it could not judge a completion) leaves that
+episode out of the loss and out of its group's baseline: the advantages are those of
+the group's judged members (``group_advantages`` takes NaN for the others). A group
+with a single judged member has no baseline: its advantage is 0.
 
 ``agents.clipped_update.clipped_update`` is the update of both, and of PPO with
-``kl_placement="loss"``.
+``kl_placement="loss"`` or ``policy_loss="cispo"``.
 """
 
 from __future__ import annotations
@@ -51,7 +69,10 @@ from stable_baselines3.common.vec_env import VecEnv
 from agents import distributed
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
 from agents.fast_rollout import observation_tensors
-from agents.clipped_update import LOSS_AGGREGATIONS, LossAggregation, clipped_update
+from agents.clipped_update import (
+    LOSS_AGGREGATIONS, ImportanceLevel, LossAggregation, PolicyLoss, check_importance_level, check_policy_loss,
+    clipped_update,
+)
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies.observations import last_token_index
 from textenv.vector import BatchedTokenVecEnv
@@ -73,6 +94,12 @@ class GroupRolloutMixin(LMAgentMixin):
         Data-parallel training takes ``"token_mean"`` only.
     :param clip_range_high: DAPO's clip-higher upper bound (``1 + clip_range_high``);
         ``None``: ``clip_range``, symmetric.
+    :param policy_loss: ``"clip"`` (PPO's clipped surrogate, the default) or ``"cispo"``
+        (MiniMax-M1, 2025: the clipped importance weight, a constant, times ``A log pi``).
+    :param importance_level: ``"token"`` (each token's ratio, the default) or ``"sequence"``
+        (GSPO, Zheng et al., 2025: the sequence's geometric-mean ratio, clipped per sequence).
+    :param filter_groups: leave out of the loss the groups whose judged task scores are all
+        equal (DAPO's dynamic sampling, Yu et al., 2025); counted in ``rollout/filtered_groups``.
     """
 
     default_advantage_normalization = "none"  # advantages are already relative to the group
@@ -81,7 +108,8 @@ class GroupRolloutMixin(LMAgentMixin):
 
     def __init__(self, policy: Any = None, env: VecEnv | str | None = None, group_size: int = 4,
                  loss_aggregation: LossAggregation = "token_mean", clip_range_high: float | None = None,
-                 **kwargs: Any):
+                 policy_loss: PolicyLoss = "clip", importance_level: ImportanceLevel = "token",
+                 filter_groups: bool = False, **kwargs: Any):
         if group_size < 2:
             raise ValueError(f"{type(self).algorithm_name} needs group_size >= 2 completions per prompt")
         if loss_aggregation not in LOSS_AGGREGATIONS:
@@ -94,9 +122,16 @@ class GroupRolloutMixin(LMAgentMixin):
         if clip_range_high is not None and not clip_range_high > 0:
             raise ValueError(f"clip_range_high must be positive (the ratio's upper bound is 1 + clip_range_high), "
                              f"got {clip_range_high!r}. Fix: e.g. clip_range_high=0.28 (DAPO), or None.")
+        check_policy_loss(policy_loss)
+        check_importance_level(importance_level)
+        if not isinstance(filter_groups, bool):
+            raise ValueError(f"filter_groups must be True (DAPO's dynamic sampling) or False, got {filter_groups!r}")
         self.group_size = group_size
         self.loss_aggregation = loss_aggregation
         self.clip_range_high = clip_range_high
+        self.policy_loss = policy_loss
+        self.importance_level = importance_level
+        self.filter_groups = filter_groups
         env = self._resolve_env(env, kwargs)  # an env id becomes the batched env, on the agent's device
         if env is not None:
             self._check_group_env(env)
@@ -182,17 +217,37 @@ class GroupRolloutMixin(LMAgentMixin):
             self._score_reference(env, rollout_buffer, callback, np.stack(step_dones))
         if self._recomputes_old_log_probs(rollout_buffer):
             rollout_buffer.recompute_log_probs(self.policy, self.batch_size)
+        if self.filter_groups:
+            self._filter_uniform_groups(rollout_buffer)
         self._set_group_advantages(rollout_buffer)
         self._normalize_advantages(rollout_buffer)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
 
+    def _filter_uniform_groups(self, buffer: SequenceRolloutBuffer) -> None:
+        """Leave out of the loss every group whose judged task scores are all equal (no signal:
+        DAPO's dynamic sampling, without drawing new groups); log how many, over every rank."""
+        scores = np.full(buffer.n_envs, np.nan)
+        for (env, _, _), score, in_loss in zip(buffer.segment_spans, buffer.segment_scores, buffer.segment_in_loss):
+            if in_loss and score is not None:
+                scores[env] = score
+        groups = scores.reshape(-1, self.group_size)
+        uniform = np.array([np.unique(group[~np.isnan(group)]).size <= 1 for group in groups])
+        uniform_envs = np.repeat(uniform, self.group_size)
+        buffer.leave_out(np.array([segment for segment, (env, _, _) in enumerate(buffer.segment_spans)
+                                   if uniform_envs[env]], dtype=np.int64))
+        n_filtered, n_groups = distributed.global_sums([int(uniform.sum()), len(groups)])
+        self.logger.record("rollout/filtered_groups", int(n_filtered))
+        self.logger.record("rollout/filtered_group_fraction", float(n_filtered / n_groups))
+
     def _set_group_advantages(self, buffer: SequenceRolloutBuffer) -> None:
-        """Every token of an episode gets its episode's group-relative advantage."""
-        returns = np.zeros(buffer.n_envs)
-        for env, first, last in buffer.segment_spans:
-            returns[env] = buffer.rewards[first : last + 1, env].sum()
+        """Every token of an episode gets its episode's group-relative advantage, from the
+        returns of the group's members in the loss (NaN for the others: not judged, filtered)."""
+        returns = np.full(buffer.n_envs, np.nan)
+        for (env, first, last), in_loss in zip(buffer.segment_spans, buffer.segment_in_loss):
+            if in_loss:
+                returns[env] = buffer.rewards[first : last + 1, env].sum()
         advantages = self.advantages_of_groups(returns.reshape(-1, self.group_size)).reshape(-1)
         buffer.advantages[:] = 0.0
         for env, first, last in buffer.segment_spans:
@@ -201,8 +256,12 @@ class GroupRolloutMixin(LMAgentMixin):
 
     def train(self) -> None:
         """SB3's ``PPO.train`` without the value term, plus the KL term where it is in the loss
-        (GRPO's default), with this agent's loss options (``clipped_update``)."""
-        clipped_update(self, self.loss_aggregation, self.clip_range_high)
+        (GRPO's default), with this agent's loss options (``clipped_update``); none when every
+        episode was left out of the loss."""
+        if not self._has_samples_to_train():
+            self._record_skipped_updates()
+            return
+        clipped_update(self, self.loss_aggregation, self.clip_range_high, self.policy_loss, self.importance_level)
 
     def advantages_of_groups(self, returns: np.ndarray) -> np.ndarray:
         """``group_advantages`` with this agent's options."""
@@ -210,8 +269,16 @@ class GroupRolloutMixin(LMAgentMixin):
 
     @staticmethod
     def group_advantages(returns: np.ndarray) -> np.ndarray:
-        """``(n_groups, k)`` episode returns -> advantages."""
+        """``(n_groups, k)`` episode returns (NaN: a member out of the loss) -> advantages
+        (0 for those members)."""
         raise NotImplementedError
+
+
+def judged_members(returns: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``(n_groups, k)`` returns with NaN where a member is out of the loss: which members
+    count, how many per group and their sum per group (both ``(n_groups, 1)``)."""
+    judged = ~np.isnan(returns)
+    return judged, judged.sum(axis=1, keepdims=True), np.where(judged, returns, 0.0).sum(axis=1, keepdims=True)
 
 
 class LMRLOO(GroupRolloutMixin, PPO):
@@ -222,9 +289,9 @@ class LMRLOO(GroupRolloutMixin, PPO):
 
     @staticmethod
     def group_advantages(returns: np.ndarray) -> np.ndarray:
-        k = returns.shape[1]
-        leave_one_out_mean = (returns.sum(axis=1, keepdims=True) - returns) / (k - 1)
-        return returns - leave_one_out_mean
+        judged, n_judged, total = judged_members(returns)
+        leave_one_out_mean = (total - returns) / np.maximum(n_judged - 1, 1)  # over the other judged members
+        return np.where(judged & (n_judged > 1), returns - leave_one_out_mean, 0.0)
 
 
 class LMGRPO(GroupRolloutMixin, PPO):
@@ -248,10 +315,11 @@ class LMGRPO(GroupRolloutMixin, PPO):
 
     @staticmethod
     def group_advantages(returns: np.ndarray, scale_rewards: bool = True) -> np.ndarray:
-        centred = returns - returns.mean(axis=1, keepdims=True)
+        judged, n_judged, total = judged_members(returns)  # mean and std over the judged members
+        centred = np.where(judged, returns - total / np.maximum(n_judged, 1), 0.0)
         if not scale_rewards:  # Dr. GRPO
             return centred
-        std = returns.std(axis=1, ddof=1, keepdims=True)
+        std = np.sqrt((centred**2).sum(axis=1, keepdims=True) / np.maximum(n_judged - 1, 1))
         return centred / (std + 1e-4)
 
     def advantages_of_groups(self, returns: np.ndarray) -> np.ndarray:

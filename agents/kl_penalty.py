@@ -19,7 +19,10 @@ the rollout instead (``agents.fast_rollout``): the steps carry no ``ref_logprob`
 and ``apply_rollout_penalty`` adds the same penalty to the stored rewards, step by
 step in the same order, before GAE. It also logs the task score, the KL and ``beta``
 per rollout (with several rewards, each one's mean score too, ``rollout/reward/<name>``,
-from the finished episodes' ``info["reward_components"]``), text samples for
+from the finished episodes' ``info["reward_components"]``; with a task's metrics, each
+one's mean, ``rollout/metrics/<name>``, from ``info["metrics"]``; the episodes whose
+reward could not judge them, ``info["task_score"] is None``, counted in
+``rollout/skipped_samples`` and kept out of every mean score), text samples for
 TensorBoard, and feeds the mean per-episode KL and the number of episodes finished in
 the rollout to the coefficient controller (all over every rank's episodes in
 data-parallel training, ``agents.distributed``). The KL it
@@ -38,6 +41,7 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.distributed import gather_objects, global_sums
+from textenv.rewards import is_skipped
 
 TEXT_ONLY_FOR_TENSORBOARD = ("stdout", "log", "json", "csv")
 
@@ -125,6 +129,8 @@ class KLPenaltyCallback(BaseCallback):
         self._rollout_kls: list[float] = []
         self._rollout_samples: list[tuple[str, str, float]] = []
         self._rollout_components: dict[str, list[float]] = {}  # name -> [episodes, sum of scores]
+        self._rollout_metrics: dict[str, list[float]] = {}  # name -> [judged episodes, sum of scores]
+        self._rollout_skipped = 0  # episodes whose reward returned None
 
     def _on_step(self) -> bool:
         rewards: np.ndarray = self.locals["rewards"]
@@ -176,23 +182,21 @@ class KLPenaltyCallback(BaseCallback):
                 self._rollout_kls.append(float(episode_kls[env_index]))
                 episode_kls[env_index] = 0.0
             if "task_score" in info:
-                self._rollout_scores.append(float(info["task_score"]))
-                for name, score in info.get("reward_components", {}).items():
-                    count_and_sum = self._rollout_components.setdefault(name, [0.0, 0.0])
-                    count_and_sum[0] += 1
-                    count_and_sum[1] += float(score)
+                if is_skipped(info):
+                    self._rollout_skipped += 1
+                else:
+                    self._rollout_scores.append(float(info["task_score"]))
+                add_to_means(self._rollout_components, info.get("reward_components", {}))
+                add_to_means(self._rollout_metrics, info.get("metrics", {}))
                 if len(self._rollout_samples) < self.n_text_samples:
                     self._rollout_samples.append((info["prompt"], info["completion"], info["task_score"]))
 
     def _on_rollout_end(self) -> None:
         controller = self.model.kl_controller
         # Over every rank's episodes in data-parallel training, so that beta moves alike on all.
-        # The reward components any rank saw, in one order on all (a rank may have finished none).
-        names = list(dict.fromkeys(name for names in gather_objects(list(self._rollout_components)) for name in names))
-        component_sums = [value for name in names for value in self._rollout_components.get(name, [0.0, 0.0])]
-        n_kls, kl_sum, n_scores, score_sum, *component_sums = global_sums(
+        n_kls, kl_sum, n_scores, score_sum, n_skipped = global_sums(
             [len(self._rollout_kls), sum(self._rollout_kls), len(self._rollout_scores), sum(self._rollout_scores),
-             *component_sums])
+             self._rollout_skipped])
         if n_kls:
             mean_kl = float(kl_sum / n_kls)
             self.logger.record("rollout/kl", mean_kl)
@@ -206,13 +210,35 @@ class KLPenaltyCallback(BaseCallback):
         self.logger.record("train/kl_coef", controller.value)
         if n_scores:
             self.logger.record("rollout/task_score", float(score_sum / n_scores))
-        for name, n_episodes, total in zip(names, component_sums[0::2], component_sums[1::2]):
-            if n_episodes:  # each of several rewards (info["reward_components"]), as the task score
-                self.logger.record(f"rollout/reward/{name}", float(total / n_episodes))
+        self.logger.record("rollout/skipped_samples", int(n_skipped))  # rewards that returned None
+        # Each of several rewards (info["reward_components"]) and each metric, as the task score.
+        self._record_means("rollout/reward", self._rollout_components)
+        self._record_means("rollout/metrics", self._rollout_metrics)
         if self._rollout_samples:
             self.logger.record(
                 "samples/text", format_samples(self._rollout_samples), exclude=TEXT_ONLY_FOR_TENSORBOARD
             )
+
+    def _record_means(self, prefix: str, count_and_sum: dict[str, list[float]]) -> None:
+        """``prefix/<name>``: each score's mean over the rollout's judged episodes (every rank's).
+        The names any rank saw, in one order on all ranks (a rank may have finished none)."""
+        names = list(dict.fromkeys(name for names in gather_objects(list(count_and_sum)) for name in names))
+        if not names:  # the same on every rank: none has any
+            return
+        sums = global_sums([value for name in names for value in count_and_sum.get(name, [0.0, 0.0])])
+        for name, n_episodes, total in zip(names, sums[0::2], sums[1::2]):
+            if n_episodes:
+                self.logger.record(f"{prefix}/{name}", float(total / n_episodes))
+
+
+def add_to_means(count_and_sum: dict[str, list[float]], scores: dict[str, float | None]) -> None:
+    """Add one episode's ``{name: score}`` to ``{name: [episodes, sum]}``; a ``None`` score
+    (not judged) is left out of its mean."""
+    for name, score in scores.items():
+        totals = count_and_sum.setdefault(name, [0.0, 0.0])
+        if score is not None:
+            totals[0] += 1
+            totals[1] += float(score)
 
 
 def callbacks_of_type(callback: BaseCallback | None, kind: type) -> list[BaseCallback]:
@@ -224,10 +250,10 @@ def callbacks_of_type(callback: BaseCallback | None, kind: type) -> list[BaseCal
     return [found for child in getattr(callback, "callbacks", []) for found in callbacks_of_type(child, kind)]
 
 
-def format_samples(samples: list[tuple[str, str, float]]) -> str:
+def format_samples(samples: list[tuple[str, str, float | None]]) -> str:
     """A Markdown table (TensorBoard renders it) of prompt, completion and score."""
     rows = ["| prompt | completion | score |", "|---|---|---|"]
     for prompt, completion, score in samples:
         cells = [text.replace("|", "\\|").replace("\n", " ") for text in (prompt, completion)]
-        rows.append(f"| {cells[0]} | {cells[1]} | {score:.3f} |")
+        rows.append(f"| {cells[0]} | {cells[1]} | {'not judged' if score is None else format(score, '.3f')} |")
     return "\n".join(rows)

@@ -47,7 +47,8 @@ def algorithm_keywords(name: str) -> set[str]:
 def check_algorithm_kwargs(name: str, kwargs: dict[str, Any], n_envs: int | None = None) -> None:
     """Raise a ``ValueError`` naming the fix if ``kwargs`` do not fit algorithm ``name``.
 
-    Unknown keywords get close matches suggested. For the group methods (rloo, grpo),
+    Unknown keywords get close matches suggested, or, for another algorithm's option (e.g.
+    ``policy_loss`` for a2c), the algorithms that take it. For the group methods (rloo, grpo),
     ``group_size`` must be an integer >= 2 and, given ``n_envs``, divide it.
     """
     refuse_replaced_keywords(kwargs)
@@ -56,8 +57,12 @@ def check_algorithm_kwargs(name: str, kwargs: dict[str, Any], n_envs: int | None
     if unknown:
         hints = []
         for key in unknown:
+            takers = [other for other, cls in ALGORITHMS.items() if key in init_parameters(cls)]
             close = difflib.get_close_matches(key, parameters, n=2)
-            hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
+            if takers:  # an option of other algorithms' updates (e.g. policy_loss, importance_level)
+                hints.append(f"{key!r} (an option of {', '.join(takers)}: {name}'s update has no place for it)")
+            else:
+                hints.append(f"{key!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""))
         raise ValueError(
             f"Unknown keyword argument{'s' if len(unknown) > 1 else ''} for algorithm {name!r}: "
             f"{', '.join(hints)}. Fix: use keywords that {name} accepts: "

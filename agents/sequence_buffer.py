@@ -11,6 +11,12 @@ state ends. ``get`` yields minibatches of whole segments whose observations are
 ``TokenSequences``, so the policy evaluates every step of a segment in one
 forward pass, while SB3's ``PPO.train``/``A2C.train`` run unchanged on the
 per-token tensors.
+
+A segment can be left out of the loss (``leave_out``): one whose episode's reward
+returned ``None`` is left out when it closes (``textenv.rewards``), and group methods
+leave out the groups they filter. ``get`` draws its minibatches from the other segments
+only (``trained_segments``), and rollout-wide advantage statistics ignore the left-out
+tokens; the KL penalty and the logged KL still count every token the policy generated.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 
 from policies.sequences import TokenSequences
+from textenv.rewards import is_skipped
 
 
 def normalize_rollout_advantages(buffer: RolloutBuffer, sums: Callable[[list[float]], np.ndarray] | None = None) -> None:
@@ -32,7 +39,10 @@ def normalize_rollout_advantages(buffer: RolloutBuffer, sums: Callable[[list[flo
     ``sums`` (data-parallel training: ``agents.distributed.global_sums``) adds up the
     count, sum and sum of squares over every rank's rollout, so that all ranks standardise
     with the global mean and std."""
-    valid = buffer.token_mask() if isinstance(buffer, SequenceRolloutBuffer) else np.ones_like(buffer.advantages, bool)
+    if isinstance(buffer, SequenceRolloutBuffer):
+        valid = buffer.token_mask(trained_only=True)
+    else:
+        valid = np.ones_like(buffer.advantages, bool)
     advantages = buffer.advantages[valid]
     if sums is None:
         if advantages.size > 1:
@@ -79,6 +89,10 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.segment_ids: list[torch.Tensor] = []
         self.segment_masks: list[torch.Tensor] = []
         self.segment_spans: list[tuple[int, int, int]] = []  # (env, first step, last step)
+        # The task score at each segment's episode end (None: cut by the rollout's end, or not
+        # judged) and whether the segment is in the loss (see the module doc).
+        self.segment_scores: list[float | None] = []
+        self.segment_in_loss: list[bool] = []
         self._segment_start = np.zeros(self.n_envs, dtype=np.int64)
         self.generator_ready = False
         self.pos = 0
@@ -113,11 +127,14 @@ class SequenceRolloutBuffer(RolloutBuffer):
 
     def end_finished_episodes(self, dones: np.ndarray, infos: list[dict]) -> None:
         """Close the segments of the episodes that ended at the last added step; their
-        final observations are the VecEnv's ``terminal_observation``s."""
+        final observations are the VecEnv's ``terminal_observation``s. An episode whose
+        reward could not judge it (``info["task_score"] is None``) is left out of the loss."""
         for env in np.flatnonzero(dones):
-            final = infos[env]["terminal_observation"]
+            info = infos[env]
+            final = info["terminal_observation"]
             self._close_segment(
-                int(env), torch.as_tensor(final["input_ids"]).long(), torch.as_tensor(final["attention_mask"]).long()
+                int(env), torch.as_tensor(final["input_ids"]).long(), torch.as_tensor(final["attention_mask"]).long(),
+                score=info.get("task_score"), in_loss=not is_skipped(info),
             )
 
     def close_open_segments(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -127,11 +144,23 @@ class SequenceRolloutBuffer(RolloutBuffer):
             if self._segment_start[env] < self.pos:
                 self._close_segment(env, input_ids[env], attention_mask[env])
 
-    def _close_segment(self, env: int, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    def _close_segment(self, env: int, ids: torch.Tensor, mask: torch.Tensor, score: float | None = None,
+                       in_loss: bool = True) -> None:
         self.segment_spans.append((env, int(self._segment_start[env]), self.pos - 1))
         self.segment_ids.append(ids)
         self.segment_masks.append(mask)
+        self.segment_scores.append(None if score is None else float(score))
+        self.segment_in_loss.append(in_loss)
         self._segment_start[env] = self.pos
+
+    def leave_out(self, segments: np.ndarray) -> None:
+        """Leave ``segments`` (indices into ``segment_spans``) out of the loss."""
+        for segment in segments:
+            self.segment_in_loss[int(segment)] = False
+
+    def trained_segments(self) -> np.ndarray:
+        """The indices of the segments in the loss (those ``get`` draws its minibatches from)."""
+        return np.flatnonzero(np.asarray(self.segment_in_loss, dtype=bool))
 
     def get(self, batch_size: int | None = None) -> Generator[SequenceRolloutSamples, None, None]:
         """Minibatches of whole segments, shuffled, each of at least ``batch_size`` tokens
@@ -149,7 +178,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self._prepare_segments()
         if batch_size is None:
             batch_size = self.buffer_size * self.n_envs
-        order = np.random.permutation(len(self.segment_spans))
+        order = np.random.permutation(self.trained_segments())
         batches: list[np.ndarray] = []
         first, n_tokens = 0, 0
         for position, segment in enumerate(order):
@@ -186,12 +215,14 @@ class SequenceRolloutBuffer(RolloutBuffer):
                 flat_log_probs[self.segment_token_indices(np.array(batch))] = log_prob.float().cpu().numpy()
                 batch, n_tokens = [], 0
 
-    def token_mask(self) -> np.ndarray:
+    def token_mask(self, trained_only: bool = False) -> np.ndarray:
         """``(n_steps, n_envs)``: which entries hold a token of some segment (a group
-        rollout leaves the steps after an episode's end empty)."""
+        rollout leaves the steps after an episode's end empty); ``trained_only``: of a
+        segment in the loss."""
         mask = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
-        for env, first, last in self.segment_spans:
-            mask[first : last + 1, env] = True
+        for (env, first, last), in_loss in zip(self.segment_spans, self.segment_in_loss):
+            if in_loss or not trained_only:
+                mask[first : last + 1, env] = True
         return mask
 
     def segment_token_indices(self, segments: np.ndarray) -> np.ndarray:

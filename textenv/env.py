@@ -35,6 +35,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from textenv.rewards import judged_or_none
 from textenv.task import TaskAttributes, TextTask, TokenTask
 
 
@@ -111,7 +112,11 @@ class TextGenEnv(TokenEnv):
     episode (always ``terminated``), ``info["task_score"]``, ``info["prompt"]``,
     ``info["completion"]`` and ``info["budget_exhausted"]`` (``True``: ended because
     ``max_new_tokens`` ran out; ``False``: ended at EOS); with several rewards
-    (``reward=[...]``), ``info["reward_components"]`` too, each one's score by name.
+    (``reward=[...]``), ``info["reward_components"]`` too, each one's score by name; with
+    ``metrics={...}``, ``info["metrics"]``, each metric's score by name (never in the reward).
+    Where the reward returned ``None`` (it could not judge the completion),
+    ``info["task_score"]`` is ``None`` and the step's reward 0.0, a number only because
+    Gymnasium needs one: agents leave that episode out of training (``textenv.rewards``).
     """
 
     def __init__(self, prompts: Any, render_mode: str | None = None, **task_kwargs: Any):
@@ -164,10 +169,14 @@ class TextGenEnv(TokenEnv):
         if terminated:
             prompt, completion = self.prompts[self._prompt_index], self.completion_text()
             scores, components = self.task.score_components([self._prompt_index], [completion])
-            reward = score = float(scores[0])
+            score = judged_or_none(scores[0])  # None: the reward could not judge it
+            reward = 0.0 if score is None else score
             info.update(task_score=score, prompt=prompt, completion=completion, budget_exhausted=budget_exhausted)
             if components:  # several rewards: each one's score
-                info["reward_components"] = {name: float(values[0]) for name, values in components.items()}
+                info["reward_components"] = {name: judged_or_none(values[0]) for name, values in components.items()}
+            metrics = self.task.metric_scores([self._prompt_index], [completion])
+            if metrics:  # scores beside the reward, never trained on
+                info["metrics"] = {name: judged_or_none(values[0]) for name, values in metrics.items()}
             self._end_reference()
         else:
             self._advance_reference([action], first=False)

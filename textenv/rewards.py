@@ -10,7 +10,12 @@ the score in the last step's reward; the per-token KL penalty is added by the
 agent (see ``agents.kl_penalty``), because only the agent knows ``log pi_old``.
 
 The base class validates every result (one finite float per completion), so a
-broken user reward fails loudly at the first episode, not as a NaN loss later.
+broken user reward fails loudly at the first episode, not as a NaN loss later. A
+reward may return ``None`` for a completion it cannot judge (TRL's convention, e.g. a
+verifier that finds no answer): the checked scores hold NaN there (``UNJUDGED``; a NaN
+the reward returns itself stays an error), the environment reports
+``info["task_score"] = None`` (``is_skipped``), and agents leave that episode out of the
+loss and of group baselines, never scoring it 0.
 
 Several rewards (``make_reward([...], weights=[...])``, ``WeightedRewards``) score as their
 weighted sum; each component is scored and checked on its own, and the environment reports
@@ -38,7 +43,20 @@ if TYPE_CHECKING:
 
     from textenv.models import TokenizerSpec
 
-ScoreFn = Callable[..., Sequence[float]]  # f(prompts, completions, **fields) -> one score per completion
+ScoreFn = Callable[..., Sequence[Union[float, None]]]  # f(prompts, completions, **fields) -> a score (or None) each
+
+#: A checked score where the reward returned ``None`` (it could not judge the completion).
+UNJUDGED = math.nan
+
+
+def is_skipped(info: Mapping[str, Any]) -> bool:
+    """Whether a finished episode's reward could not judge it: ``info["task_score"] is None``."""
+    return "task_score" in info and info["task_score"] is None
+
+
+def judged_or_none(score: float) -> float | None:
+    """A checked score as an env's info reports it: ``None`` where it is ``UNJUDGED``."""
+    return None if math.isnan(score) else float(score)
 
 
 class RewardError(RuntimeError):
@@ -94,20 +112,21 @@ class RewardSource(ABC):
 
     def checked_scores(self, prompts: list[Prompt], completions: list[str], fields: dict[str, list[Any]],
                        what: str | None = None) -> np.ndarray:
-        """``_score``'s results, checked: one finite float per completion. Errors name
-        ``what`` (default ``"reward 'NAME'"``; a component of ``WeightedRewards`` is named as
-        one) and the text that broke it."""
+        """``_score``'s results, checked: one finite float (or ``None``, which becomes
+        ``UNJUDGED``) per completion. Errors name ``what`` (default ``"reward 'NAME'"``; a
+        component of ``WeightedRewards`` is named as one) and the text that broke it."""
         what = what or f"reward {self.name!r}"
         try:
             raw = self._score(prompts, completions, **fields)
         except Exception as error:
             raise self._scoring_error(error, prompts, completions, fields, what) from error
         try:
-            scores = np.asarray([float(s) for s in raw], dtype=np.float64)
+            values = list(raw)
+            scores = np.asarray([UNJUDGED if s is None else float(s) for s in values], dtype=np.float64)
         except (TypeError, ValueError) as error:
             raise TypeError(
                 f"The {what} must return a sequence of numbers, got "
-                f"{type(raw).__name__}: {error}. Fix: return one float per completion."
+                f"{type(raw).__name__}: {error}. Fix: return one float per completion (None where it cannot judge)."
             ) from error
         if scores.shape != (len(completions),):
             raise ValueError(
@@ -115,13 +134,14 @@ class RewardSource(ABC):
                 f"{len(completions)} completions. Fix: return exactly one score per "
                 "(prompt, completion) pair, in order."
             )
-        bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
+        bad = [i for i, s in enumerate(scores) if values[i] is not None and not math.isfinite(s)]
         if bad:
             i = bad[0]
             raise ValueError(
                 f"The {what} returned a non-finite score ({scores[i]}) for "
                 f"prompt {prompts[i]!r} with completion {completions[i]!r}. Fix: make it "
-                "return a finite float for every text (e.g. 0.0 where it cannot judge)."
+                "return a finite float for every text (None where it cannot judge: the sample is then left out "
+                "of training)."
             )
         return scores
 
@@ -319,6 +339,9 @@ class WeightedRewards(RewardSource):
 
     Each component is scored in one batched call per batch of finished episodes, and checked
     on its own (one finite float per completion; errors name the component and the text).
+    A completion that any component could not judge (``None``) has no weighted sum: it is
+    ``UNJUDGED`` as a whole (TRL instead sums the components that judged it; return 0.0
+    from a component for that).
     ``score_components`` returns their scores too, which the environment puts in each
     finished episode's ``info["reward_components"]``.
 
@@ -348,7 +371,8 @@ class WeightedRewards(RewardSource):
         total = np.zeros(len(completions), dtype=np.float64)
         for weight, component_scores in zip(self.weights, scores.values()):
             total += weight * component_scores
-        if not np.isfinite(total).all():
+        judged = np.logical_and.reduce([~np.isnan(values) for values in scores.values()])
+        if not np.isfinite(total[judged]).all():
             raise ValueError(f"The weighted sum of the rewards {self.name!r} overflowed. Fix: scale the rewards or "
                              "their weights down.")
         return total, scores

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from textenv.models import (
 )
 from textenv.chat import ChatFormat
 from textenv.prompts import PromptSpec, display_text, load_prompts
-from textenv.rewards import RewardSpec, make_reward
+from textenv.rewards import CallableReward, RewardSource, RewardSpec, aligned, make_reward
 
 
 def stop_token_ids(tokenizer, model) -> frozenset[int]:
@@ -57,6 +57,27 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def make_metrics(metrics: Mapping[str, RewardSpec] | None, device: torch.device,
+                 field_names: list[str]) -> dict[str, RewardSource]:
+    """``{name: RewardSource}`` of a task's ``metrics`` (``TextTask``), each checked for the
+    fields it needs; refused with the fix unless they are named specs."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict {{name: function}}, got {type(metrics).__name__}. Fix: e.g. "
+                        "metrics={'accuracy': exact_match}.")
+    sources = {}
+    for name, spec in metrics.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"A metric's name must be a non-empty string without '/' (it is logged as "
+                             f"rollout/metrics/<name>), got {name!r}. Fix: e.g. metrics={{'accuracy': ...}}.")
+        is_function = callable(spec) and not isinstance(spec, RewardSource)
+        source = CallableReward(spec, name=name) if is_function else make_reward(spec, device=device)
+        source.check_fields(field_names)
+        sources[name] = source
+    return sources
 
 
 class TokenTask:
@@ -184,6 +205,12 @@ class TextTask(TokenTask):
         completions, **fields) -> scores``, a ``textenv.rewards.RewardSource``, or a list
         (or a ``{name: ...}`` dict) of these, whose weighted sum is the task score.
     :param reward_weights: one weight per reward of a list (default 1.0 each).
+    :param metrics: ``{name: spec}``, scores computed on every finished episode as a reward
+        is (any reward spec: a function, a verifier's name, ``"vader"``...) but never trained
+        on: reported in ``info["metrics"]``, logged as ``rollout/metrics/<name>`` and by
+        evaluation and ``textenv-compare``, so that a proxy reward that rises while the task
+        metric falls (reward hacking) shows. A metric may return ``None`` where it cannot
+        judge; its mean is over the episodes it judged.
     :param device: where the reference and reward models run and the episodes' state
         lives: ``"auto"`` (default, as SB3's agents: CUDA when there is a GPU), ``"cpu"``,
         ``"cuda"``... An agent made from an env id builds its env on the agent's device.
@@ -206,6 +233,7 @@ class TextTask(TokenTask):
         chat_template: bool | str = False,
         system_prompt: str | None = None,
         reward_weights: Sequence[float] | None = None,
+        metrics: Mapping[str, RewardSpec] | None = None,
     ):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
@@ -217,6 +245,7 @@ class TextTask(TokenTask):
         # The reward, and the fields it needs, checked before the reference model loads.
         self.reward_source = make_reward(reward, device=resolve_device(device), weights=reward_weights)
         self.reward_source.check_fields(list(self.records.fields))
+        self.metric_sources = make_metrics(metrics, resolve_device(device), list(self.records.fields))
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_new_tokens,
                          "max_prompt_len + max_new_tokens", device,
                          chat=True if self.records.has_chat else chat_template,
@@ -226,8 +255,9 @@ class TextTask(TokenTask):
 
     def settings(self) -> dict[str, Any]:
         reward = getattr(self.reward_source, "name", type(self.reward_source))
+        metrics = {"metrics": list(self.metric_sources)} if self.metric_sources else {}
         return {**super().settings(), "reward": reward, "n_prompts": len(self.prompts),
-                "prompt_fields": list(self.records.fields)}
+                "prompt_fields": list(self.records.fields), **metrics}
 
     def completion_text(self, prompt_index: int, tokens: Sequence[int]) -> str:
         """Generated tokens as text, without the stop token, as they read after the prompt.
@@ -257,6 +287,17 @@ class TextTask(TokenTask):
         indices = list(prompt_indices)
         return self.reward_source.score_components([self.records.prompts[i] for i in indices], completions,
                                                    **self.records.fields_at(indices))
+
+    def metric_scores(self, prompt_indices: Sequence[int], completions: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each metric's scores of finished episodes (``UNJUDGED`` where it returned ``None``),
+        one batched call per metric, with the records' fields as the reward gets them."""
+        if not self.metric_sources:
+            return {}
+        indices = list(prompt_indices)
+        prompts, completions, fields = aligned([self.records.prompts[i] for i in indices], completions,
+                                               self.records.fields_at(indices))
+        return {name: source.checked_scores(prompts, completions, fields, f"metric {name!r}")
+                for name, source in self.metric_sources.items()}
 
     def _tokenize_prompts(self, prompt_truncation: str) -> list[list[int]]:
         if self.chat is not None:

@@ -8,7 +8,12 @@ An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
   with a KV-cache slot per episode (``textenv.slot_decoding``); new episodes are
   prefilled together;
 - finished episodes are scored together, in one call to the reward source (one per
-  component of several rewards, each one's score in ``info["reward_components"]``).
+  component of several rewards, each one's score in ``info["reward_components"]``; one
+  per metric, each one's score in ``info["metrics"]``).
+
+An episode whose reward returned ``None`` (``textenv.rewards``: it could not be judged)
+ends as ``TextGenEnv``'s does, ``info["task_score"] = None`` with a step reward of 0.0,
+but without ``info["episode"]``, so that SB3's ``ep_rew_mean`` covers judged episodes only.
 
 Reference scoring is per step by default (``info["ref_logprob"]`` at every step, the
 contract of ``TextGenEnv``). An agent that only needs the reference's log-probs at
@@ -45,6 +50,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from textenv.env import TextGenEnv
 from textenv.models import release_cached_frozen_models, vocab_size_of
+from textenv.rewards import judged_or_none
 from textenv.slot_decoding import SlotDecoder, last_real_column, lm_logits, positions_of
 from textenv.task import TaskAttributes, TextTask, TokenTask
 
@@ -403,21 +409,28 @@ class BatchedTextGenVecEnv(BatchedTokenVecEnv):
         completions = [task.completion_text(self._prompt_index[env], tokens[:n])
                        for env, tokens, n in zip(finished_list, generated, lengths)]
         scores, components = task.score_components(self._prompt_index[finished_list], completions)
+        metrics = task.metric_scores(self._prompt_index[finished_list], completions)
         final_ids = self._input_ids[finished].cpu().numpy()
         final_mask = self._attention_mask[finished].cpu().numpy()
         now = time.time()
         budget_list = budget_exhausted[finished].tolist()
         for j, env in enumerate(finished_list):
-            rewards[env] = scores[j]
+            score = judged_or_none(scores[j])  # None: the reward could not judge it (module doc)
+            rewards[env] = 0.0 if score is None else score
             infos[env].update(
-                task_score=float(scores[j]),
+                task_score=score,
                 prompt=task.prompts[self._prompt_index[env]],
                 completion=completions[j],
                 terminal_observation={"input_ids": final_ids[j], "attention_mask": final_mask[j]},
-                episode={"r": float(scores[j]), "l": lengths[j], "t": round(now - self._episode_start_time[env], 6)},
                 budget_exhausted=budget_list[j],
             )
+            if score is not None:
+                seconds = round(now - self._episode_start_time[env], 6)
+                infos[env]["episode"] = {"r": score, "l": lengths[j], "t": seconds}
             if components:
-                infos[env]["reward_components"] = {name: float(values[j]) for name, values in components.items()}
+                infos[env]["reward_components"] = {name: judged_or_none(values[j])
+                                                   for name, values in components.items()}
+            if metrics:  # scores beside the reward, never trained on
+                infos[env]["metrics"] = {name: judged_or_none(values[j]) for name, values in metrics.items()}
             infos[env]["TimeLimit.truncated"] = False  # terminal, as DummyVecEnv reports it (module doc)
 
