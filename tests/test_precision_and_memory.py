@@ -130,6 +130,7 @@ def test_an_env_on_another_device_than_the_policy_is_named_with_the_fix():
         warn_if_env_elsewhere(EnvOnTheGPU(), torch.device("cuda"))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_on_the_gpu_keeps_every_module_there(tmp_path, default_tokenizer, default_model_path):
     agent = agent_on("cuda", tmp_path, default_tokenizer, default_model_path)
