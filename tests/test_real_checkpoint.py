@@ -256,3 +256,26 @@ def test_a_gem_and_a_textarena_game_fit_the_real_checkpoint_at_their_sized_lengt
     for token in turn:
         obs, _, done, _, info = env.step(token)
     assert int(obs["attention_mask"].sum()) > first + len(turn) or done  # a reply appended, or the game over
+
+
+# -- (e) learning: held-out accuracy rises on a chat task -------------------------------------
+
+
+@needs_real
+@pytest.mark.slow
+def test_grpo_with_lora_raises_the_held_out_accuracy_of_chat_sums(smollm2_folder):
+    """SmolLM2-135M-Instruct, LoRA r=8, GRPO on ``textenv/ChatSums-v0`` (one-digit sums as
+    chats, scored by the answer's last number): 1,024 generated tokens (about 4 minutes on
+    2 CPU cores). Measured on seed 0: held-out accuracy 0.08 -> 0.67 over 160 episodes; the
+    bar is a fraction of that rise (the README's recipe trains 4x longer)."""
+    from agents import evaluate_agent, make_agent, make_text_vec_env
+    from textenv.tasks.sums import CHAT_SUMS_ID, heldout_records
+
+    env = make_text_vec_env(CHAT_SUMS_ID, n_envs=16, seed=0)
+    held_out = make_text_vec_env(CHAT_SUMS_ID, n_envs=16, seed=0, env_kwargs={"prompts": heldout_records()})
+    agent = make_agent("grpo", env, seed=0, learning_rate=3e-4, policy_kwargs={"lora": {"r": 8}})
+    before = evaluate_agent(agent, held_out, 80, seed=0).accuracy
+    agent.learn(1024)
+    after = evaluate_agent(agent, held_out, 80, seed=0).accuracy
+    assert before < 0.3
+    assert after > before + 0.25

@@ -6,7 +6,11 @@ The first task on a real pretrained checkpoint (SmolLM2-135M-Instruct, the built
 model's chat template, and a fair verifier. The model likes to restate the question
 ("3 + 5 = 8"), so a verifier that reads the first number would score the question's own
 operand; ``numeric_match`` reads the last number. The 100 problems are split 80/20,
-the held-out fifth kept for evaluation (accuracy: the share answered right).
+the held-out fifth kept for evaluation (accuracy: the share answered right). Eight new
+tokens hold an answer ("3 + 5 = 8.") and cut the model's usual preamble ("To find 3 + 5,
+you can..."), whose last number is an operand: sampled, it starts at about 8% held-out
+(16% with 16 tokens, from restated sums such as "0 + 5" that read right by their last
+number); an episode of 8 tokens costs half as much to train on.
 """
 
 from __future__ import annotations
@@ -37,4 +41,4 @@ def heldout_records() -> list[dict[str, str]]:
 
 def register() -> None:
     register_task(CHAT_SUMS_ID, prompts=training_records(), model=MODEL, reward=numeric_match, chat_template=True,
-                  max_prompt_len=64, max_new_tokens=16, heldout_prompts=heldout_records, full_marks=1.0)
+                  max_prompt_len=64, max_new_tokens=8, heldout_prompts=heldout_records, full_marks=1.0)
