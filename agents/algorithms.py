@@ -45,7 +45,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents import distributed
 from agents.clipped_update import PolicyLoss, check_policy_loss, clipped_update
-from agents.config import log_config
+from agents.config import env_id_of, log_config
 from agents.envs import env_device, resolve_env
 from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
@@ -250,6 +250,9 @@ class LMAgentMixin(FastRolloutMixin):
         self.deferred_reference = deferred_reference
         policy = policy or self.default_policy_class
         env = self._resolve_env(env, kwargs)
+        # Saved with the agent, so that textenv-evaluate finds the task it was trained on
+        # (load() restores the saved id over this None).
+        self.env_id = env_id_of(env)
         if distributed.is_distributed() and env is not None and kwargs.get("seed") is not None:
             # Each rank its own samples; SB3 seeds env i with seed + i, so rank r's envs get the
             # seeds of envs r*n_envs ... of one process running all ranks' envs (as make_text_vec_env).
@@ -279,6 +282,11 @@ class LMAgentMixin(FastRolloutMixin):
         kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
         warn_if_env_elsewhere(self.env, self.device)
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        """SB3's ``set_env``; the agent trains on this env from now on, so its id is saved."""
+        super().set_env(env, force_reset)
+        self.env_id = env_id_of(self.env) or self.env_id
 
     @staticmethod
     def _resolve_env(env: GymEnv | str | None, kwargs: dict[str, Any]) -> VecEnv | None:

@@ -108,7 +108,7 @@ def env_config(env: VecEnv | None) -> dict[str, Any]:
         return {}
     make_args = dict(getattr(env, "make_args", {}) or {})
     config: dict[str, Any] = {
-        "env_id": make_args.get("env_id") or _env_id(env),
+        "env_id": env_id_of(env),
         "n_envs": env.num_envs,
         "seed": make_args.get("seed"),
         "vec_env_class": plain(type(env)),
@@ -124,6 +124,13 @@ def env_config(env: VecEnv | None) -> dict[str, Any]:
             continue  # a list of prompts: n_prompts says how many
         config.setdefault(key, plain(value))
     return config
+
+
+def env_id_of(env: VecEnv | None) -> str | None:
+    """The registered id the env runs (``make_text_vec_env``'s, else ``_env_id``'s), or None."""
+    if env is None:
+        return None
+    return (getattr(env, "make_args", {}) or {}).get("env_id") or _env_id(env)
 
 
 def _env_id(env: VecEnv) -> str | None:

@@ -105,8 +105,24 @@ def sample_episodes(
     evaluated on an env built the same way. The training run's random streams and a
     batched env's running episodes are left as they were (``evaluation_on``).
     """
+    check_same_vocabulary(model, env)
     with evaluation_on(env, model.policy.device):
         return _sample_episodes(model, env, n_episodes, seed)
+
+
+def check_same_vocabulary(model: BaseAlgorithm, env: VecEnv) -> None:
+    """Refuse an env whose model has another vocabulary than the agent's policy (an agent
+    evaluated on another task's env): its tokens would mean other words, or none."""
+    agent_vocabulary, env_vocabulary = model.action_space.n, env.action_space.n
+    if agent_vocabulary != env_vocabulary:
+        trained_on = getattr(model, "env_id", None)
+        raise ValueError(
+            f"the agent's policy has a vocabulary of {agent_vocabulary} tokens and this env's model one of "
+            f"{env_vocabulary}: the agent was trained with another model"
+            + (f" (on {trained_on})" if trained_on else "") + ". Fix: evaluate it on an env of its own model: "
+            + (f"make_text_vec_env({trained_on!r}, ...), textenv-evaluate --env {trained_on}" if trained_on else
+               "the task it was trained on, or env_kwargs={'model': <the agent's model>}") + "."
+        )
 
 
 def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: int | None) -> list[EvaluatedEpisode]:

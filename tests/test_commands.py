@@ -195,6 +195,33 @@ def test_evaluate_a_task_from_a_file_path_says_it_has_no_held_out_prompts(user_f
                                                                       "Hello"}
 
 
+def test_evaluate_takes_the_task_the_agent_was_trained_on(tmp_path, default_model_path):
+    """No ``--env``: the task saved with the agent (here Arithmetic, with its own model and
+    held-out prompts), not the default task, whose model the agent's tokens might not fit."""
+    from agents import make_agent, make_text_vec_env
+
+    env = make_text_vec_env("textenv/Arithmetic-v0", n_envs=2, seed=0)
+    make_agent("ppo", env, seed=0, n_steps=4, batch_size=8).save(tmp_path / "arithmetic.zip")
+    result = run_command("textenv-evaluate", "arithmetic.zip", "--episodes", "2", "--n-envs", "2", cwd=tmp_path)
+    assert assert_success(result, "textenv-evaluate") == []
+    assert result.stdout.startswith("Prompts: the 180 held-out prompts of textenv/Arithmetic-v0")
+
+
+def test_evaluate_names_the_fix_for_an_agent_of_an_unregistered_task(tmp_path, default_model_path):
+    """Trained on a task that a module registered (here, this test's process): a new process
+    does not know the id without that module, and the usage error says how to give it."""
+    from agents import make_agent, make_text_vec_env
+    from textenv import register_task
+
+    register_task("user/OnlyHere-v0", prompts=["Hello"], model="default", reward="vader", max_new_tokens=4)
+    env = make_text_vec_env("user/OnlyHere-v0", n_envs=2, seed=0)
+    make_agent("ppo", env, seed=0, n_steps=4, batch_size=8).save(tmp_path / "agent.zip")
+    result = run_command("textenv-evaluate", "agent.zip", cwd=tmp_path)
+    assert result.returncode == 2
+    assert ("the agent was trained on user/OnlyHere-v0, which no module imported here registers. Fix: pass "
+            "--env your_module:user/OnlyHere-v0") in result.stderr
+
+
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 def test_evaluate_on_prompts_from_a_file(trained, tmp_path, suffix):
     prompts = ["The hotel was", "My new kettle is"]

@@ -79,3 +79,20 @@ def test_kv_cached_evaluation_equals_full_prefix_recomputation(default_model_pat
     assert result.kl == pytest.approx(np.mean([episode["kl"] for episode in expected]), abs=1e-5)
     assert result.task_score == pytest.approx(np.mean([episode["task_score"] for episode in expected]), abs=1e-6)
     assert result.samples == [(e["prompt"], e["completion"], e["task_score"]) for e in expected]
+
+
+def test_an_env_of_another_vocabulary_is_refused_naming_the_task_the_agent_trained_on(
+        tmp_path, default_model_path, tiny_model_other_vocab_path):
+    env = make_text_vec_env("textenv/TextGen-v0", n_envs=2, seed=0,
+                            env_kwargs={**ENV_KWARGS, "model": str(tiny_model_other_vocab_path)})
+    agent = make_agent("ppo", env, seed=0, n_steps=4, batch_size=8)
+    assert agent.env_id == "textenv/TextGen-v0"
+    agent.save(tmp_path / "agent.zip")
+    from agents import load_agent
+
+    loaded = load_agent(str(tmp_path / "agent.zip"))
+    assert loaded.env_id == "textenv/TextGen-v0"  # saved with the agent
+    other = make_text_vec_env("textenv/TextGen-v0", n_envs=2, seed=0, env_kwargs=ENV_KWARGS)  # the default model
+    with pytest.raises(ValueError, match=r"vocabulary of 909 tokens and this env's model one of 845.*"
+                                         r"Fix: evaluate it on an env of its own model"):
+        evaluate_agent(loaded, other, 2)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("agent", type=agent_zip, help="a .zip saved by textenv-train (or model.save)")
-    parser.add_argument("--env", type=env_id, default="textenv/PositiveSentiment-v0",
-                        help=ENV_HELP)
+    parser.add_argument("--env", type=env_id, default=None,
+                        help=ENV_HELP + "; default: the task the agent was trained on")
     parser.add_argument("--env-kwargs", type=json_object('{"model": "out/sft"}'), default="{}", metavar="JSON",
                         help="JSON of extra environment arguments (e.g. the model)")
     parser.add_argument("--prompts", type=existing_file, default=None, metavar="FILE",
@@ -48,12 +49,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--json", default=None, help="also write the report as JSON here")
     args = parser.parse_args(argv)
+    if args.env is None:
+        args.env = trained_env_id(parser, args.agent)
     if args.json:
         check_writable(parser, "--json", Path(args.json).expanduser().parent)
     check_env_kwargs(parser, "--env-kwargs", args.env, args.env_kwargs)  # before the env loads its models
     if args.prompts:
         check_prompt_file(parser, args)
     return args
+
+
+def trained_env_id(parser: argparse.ArgumentParser, agent: str) -> str:
+    """The env id saved with the agent (``LMAgentMixin.env_id``), checked as ``--env`` is;
+    the default task for an agent saved before agents kept it."""
+    path = Path(agent).expanduser()
+    path = path if path.is_file() else Path(f"{path}.zip")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            saved = json.loads(archive.read("data")).get("env_id")
+    except (KeyError, ValueError):  # not an SB3 zip: load_agent says so, with the fix
+        saved = None
+    if saved is None:
+        return "textenv/PositiveSentiment-v0"
+    try:
+        return env_id(saved)
+    except argparse.ArgumentTypeError:
+        parser.error(f"the agent was trained on {saved}, which no module imported here registers. Fix: pass "
+                     f"--env your_module:{saved} or --env path/to/your_module.py:{saved}.")
 
 
 def check_prompt_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
