@@ -148,9 +148,16 @@ def markdown_table(results: list[RunResult]) -> str:
         runs = [r for r in results if r.algo == algo]
 
         def cell(values: list[float], fmt: str) -> str:
-            text = format(float(np.mean(values)), fmt)
+            """Mean ± spread over the seeds that scored (a score is NaN where the reward or
+            metric judged no episode: a collapsed policy, said as such rather than as nan)."""
+            scored = [value for value in values if not np.isnan(value)]
+            if not scored:
+                return "none judged"
+            text = format(float(np.mean(scored)), fmt)
             spread_format = fmt.lstrip("+")  # a spread has no sign
-            return text + (f" ± {float(np.std(values)):{spread_format}}" if len(values) > 1 else "")
+            text += f" ± {float(np.std(scored)):{spread_format}}" if len(scored) > 1 else ""
+            unjudged = len(values) - len(scored)
+            return text + (f" ({unjudged} of {len(values)} seeds judged none)" if unjudged else "")
 
         lines.append(
             f"| {algo} | {len(runs)} | {cell([r.task_score_before for r in runs], '+.3f')} | "

@@ -95,3 +95,14 @@ def test_bad_metrics_are_refused_before_any_model_loads():
         TextGenEnv(PROMPTS, model="no/such/model", metrics={"has_answer": has_answer})
     with pytest.raises(TypeError, match="Unknown reward"):
         TextGenEnv(PROMPTS, model="no/such/model", metrics={"bad": 42})
+
+
+def test_the_table_says_where_no_episode_was_judged_instead_of_nan():
+    """A policy that stopped giving the verifier anything to judge scores NaN in evaluation:
+    the table says so, and means over the other seeds."""
+    runs = [RunResult("ppo", 0, 0.3, float("nan"), 16.0, 100.0), RunResult("ppo", 1, 0.3, float("nan"), 15.0, 100.0),
+            RunResult("grpo", 0, 0.3, 0.5, 2.0, 100.0), RunResult("grpo", 1, 0.3, float("nan"), 9.0, 100.0)]
+    table = markdown_table(runs)
+    assert "nan" not in table
+    assert "| ppo | 2 | +0.300 ± 0.000 | none judged | 15.50 ± 0.50 |" in table
+    assert "| grpo | 2 | +0.300 ± 0.000 | +0.500 (1 of 2 seeds judged none) |" in table
