@@ -251,7 +251,7 @@ class LMAgentMixin(FastRolloutMixin):
         policy = policy or self.default_policy_class
         env = self._resolve_env(env, kwargs)
         # Saved with the agent, so that textenv-evaluate finds the task it was trained on
-        # (load() restores the saved id over this None).
+        # (load() puts the saved id over this one).
         self.env_id = env_id_of(env)
         if distributed.is_distributed() and env is not None and kwargs.get("seed") is not None:
             # Each rank its own samples; SB3 seeds env i with seed + i, so rank r's envs get the
