@@ -13,6 +13,7 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import textenv
 from textenv import TextGenEnv
+from textenv.training.gguf_model import GGUFUnavailable
 
 from conftest import PROMPTS
 
@@ -44,7 +45,10 @@ def test_the_package_doc_names_every_builtin_id():
 def test_both_env_checkers_pass_on_every_registered_id(env_id, tiny_model_path, default_model_path):
     # TextGen-v0 is generic: it needs its prompts (everything else has defaults).
     kwargs = {"prompts": PROMPTS} if env_id == "textenv/TextGen-v0" else {}
-    gymnasium_check_env(gym.make(env_id, **kwargs).unwrapped, skip_render_check=True)
+    try:
+        gymnasium_check_env(gym.make(env_id, **kwargs).unwrapped, skip_render_check=True)
+    except GGUFUnavailable as missing:  # the README's first install has no real extra (CI installs it)
+        pytest.skip(f"{env_id} needs the real checkpoint: {missing}")
     sb3_check_env(gym.make(env_id, **kwargs).unwrapped, warn=True)
 
 
