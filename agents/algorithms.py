@@ -10,14 +10,14 @@ passes wins over the class's defaults (``defaults``, ``policy_defaults``).
 ``LMPPO``, ``LMA2C`` and ``LMTRPO`` are stock SB3 ``PPO``/``A2C`` and sb3-contrib's
 ``TRPO`` with these additions (all in ``LMAgentMixin``):
 - the fast path (``fast=True``, the default): KV-cached rollouts
-  (``agents.fast_rollout``) and an update that evaluates whole sequences
+  (``agents.rollout``) and an update that evaluates whole sequences
   (``agents.sequence_buffer``); ``fast=False`` is SB3's own per-transition path;
 - ``kl_controller``: the KL coefficient, adapted toward ``kl_target`` (default
   ``KL_DEFAULTS``: adaptive toward 4 nats per episode; ``kl_target=None`` keeps it
   fixed), an attribute of the agent so that ``model.save`` stores its state and
   ``load`` restores it;
-- ``learn`` puts the ``KLPenaltyCallback`` first in the callback chain, so every
-  stored reward carries the per-token KL penalty; ``kl_estimator`` ("k1", "k2", "k3":
+- the per-token KL penalty in every stored reward (``agents.rollout.finish_rollout``;
+  on SB3's stock path a callback that ``learn`` adds); ``kl_estimator`` ("k1", "k2", "k3":
   ``agents.kl_penalty.kl_estimate``) and ``kl_placement`` ("reward", or "loss" where the
   update has a place for it: PPO and the group methods) choose its form and place;
 - ``advantage_normalization``: advantages are standardised once over the whole
@@ -47,11 +47,11 @@ from agents import distributed
 from agents.clipped_update import PolicyLoss, check_policy_loss, clipped_update
 from agents.config import env_id_of, log_config
 from agents.envs import env_device, resolve_env
-from agents.fast_rollout import FastRolloutMixin
 from agents.kl_control import make_kl_controller
 from agents.kl_penalty import KL_ESTIMATORS, KLEstimator, KLPenaltyCallback
+from agents.rollout import RolloutMixin
 from agents.progress import TokenProgressBar
-from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_advantages
+from agents.sequence_buffer import SequenceRolloutBuffer
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
@@ -154,6 +154,13 @@ def stores_sequences(fast: bool, kwargs: dict[str, Any]) -> bool:
     return isinstance(buffer_class, type) and issubclass(buffer_class, SequenceRolloutBuffer)
 
 
+def contains_callback(callback: Any, kind: type) -> bool:
+    """Whether ``callback`` is a ``kind``, or a ``CallbackList`` holding one."""
+    if isinstance(callback, kind):
+        return True
+    return any(contains_callback(child, kind) for child in getattr(callback, "callbacks", []))
+
+
 def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
     """A clear error for an SB3 keyword that a textenv agent replaces (``REPLACED_KEYWORDS``)."""
     for key in kwargs:
@@ -161,7 +168,7 @@ def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
             raise ValueError(f"textenv agents do not take SB3's {key}. Fix: pass {REPLACED_KEYWORDS[key]}.")
 
 
-class LMAgentMixin(FastRolloutMixin):
+class LMAgentMixin(RolloutMixin):
     """What every textenv agent adds to its SB3 algorithm (see the module doc).
 
     :param env: a ``VecEnv``, a Gymnasium env or an env id (``agents.envs.resolve_env``).
@@ -192,7 +199,7 @@ class LMAgentMixin(FastRolloutMixin):
         up to 0.06 in log-prob), off under fp32 (they agree within 1e-5). Fast path only.
     :param deferred_reference: on the fast path with the batched env, score the reference
         in one teacher-forced pass after each rollout instead of decoding it token by token
-        alongside the policy (``agents.fast_rollout``); the rewards are the same.
+        alongside the policy (``agents.rollout``); the rewards are the same.
     :param kwargs: the SB3 algorithm's own arguments, over the class's ``defaults``;
         ``policy_kwargs`` over the class's ``policy_defaults``.
     """
@@ -235,7 +242,6 @@ class LMAgentMixin(FastRolloutMixin):
         kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
         self.kl_controller = make_kl_controller(kl_coef, kl_target, kl_horizon)
         self.kl_placement, self.kl_estimator = self._resolve_kl_options(kl_placement, kl_estimator, fast, kwargs)
-        self.kl_in_reward = self.kl_placement == "reward"  # read by KLPenaltyCallback
         # An instance attribute, so that save() stores it and load_agent() finds the class.
         self.algorithm_name = type(self).algorithm_name
         refuse_replaced_keywords(kwargs)
@@ -342,11 +348,16 @@ class LMAgentMixin(FastRolloutMixin):
         return policy_kwargs
 
     def train(self) -> None:
-        """The algorithm's update (none when every episode was left out of the loss); then how
-        many of its steps were skipped for NaN/inf gradients so far (``policies.guarded_optimizer``)."""
+        """The algorithm's update (``_update``; none when every episode was left out of the
+        loss); then how many of its steps were skipped for NaN/inf gradients so far
+        (``policies.guarded_optimizer``)."""
         if self._has_samples_to_train():
-            super().train()  # type: ignore[misc]
-        self._record_skipped_updates()
+            self._update()
+        self.logger.record("train/skipped_updates", getattr(self.policy.optimizer, "skipped_steps", 0))
+
+    def _update(self) -> None:
+        """One update on the stored rollout: the SB3 algorithm's own ``train``."""
+        super().train()  # type: ignore[misc]
 
     def _has_samples_to_train(self) -> bool:
         """Whether the rollout holds segments in the loss on every rank (a reward's ``None``
@@ -374,9 +385,6 @@ class LMAgentMixin(FastRolloutMixin):
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
                 group["lr"] *= group.get("lr_scale", 1.0)
-
-    def _record_skipped_updates(self) -> None:
-        self.logger.record("train/skipped_updates", getattr(self.policy.optimizer, "skipped_steps", 0))
 
     def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
         """SB3's ``save``, written atomically (``textenv.files.atomic_write``): a crash or a
@@ -419,7 +427,7 @@ class LMAgentMixin(FastRolloutMixin):
         the resolved configuration into the logger: TensorBoard gets it at the run's first
         dump (``agents.config.log_config``). Ranks other than 0 of a data-parallel run log
         nowhere. When SB3 resets the env, the KL summed over the episodes it discards goes
-        with them: the new episodes start from zero (``KLPenaltyCallback``)."""
+        with them: the new episodes start from zero (``episode_kl_sums``)."""
         if not distributed.is_main_process():  # only rank 0 writes TensorBoard and the console log
             self.tensorboard_log, self.verbose = None, 0
         if reset_num_timesteps or self._last_obs is None:  # SB3's condition for env.reset()
@@ -427,50 +435,33 @@ class LMAgentMixin(FastRolloutMixin):
         total_timesteps, callback = super()._setup_learn(  # type: ignore[misc]
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         self.kl_controller.start_run(total_timesteps)  # the whole run's tokens, a resumed one's too
+        if self.env is not None:
+            self.episode_kl_sums(self.env.num_envs)
         log_config(self.logger, self, self.env)
         return total_timesteps, callback
 
     def _init_callback(self, callback: Any, progress_bar: bool = False) -> Any:
-        """SB3's callback set-up, with a progress bar that counts the tokens the agent
-        generated (``TokenProgressBar``) rather than ``n_envs`` per step: a group rollout's
-        finished episodes wait without generating."""
+        """SB3's callback set-up, with the KL penalty first on SB3's stock path (the fast path
+        applies it after the rollout: ``agents.rollout``), and a progress bar that counts the
+        tokens the agent generated (``TokenProgressBar``) rather than ``n_envs`` per step: a
+        group rollout's finished episodes wait without generating."""
+        callbacks = callback if isinstance(callback, list) else [callback] if callback is not None else []
+        if any(contains_callback(given, KLPenaltyCallback) for given in callbacks):
+            raise ValueError("The agent applies the KL penalty itself, so a KLPenaltyCallback passed to learn "
+                             "would apply it twice. Fix: drop KLPenaltyCallback from the callbacks.")
+        if not isinstance(self.rollout_buffer, SequenceRolloutBuffer):
+            callbacks = [KLPenaltyCallback(), *callbacks]
         if progress_bar:
-            callbacks = callback if isinstance(callback, list) else [callback] if callback is not None else []
-            callback = [*callbacks, TokenProgressBar()]
-        return super()._init_callback(callback, progress_bar=False)  # type: ignore[misc]
-
-    def collect_rollouts(self, env: VecEnv, callback: Any, rollout_buffer: Any, n_rollout_steps: int, **kwargs: Any) -> bool:
-        """SB3's (or the fast path's) rollout, then the rollout-wide advantage standardisation."""
-        if not super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps):
-            return False
-        if self._recomputes_old_log_probs(rollout_buffer):
-            rollout_buffer.recompute_log_probs(self.policy, getattr(self, "batch_size", None))
-        self._normalize_advantages(rollout_buffer)
-        return True
-
-    def _recomputes_old_log_probs(self, rollout_buffer: Any) -> bool:
-        if not isinstance(rollout_buffer, SequenceRolloutBuffer):
-            return False  # SB3's own path evaluates each observation with a full forward already
-        if self.recompute_old_log_probs is not None:
-            return self.recompute_old_log_probs
-        return getattr(self.policy, "precision", "fp32") != "fp32"
-
-    def _normalize_advantages(self, rollout_buffer: Any) -> None:
-        """With ``advantage_normalization="rollout"``: standardise over the whole rollout."""
-        if self.advantage_normalization == "rollout":
-            normalize_rollout_advantages(rollout_buffer,
-                                         sums=distributed.global_sums if distributed.is_distributed() else None)
+            callbacks = [*callbacks, TokenProgressBar()]
+        return super()._init_callback(callbacks, progress_bar=False)  # type: ignore[misc]
 
     def learn(self, total_timesteps: int, callback: Any = None, **kwargs: Any):
-        """SB3's ``learn`` with the KL penalty first in the callback chain; every rollout is
-        logged, and the TensorBoard run is named after the algorithm (``grpo_1``, not SB3's
-        class name ``PPO_1``) unless ``tb_log_name`` says otherwise."""
+        """SB3's ``learn``; every rollout is logged, and the TensorBoard run is named after the
+        algorithm (``grpo_1``, not SB3's class name ``PPO_1``) unless ``tb_log_name`` says otherwise."""
         # A rollout of an LM is expensive: log every one (SB3's A2C default is every 100th).
         kwargs.setdefault("log_interval", 1)
         kwargs.setdefault("tb_log_name", self.algorithm_name)
-        user_callbacks = callback if isinstance(callback, list) else [callback] if callback else []
-        kl_callback = KLPenaltyCallback(add_to_reward=self.kl_in_reward)
-        return super().learn(total_timesteps, callback=[kl_callback, *user_callbacks], **kwargs)  # type: ignore[misc]
+        return super().learn(total_timesteps, callback=callback, **kwargs)  # type: ignore[misc]
 
 
 class LMPPO(LMAgentMixin, PPO):
@@ -497,16 +488,13 @@ class LMPPO(LMAgentMixin, PPO):
         self.policy_loss = policy_loss
         super().__init__(policy, env, **kwargs)
 
-    def train(self) -> None:
+    def _update(self) -> None:
         """SB3's ``PPO.train``; with ``kl_placement="loss"`` or ``policy_loss="cispo"``, the
         same update with ``beta * KL`` in the loss or CISPO's policy term
         (``agents.clipped_update``: SB3's loss has no place for either)."""
-        if self.kl_in_reward and self.policy_loss == "clip":
-            return super().train()
-        if self._has_samples_to_train():
-            clipped_update(self, policy_loss=self.policy_loss)
-        else:
-            self._record_skipped_updates()
+        if self.kl_placement == "reward" and self.policy_loss == "clip":
+            return super()._update()
+        clipped_update(self, policy_loss=self.policy_loss)
 
 
 class LMA2C(LMAgentMixin, A2C):

@@ -38,7 +38,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.type_aliases import GymEnv
 
 from agents import distributed
-from agents.registry import load_agent
+from agents.saving import load_agent
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.zip$")
 # The agent's attributes that describe its own episodes, not the shared weights: in

@@ -138,7 +138,7 @@ def policy_token_losses(
 
 def clipped_update(
     agent: Any, loss_aggregation: LossAggregation = "token_mean", clip_range_high: float | None = None,
-    policy_loss: PolicyLoss = "clip", importance_level: ImportanceLevel = "token",
+    policy_loss: PolicyLoss = "clip", importance_level: ImportanceLevel = "token", max_new_tokens: int | None = None,
 ) -> None:
     """SB3's ``PPO.train`` step by step, with the KL to the reference in the loss where the
     agent puts it there (``kl_placement="loss"``), the value term only where the agent has
@@ -152,7 +152,8 @@ def clipped_update(
     agent's estimator, the tokens held fixed, gradient through the current log-prob), the
     aggregation of the per-token terms (policy, entropy, KL) over the minibatch, and the
     policy term's ``policy_loss`` and ``importance_level`` (module doc). With the defaults
-    and ``beta = 0`` it makes SB3's ``PPO.train``'s update.
+    and ``beta = 0`` it makes SB3's ``PPO.train``'s update. ``max_new_tokens``: Dr. GRPO's
+    constant (``loss_aggregation="sequence_sum_normalized"`` needs it).
     """
     agent.policy.set_training_mode(True)
     agent._update_learning_rate(agent.policy.optimizer)
@@ -172,8 +173,7 @@ def clipped_update(
             rows = batch.observations.token_rows
 
             def aggregate(token_losses: torch.Tensor) -> torch.Tensor:
-                # A group rollout's n_steps is the env's max_new_tokens (Dr. GRPO's constant).
-                return aggregate_token_losses(token_losses, rows, loss_aggregation, agent.n_steps)
+                return aggregate_token_losses(token_losses, rows, loss_aggregation, max_new_tokens)
 
             advantages = batch.advantages
             if agent.normalize_advantage and len(advantages) > 1:  # advantage_normalization="minibatch"
@@ -201,7 +201,7 @@ def clipped_update(
                 value_loss = F.mse_loss(batch.returns, values)
                 value_losses.append(value_loss.item())
                 loss = loss + agent.vf_coef * value_loss
-            if not agent.kl_in_reward:  # the KL to the reference in the loss
+            if agent.kl_placement == "loss":  # the KL to the reference in the loss
                 kl_loss = aggregate(kl_estimate(log_prob, batch.ref_log_prob, agent.kl_estimator))
                 kl_losses.append(kl_loss.item())
                 if beta != 0:  # kl_coef=0: no term at all (0 times an overflowing k3 would be NaN)
@@ -239,4 +239,3 @@ def clipped_update(
         agent.logger.record("train/clip_range_high", clip_high)
     if trains_critic and agent.clip_range_vf is not None:
         agent.logger.record("train/clip_range_vf", clip_range_vf)
-    agent._record_skipped_updates()

@@ -1,5 +1,6 @@
 """Compare algorithms, or variants of them, (and seeds) on one task for the same budget of
-generated tokens.
+generated tokens. Every run is ``agents.training_run.train_and_evaluate`` (envs, seeds,
+evaluation and device as ``textenv-train`` has them), unsaved, with a learning curve.
 
 A variant is an algorithm name with keyword overrides, written ``NAME:KEY=VALUE,KEY=VALUE``
 (``parse_variant``), e.g. ``grpo:loss_aggregation=sequence_mean`` or
@@ -10,17 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.callbacks import BaseCallback
 
-from agents.config import resolved_config
-from agents.envs import make_text_vec_env
-from agents.evaluation import evaluate_agent
-from agents.registry import make_agent
+from agents.training_run import train_and_evaluate
 from textenv.files import atomic_write
 
 
@@ -65,11 +62,14 @@ def run_comparison(
     tensorboard_log: str | None = None,
     algo_kwargs: dict[str, dict[str, Any]] | None = None,
     variants: list[str] | None = None,
+    device: str = "auto",
 ) -> list[RunResult]:
     """Train every (algorithm or variant, seed) for ``total_tokens`` generated tokens;
-    evaluate each before and after on the same held-out-seeded episodes. Every run keeps
-    its resolved configuration (``RunResult.config``); the agents' defaults apply where
-    the arguments say nothing (beta adapted toward 4 nats per episode).
+    evaluate each before and after on the same held-out-seeded episodes. Each run is
+    ``train_and_evaluate`` (its evaluation env seeded ``seed + EVAL_SEED_OFFSET``, its
+    evaluation ``seed``, everything on ``device``), not saved. Every run keeps its
+    resolved configuration (``RunResult.config``); the agents' defaults apply where the
+    arguments say nothing (beta adapted toward 4 nats per episode).
 
     An entry of ``algos`` is an algorithm name, or ``LABEL:NAME`` for a variant of it
     (e.g. ``ppo-minibatch:ppo``) whose arguments are ``algo_kwargs[LABEL]``. An entry of
@@ -82,20 +82,19 @@ def run_comparison(
         runs.append((entry, algo, {**algo_kwargs.get(entry, {}), **overrides}))
     results = []
     for label, algo, kwargs in runs:
+        kwargs = dict(kwargs)
+        run_device = kwargs.pop("device", device)  # a run's own (--algo-kwargs) goes to its envs too
         for seed in seeds:
-            env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed)
-            eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=10_000 + seed)
-            agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, **kwargs)
-            config = resolved_config(agent, env)
-            before = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
             curve = LearningCurve()
-            start = time.perf_counter()
-            agent.learn(total_tokens, callback=curve, tb_log_name=f"{folder_name(label)}_seed{seed}")
-            seconds = time.perf_counter() - start
-            after = evaluate_agent(agent, eval_env, eval_episodes, seed=0)
+            run = train_and_evaluate(
+                env_id, algo, total_tokens, n_envs=n_envs, seed=seed, eval_episodes=eval_episodes,
+                tensorboard_log=tensorboard_log, device=run_device, callbacks=[curve],
+                tb_log_name=f"{folder_name(label)}_seed{seed}", save=False, **kwargs,
+            )
+            agent, before, after = run.agent, run.before, run.after
             results.append(RunResult(label, seed, before.task_score, after.task_score, after.kl,
-                                     agent.num_timesteps / seconds, agent.kl_controller.value, curve.points, config,
-                                     getattr(after, "metrics", {})))
+                                     run.tokens_trained / run.train_seconds, agent.kl_controller.value, curve.points,
+                                     run.config, getattr(after, "metrics", {})))
     return results
 
 

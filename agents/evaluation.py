@@ -17,7 +17,7 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
-from agents.fast_rollout import observation_tensors
+from policies.observations import unpack_observation
 from policies.sampling import sample_tokens
 from textenv.files import atomic_write_text
 from textenv.registration import FULL_MARKS
@@ -92,7 +92,7 @@ def evaluation_on(env: VecEnv, device: torch.device) -> Iterator[None]:
 
 @torch.no_grad()
 def sample_episodes(
-    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
+    agent: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0
 ) -> list[EvaluatedEpisode]:
     """The first ``ceil(n_episodes / n_envs)`` episodes of every parallel env, sampled with
     the agent's policy (stochastic, as in training), ordered by (episode number, slot).
@@ -105,17 +105,17 @@ def sample_episodes(
     evaluated on an env built the same way. The training run's random streams and a
     batched env's running episodes are left as they were (``evaluation_on``).
     """
-    check_same_vocabulary(model, env)
-    with evaluation_on(env, model.policy.device):
-        return _sample_episodes(model, env, n_episodes, seed)
+    check_same_vocabulary(agent, env)
+    with evaluation_on(env, agent.policy.device):
+        return _sample_episodes(agent, env, n_episodes, seed)
 
 
-def check_same_vocabulary(model: BaseAlgorithm, env: VecEnv) -> None:
+def check_same_vocabulary(agent: BaseAlgorithm, env: VecEnv) -> None:
     """Refuse an env whose model has another vocabulary than the agent's policy (an agent
     evaluated on another task's env): its tokens would mean other words, or none."""
-    agent_vocabulary, env_vocabulary = model.action_space.n, env.action_space.n
+    agent_vocabulary, env_vocabulary = agent.action_space.n, env.action_space.n
     if agent_vocabulary != env_vocabulary:
-        trained_on = getattr(model, "env_id", None)
+        trained_on = getattr(agent, "env_id", None)
         raise ValueError(
             f"the agent's policy has a vocabulary of {agent_vocabulary} tokens and this env's model one of "
             f"{env_vocabulary}: the agent was trained with another model"
@@ -125,10 +125,10 @@ def check_same_vocabulary(model: BaseAlgorithm, env: VecEnv) -> None:
         )
 
 
-def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: int | None) -> list[EvaluatedEpisode]:
-    policy = model.policy
+def _sample_episodes(agent: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: int | None) -> list[EvaluatedEpisode]:
+    policy = agent.policy
     policy.set_training_mode(False)
-    sample = getattr(model, "_sample_actions", sample_tokens)
+    sample = getattr(agent, "_sample_actions", sample_tokens)
     quota = -(-n_episodes // env.num_envs)  # ceil
     if seed is not None:
         env.seed(seed)
@@ -136,7 +136,7 @@ def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: i
     # A decoder of its own: the agent's training decoder keeps its slots.
     decoder = policy.rollout_decoder(env.num_envs, env.observation_space["input_ids"].shape[0])
     obs = env.reset()
-    decoder.start(*observation_tensors(obs, policy.device))
+    decoder.start(*unpack_observation(obs, policy.device))
 
     done_per_env = np.zeros(env.num_envs, dtype=int)
     running_kl = np.zeros(env.num_envs)
@@ -164,7 +164,7 @@ def _sample_episodes(model: BaseAlgorithm, env: VecEnv, n_episodes: int, seed: i
         if not (done_per_env < quota).any():
             break
         new_episode = torch.as_tensor(dones, device=policy.device).bool()
-        decoder.observe(actions, *observation_tensors(obs, policy.device), new_episode)
+        decoder.observe(actions, *unpack_observation(obs, policy.device), new_episode)
     # Keyed by (episode number, slot): the same prompt for every agent evaluated with the
     # same seed, whatever the episode lengths.
     return sorted(episodes, key=lambda episode: (episode.number, episode.slot))
@@ -198,14 +198,14 @@ def accuracy_of(scores: list[float], full_marks: float | None) -> float | None:
 
 
 def evaluate_agent(
-    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0,
+    agent: BaseAlgorithm, env: VecEnv, n_episodes: int = 64, seed: int | None = 0,
     full_marks: float | None = None,
 ) -> EvaluationResult:
     """Sample ``n_episodes`` episodes with the agent's policy (``sample_episodes``) and
     measure them: mean task score, KL and length, perplexity under the reference,
     diversity, the (prompt, completion, score) samples, and the accuracy where the task has
     full marks (``full_marks``, default the env id's, ``full_marks_of``)."""
-    episodes = sample_episodes(model, env, n_episodes, seed)
+    episodes = sample_episodes(agent, env, n_episodes, seed)
     completions = [episode.completion for episode in episodes]
     lengths = [episode.length for episode in episodes]
     multi_turn = all(episode.turns is not None for episode in episodes)
@@ -239,16 +239,16 @@ def metric_means(episode_metrics: list[dict[str, float | None]]) -> dict[str, fl
 
 
 def compare_with_reference(
-    model: BaseAlgorithm, env: VecEnv, n_episodes: int = 128, seed: int = 0
+    agent: BaseAlgorithm, env: VecEnv, n_episodes: int = 128, seed: int = 0
 ) -> dict[str, EvaluationResult]:
     """The agent and its starting point (a fresh agent on the reference model), on the
     same prompts in the same order."""
     from agents.registry import make_agent
 
-    reference_agent = make_agent("ppo", env, device=model.device)
+    reference_agent = make_agent("ppo", env, device=agent.device)
     return {
         "reference": evaluate_agent(reference_agent, env, n_episodes, seed),
-        "agent": evaluate_agent(model, env, n_episodes, seed),
+        "agent": evaluate_agent(agent, env, n_episodes, seed),
     }
 
 

@@ -60,21 +60,16 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnv
 
 from agents import distributed
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
-from agents.fast_rollout import observation_tensors
 from agents.clipped_update import (
     LOSS_AGGREGATIONS, ImportanceLevel, LossAggregation, PolicyLoss, check_importance_level, check_policy_loss,
     clipped_update,
 )
 from agents.sequence_buffer import SequenceRolloutBuffer
-from policies.observations import last_token_index
 from textenv.vector import BatchedTokenVecEnv
 
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -102,6 +97,7 @@ class GroupRolloutMixin(LMAgentMixin):
         equal (DAPO's dynamic sampling, Yu et al., 2025); counted in ``rollout/filtered_groups``.
     """
 
+    rollout_in_groups = True  # agents.rollout: one complete episode per slot, k slots per prompt
     default_advantage_normalization = "none"  # advantages are already relative to the group
     trains_value_head = False
     supports_kl_in_loss = True
@@ -163,67 +159,13 @@ class GroupRolloutMixin(LMAgentMixin):
         self._check_group_env(self.env)
         self.env.configure_episodes(group_size=self.group_size, autoreset=False)
 
-    def collect_rollouts(
-        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
-    ) -> bool:
-        assert isinstance(rollout_buffer, SequenceRolloutBuffer)
-        self.policy.set_training_mode(False)
-        rollout_buffer.reset()
-        callback.on_rollout_start()
-        timesteps_before = self.num_timesteps
-        reference_deferred = self._defers_reference_scoring(env)  # scored after the rollout, as PPO's
-        step_dones: list[np.ndarray] = []
-        if reference_deferred:
-            env.defer_reference_scoring(True)
-        try:
-            obs = env.reset()  # new prompts, k episodes each
-            input_ids, attention_mask = observation_tensors(obs, self.device)
-            decoder = self._rollout_decoder(env.num_envs)
-            decoder.start(input_ids, attention_mask)
-            episode_starts = np.ones(env.num_envs, dtype=np.float32)
-            for _ in range(n_rollout_steps):
-                active = env.active.clone()
-                actions, log_probs, values = decoder.act(self._sample_actions)
-                # Frozen (finished) episodes take no action: zero log-prob, so no KL is counted.
-                log_probs = log_probs * active
-                state_columns = last_token_index(attention_mask)
-                new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
-                self.num_timesteps += int(active.sum())
-                callback.update_locals(locals())
-                if not callback.on_step():
-                    return False
-                self._update_info_buffer(infos, dones)
-                if reference_deferred:
-                    ref_log_probs = np.zeros(env.num_envs, dtype=np.float32)  # scored after the rollout
-                    step_dones.append(dones)
-                else:
-                    ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
-                rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns,
-                                        ref_log_probs)
-                episode_starts = np.zeros(env.num_envs, dtype=np.float32)
-                rollout_buffer.end_finished_episodes(dones, infos)
-                if not bool(env.active.any()):
-                    break
-                input_ids, attention_mask = observation_tensors(new_obs, self.device)
-                # Episodes never restart within a group rollout. Frozen rows decode a throw-away
-                # step (their logits go unused; the next rollout's `start` refills their slots).
-                decoder.observe(actions, input_ids, attention_mask, new_episode=torch.zeros_like(active))
-        finally:
-            if reference_deferred:
-                env.defer_reference_scoring(False)
-        rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True  # steps after the last end are unused
-        self._count_every_ranks_timesteps(timesteps_before)
-        if reference_deferred:
-            self._score_reference(env, rollout_buffer, callback, np.stack(step_dones))
-        if self._recomputes_old_log_probs(rollout_buffer):
-            rollout_buffer.recompute_log_probs(self.policy, self.batch_size)
+    def set_group_advantages(self, buffer: SequenceRolloutBuffer) -> None:
+        """``finish_rollout``'s advantage step: with ``filter_groups``, the groups without signal
+        left out first; then every token of an episode gets its episode's group-relative
+        advantage (``group_advantages`` of the returns of the group's members in the loss)."""
         if self.filter_groups:
-            self._filter_uniform_groups(rollout_buffer)
-        self._set_group_advantages(rollout_buffer)
-        self._normalize_advantages(rollout_buffer)
-        callback.update_locals(locals())
-        callback.on_rollout_end()
-        return True
+            self._filter_uniform_groups(buffer)
+        self._set_group_advantages(buffer)
 
     def _filter_uniform_groups(self, buffer: SequenceRolloutBuffer) -> None:
         """Leave out of the loss every group whose judged task scores are all equal (no signal:
@@ -248,29 +190,21 @@ class GroupRolloutMixin(LMAgentMixin):
         for (env, first, last), in_loss in zip(buffer.segment_spans, buffer.segment_in_loss):
             if in_loss:
                 returns[env] = buffer.rewards[first : last + 1, env].sum()
-        advantages = self.advantages_of_groups(returns.reshape(-1, self.group_size)).reshape(-1)
+        advantages = self.group_advantages(returns.reshape(-1, self.group_size)).reshape(-1)
         buffer.advantages[:] = 0.0
         for env, first, last in buffer.segment_spans:
             buffer.advantages[first : last + 1, env] = advantages[env]
         buffer.returns[:] = buffer.advantages  # unused: there is no critic to regress onto returns
 
-    def train(self) -> None:
+    def _update(self) -> None:
         """SB3's ``PPO.train`` without the value term, plus the KL term where it is in the loss
-        (GRPO's default), with this agent's loss options (``clipped_update``); none when every
-        episode was left out of the loss."""
-        if not self._has_samples_to_train():
-            self._record_skipped_updates()
-            return
-        clipped_update(self, self.loss_aggregation, self.clip_range_high, self.policy_loss, self.importance_level)
+        (GRPO's default), with this agent's loss options (``clipped_update``)."""
+        clipped_update(self, self.loss_aggregation, self.clip_range_high, self.policy_loss, self.importance_level,
+                       max_new_tokens=self.env.max_new_tokens)
 
-    def advantages_of_groups(self, returns: np.ndarray) -> np.ndarray:
-        """``group_advantages`` with this agent's options."""
-        return self.group_advantages(returns)
-
-    @staticmethod
-    def group_advantages(returns: np.ndarray) -> np.ndarray:
+    def group_advantages(self, returns: np.ndarray) -> np.ndarray:
         """``(n_groups, k)`` episode returns (NaN: a member out of the loss) -> advantages
-        (0 for those members)."""
+        (0 for those members), with this agent's options."""
         raise NotImplementedError
 
 
@@ -287,11 +221,8 @@ class LMRLOO(GroupRolloutMixin, PPO):
     algorithm_name = "rloo"
     defaults = GROUP_DEFAULTS
 
-    @staticmethod
-    def group_advantages(returns: np.ndarray) -> np.ndarray:
-        judged, n_judged, total = judged_members(returns)
-        leave_one_out_mean = (total - returns) / np.maximum(n_judged - 1, 1)  # over the other judged members
-        return np.where(judged & (n_judged > 1), returns - leave_one_out_mean, 0.0)
+    def group_advantages(self, returns: np.ndarray) -> np.ndarray:
+        return leave_one_out_advantages(returns)
 
 
 class LMGRPO(GroupRolloutMixin, PPO):
@@ -313,14 +244,24 @@ class LMGRPO(GroupRolloutMixin, PPO):
         self.scale_rewards = scale_rewards
         super().__init__(policy, env, **kwargs)
 
-    @staticmethod
-    def group_advantages(returns: np.ndarray, scale_rewards: bool = True) -> np.ndarray:
-        judged, n_judged, total = judged_members(returns)  # mean and std over the judged members
-        centred = np.where(judged, returns - total / np.maximum(n_judged, 1), 0.0)
-        if not scale_rewards:  # Dr. GRPO
-            return centred
-        std = np.sqrt((centred**2).sum(axis=1, keepdims=True) / np.maximum(n_judged - 1, 1))
-        return centred / (std + 1e-4)
+    def group_advantages(self, returns: np.ndarray) -> np.ndarray:
+        return normalized_group_advantages(returns, scale_rewards=self.scale_rewards)
 
-    def advantages_of_groups(self, returns: np.ndarray) -> np.ndarray:
-        return self.group_advantages(returns, scale_rewards=self.scale_rewards)
+
+def leave_one_out_advantages(returns: np.ndarray) -> np.ndarray:
+    """RLOO: each judged member's return minus the mean of the group's other judged members
+    (``(n_groups, k)``, NaN for members out of the loss, whose advantage is 0)."""
+    judged, n_judged, total = judged_members(returns)
+    leave_one_out_mean = (total - returns) / np.maximum(n_judged - 1, 1)  # over the other judged members
+    return np.where(judged & (n_judged > 1), returns - leave_one_out_mean, 0.0)
+
+
+def normalized_group_advantages(returns: np.ndarray, scale_rewards: bool = True) -> np.ndarray:
+    """GRPO: each judged member's return centred on its group's mean and divided by the group's
+    std (``scale_rewards=False``, Dr. GRPO: centred only); NaN members get 0."""
+    judged, n_judged, total = judged_members(returns)  # mean and std over the judged members
+    centred = np.where(judged, returns - total / np.maximum(n_judged, 1), 0.0)
+    if not scale_rewards:  # Dr. GRPO
+        return centred
+    std = np.sqrt((centred**2).sum(axis=1, keepdims=True) / np.maximum(n_judged - 1, 1))
+    return centred / (std + 1e-4)

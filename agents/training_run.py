@@ -1,4 +1,5 @@
-"""One training run, as the ``textenv-train`` command and the RLHF pipeline do it.
+"""One training run, as the ``textenv-train`` command, the RLHF pipeline and every run
+of a comparison (``agents.comparison``) do it.
 
 Build the training and evaluation envs from an id, make the agent by name, score
 it on held-out-seeded episodes, train, score again, save. The agent's own
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.utils import set_random_seed
 
 from agents import distributed
@@ -39,7 +41,7 @@ class TrainingRun:
     after: EvaluationResult | None
     train_seconds: float
     tokens_trained: int  # generated in this process's learn() (a resumed run: since the checkpoint), every rank's
-    saved_to: str
+    saved_to: str | None  # None: not saved (save=False)
     tensorboard_dir: str | None
     config: dict[str, Any]
 
@@ -132,6 +134,9 @@ def train_and_evaluate(
     checkpoint_every: int | None = None,
     keep_checkpoints: int = 3,
     resume: str | None = None,
+    callbacks: list[BaseCallback] | None = None,
+    tb_log_name: str | None = None,
+    save: bool = True,
     **agent_kwargs: Any,
 ) -> TrainingRun:
     """Train ``algo`` on ``env_id`` for ``total_timesteps`` generated tokens and save it.
@@ -151,6 +156,9 @@ def train_and_evaluate(
         where the checkpoint left it, in the same TensorBoard run.
     :param print_scores: print the score and KL before training (so a long run shows
         its starting point at once) and after it, with a few samples.
+    :param callbacks: more callbacks for ``learn`` (a comparison's learning curve).
+    :param tb_log_name: the TensorBoard run's name (default ``run_name(env_id, algo)``).
+    :param save: ``False`` leaves the agent unsaved (``saved_to`` is ``None``).
     :param agent_kwargs: the algorithm's arguments (``make_agent``); the agent's
         defaults fill the rest.
 
@@ -178,13 +186,13 @@ def train_and_evaluate(
     config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
     if print_scores:
         print(f"before training: {describe(before)}")
-    callbacks = []
+    callbacks = list(callbacks or [])
     if checkpoint_every is not None:
         callbacks.append(CheckpointCallback(checkpoint_folder(save_path), checkpoint_every, keep_checkpoints,
                                             extra={"score_before": before}))
     timesteps_before = agent.num_timesteps
     start = time.perf_counter()
-    agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=run_name(env_id, algo),
+    agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=tb_log_name or run_name(env_id, algo),
                 progress_bar=progress_bar and main, callback=callbacks, reset_num_timesteps=checkpoint_path is None)
     train_seconds = time.perf_counter() - start
     after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
@@ -195,9 +203,11 @@ def train_and_evaluate(
         for prompt, completion, score in after.samples[:4]:
             print(f"  [{score:+.2f}] {prompt}|{completion}")
 
-    agent.save(save_path)  # rank 0 only
+    if save:
+        agent.save(save_path)  # rank 0 only
     return TrainingRun(
         agent=agent, env_id=env_id, algo=algo, total_timesteps=total_timesteps, before=before, after=after,
-        train_seconds=train_seconds, tokens_trained=agent.num_timesteps - timesteps_before, saved_to=save_path,
+        train_seconds=train_seconds, tokens_trained=agent.num_timesteps - timesteps_before,
+        saved_to=save_path if save else None,
         tensorboard_dir=agent.logger.dir if tensorboard_log else None, config=config,
     )

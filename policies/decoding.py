@@ -1,6 +1,6 @@
 """The one rollout step of the LM policies, KV-cached: one new token per episode per step.
 
-Training rollouts (``agents.fast_rollout``), group rollouts (``agents.group_methods``)
+Training rollouts (``agents.rollout``), group rollouts (``agents.group_methods``)
 and evaluation (``agents.evaluation``) all run the same three calls::
 
     decoder.start(input_ids, attention_mask)           # prefill every episode's slot
@@ -8,14 +8,15 @@ and evaluation (``agents.evaluation``) all run the same three calls::
     decoder.observe(actions, input_ids, attention_mask, new_episode)  # one cached decode step
 
 SB3's rollout calls ``policy(obs)`` on the full prefix at every step. Here each
-parallel episode keeps a KV-cache slot (``textenv.slot_decoding``): a step feeds
+parallel episode keeps a KV-cache slot (``textenv.lm.slot_decoding``): a step feeds
 only the token just taken, and a new episode fills its slot from its prompt.
 After every update the cached keys of running episodes are stale, so each
 rollout begins with ``start`` (one prefill of all current prefixes); between a rollout's
 last step and the next ``start`` the caches are freed (``release``: ``observe_last`` and
 the policy's ``set_training_mode(True)`` call it), so that the update does not hold them
 (``n_envs x layers x 2 x W`` keys and values: 0.19 GB for SmolLM2-135M at 8 episodes of
-512 columns).
+512 columns). NLPO's masked step extends ``PolicyRolloutDecoder`` beside its policy
+(``policies.masked.TopPMaskedRolloutDecoder``).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from policies.lora import causal_lm_of
-from policies.observations import last_token_index
-from policies.sampling import log_prob_of, sample_tokens, top_p_mask
-from textenv.slot_decoding import SlotDecoder
+from policies.sampling import log_prob_of, sample_tokens
+from textenv.lm.slot_decoding import SlotDecoder, last_token_index
 
 if TYPE_CHECKING:
     from policies.lm_policy import LMPolicyMixin
@@ -138,38 +137,3 @@ class PolicyRolloutDecoder:
         if self.critic_slots is not None:
             self.critic_slots = SlotDecoder(self.critic_slots.model, self.critic_slots.n_slots, self.critic_slots.width)
         self.logits = None
-
-
-class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
-    """Rollouts of a ``TopPMaskedLMPolicy``: the masking model decodes alongside the
-    policy (its own KV-cache slots), and tokens outside its top-p set get logit -inf."""
-
-    def __init__(self, policy, n_envs: int, width: int):
-        super().__init__(policy, n_envs, width)
-        self.mask_slots = SlotDecoder(causal_lm_of(policy.mask_lm), n_envs, width)
-
-    def release(self) -> None:
-        super().release()
-        self.mask_slots = SlotDecoder(self.mask_slots.model, self.mask_slots.n_slots, self.mask_slots.width)
-
-    def _masked(self, logits: torch.Tensor, mask_hidden: torch.Tensor) -> torch.Tensor:
-        allowed = top_p_mask(self.policy.mask_logits(mask_hidden), self.policy.top_p)
-        return logits.masked_fill(~allowed, float("-inf"))
-
-    @torch.no_grad()
-    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
-        super().start(input_ids, attention_mask)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        with self.policy.compute_context():
-            mask_hidden = self.mask_slots.prefill_rows(rows, input_ids, attention_mask)
-        self.logits = self._masked(self.logits, mask_hidden)
-
-    @torch.no_grad()
-    def observe(
-        self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
-    ) -> None:
-        extend_from = self._extend_from(attention_mask, new_episode)  # before super() moves last_columns
-        super().observe(actions, input_ids, attention_mask, new_episode)
-        with self.policy.compute_context():
-            mask_hidden = self.mask_slots.step(actions, input_ids, attention_mask, new_episode, extend_from)
-        self.logits = self._masked(self.logits, mask_hidden)

@@ -1,5 +1,11 @@
 """``LMActorCriticPolicy``: an SB3 actor-critic on one shared causal-LM body.
 
+The model itself is a ``policies.actor_critic.LMActorCritic`` (``policy.actor_critic``):
+the policy loads it, holds its parts under their own names (``lm``, ``lm_head``,
+``critic_body``, ``value_head``: the state-dict keys of saved agents), and computes
+hidden states, logits and values through it. What is SB3's stays here: observations
+and ``TokenSequences``, distributions, chunked log-probs, the optimizer and memory.
+
 - actor: the LM's own output head; its logits over the vocabulary are the
   ``Discrete(V)`` action distribution;
 - critic: a linear value head (small init) on the last hidden state;
@@ -10,7 +16,7 @@
 Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
 - no features extractor / MLP extractor: the LM body is the shared extractor;
 - ``ortho_init=False``: orthogonal init would overwrite the pretrained weights;
-- dropout off through the model's config and modules (``textenv.models.disable_dropout``),
+- dropout off through the model's config and modules (``textenv.lm.models.disable_dropout``),
   so train and eval mode compute the same function and the probability ratio is
   exactly 1 before the first update; the body follows SB3's train/eval switch, so
   ``gradient_checkpointing=True`` really checkpoints during the update;
@@ -34,10 +40,9 @@ Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, ContextManager, Literal
+from typing import TYPE_CHECKING, Any, ContextManager
 
 import torch
 import torch.utils.checkpoint
@@ -47,22 +52,18 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
+from policies.actor_critic import CRITICS, PRECISIONS, Critic, LMActorCritic, Precision  # noqa: F401 (re-exported)
 from policies.guarded_optimizer import skipping_non_finite
-from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
+from policies.lora import LoraReference
 from policies.memory import keep_heap_small, trim_heap
-from policies.observations import last_token_index, positions_from_mask, unpack_observation
+from policies.observations import unpack_observation
 from policies.sampling import log_prob_of
 from policies.sequences import TokenSequences
-from textenv.models import load_causal_lm, load_model_body, vocab_size_of
-from textenv.slot_decoding import lm_logits
+from textenv.lm.models import vocab_size_of
+from textenv.lm.slot_decoding import last_token_index
 
 if TYPE_CHECKING:
     from policies.decoding import PolicyRolloutDecoder
-
-Precision = Literal["fp32", "bf16-mixed", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16-mixed", "bf16")
-Critic = Literal["shared", "separate"]
-CRITICS: tuple[str, ...] = ("shared", "separate")
 
 
 class LMPolicyMixin:
@@ -131,13 +132,36 @@ class LMPolicyMixin:
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
-        """Load the LM body + head and add the value head (replaces SB3's MLP heads)."""
-        self.lm = load_causal_lm(
+        """Load the actor-critic (``LMActorCritic``: LM body + head, value head; replaces SB3's
+        MLP heads) and make the optimizer."""
+        actor_critic = LMActorCritic.from_pretrained(
             self.model_name_or_path,
+            restore_exported=False,  # a fresh value head on any checkpoint (load_exported_agent restores one)
+            check=self._check_vocabulary,
+            value_head_init_std=self.value_head_init_std,
             attn_implementation=self.attn_implementation,
-            dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32,
+            precision=self.precision,
+            gradient_checkpointing=self.gradient_checkpointing,
+            lora=self.lora,
+            critic=self.critic,
+            critic_model_name_or_path=self.critic_model_name_or_path,
         )
-        vocab = vocab_size_of(self.lm)
+        # Held outside the module tree (no "actor_critic." prefix in state dicts): its parts are
+        # registered here under the names saved agents use, in the order the optimizer's state follows.
+        object.__setattr__(self, "actor_critic", actor_critic)
+        self.lm = actor_critic.lm
+        self.lm_head = actor_critic.lm_head  # the actor's head (an alias, kept in state dicts)
+        self.critic_body: nn.Module | None = actor_critic.critic_body
+        self.value_head = actor_critic.value_head
+        # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
+        self.optimizer = skipping_non_finite(self.optimizer_class)(self._parameter_groups(lr_schedule(1)),
+                                                                   lr=lr_schedule(1), **self.optimizer_kwargs)
+        self.release_hook = self.optimizer.register_step_post_hook(
+            release_gradients_and_heap if self.trim_memory else release_gradients)
+
+    def _check_vocabulary(self, lm: nn.Module) -> None:
+        """The policy's LM must have the env's action space as its vocabulary."""
+        vocab = vocab_size_of(lm)
         if vocab != self.action_space.n:
             raise ValueError(
                 f"The policy model {self.model_name_or_path!r} has a vocabulary of {vocab} "
@@ -146,30 +170,6 @@ class LMPolicyMixin:
                 "tokenizer. Fix: pass the same model to the environment (model=...) and "
                 "the policy (policy_kwargs={'model_name_or_path': ...})."
             )
-        if self.gradient_checkpointing:
-            if not self.lm.supports_gradient_checkpointing:
-                raise ValueError(f"{type(self.lm).__name__} does not support gradient checkpointing. "
-                                 "Fix: pass gradient_checkpointing=False.")
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.lora is not None:
-                self.lm.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        if self.lora is not None:
-            self.lm = add_lora_adapters(self.lm, self.lora)  # base weights frozen; see policies.lora
-        self.lm_head = self.causal_lm.get_output_embeddings()  # the actor's head (an alias, kept in state dicts)
-        self.critic_body: nn.Module | None = None
-        if self.critic == "separate":  # its own body, by default a copy of the policy's start (OpenRLHF's critic)
-            self.critic_body = load_model_body(self.critic_model_name_or_path or self.model_name_or_path,
-                                               dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
-        critic_width = self.critic_body.config.get_text_config().hidden_size if self.critic_body is not None \
-            else self.lm_head.in_features
-        self.value_head = nn.Linear(critic_width, 1)
-        nn.init.normal_(self.value_head.weight, std=self.value_head_init_std)
-        nn.init.zeros_(self.value_head.bias)
-        # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
-        self.optimizer = skipping_non_finite(self.optimizer_class)(self._parameter_groups(lr_schedule(1)),
-                                                                   lr=lr_schedule(1), **self.optimizer_kwargs)
-        self.release_hook = self.optimizer.register_step_post_hook(
-            release_gradients_and_heap if self.trim_memory else release_gradients)
 
     def set_training_mode(self, mode: bool) -> None:
         """SB3's switch, at the start of every rollout (``False``) and update (``True``). When
@@ -224,12 +224,12 @@ class LMPolicyMixin:
     @property
     def causal_lm(self) -> nn.Module:
         """The Hugging Face causal LM (under LoRA: inside the peft model, adapters injected)."""
-        return causal_lm_of(self.lm)
+        return self.actor_critic.causal_lm
 
     def reference_model(self) -> LoraReference | None:
         """Under LoRA, the frozen reference as the env should use it: this very body with its
         adapters off (``policies.lora.LoraReference``); ``None`` without LoRA."""
-        return LoraReference(self.lm) if self.lora is not None else None
+        return self.actor_critic.reference_model()
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -253,9 +253,7 @@ class LMPolicyMixin:
     def compute_context(self) -> ContextManager:
         """Where the body and the LM head run: bf16 autocast under ``"bf16-mixed"``
         (weights stay float32, and so do the gradients the optimizer sees)."""
-        if self.precision == "bf16-mixed":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return self.actor_critic.compute_context()
 
     # -- the two heads on one body ---------------------------------------------
 
@@ -264,13 +262,7 @@ class LMPolicyMixin:
     ) -> torch.Tensor:
         """Final hidden states of the LM body (``lm``, default the policy's) at every column:
         ``(batch, width, hidden)``."""
-        with self.compute_context():
-            return causal_lm_of(lm or self.lm).base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_from_mask(attention_mask),
-                use_cache=False,
-            ).last_hidden_state
+        return self.actor_critic.hidden_states(input_ids, attention_mask, lm)
 
     def last_hidden_state(
         self, obs: dict[str, torch.Tensor] | TokenSequences, lm: torch.nn.Module | None = None
@@ -291,8 +283,7 @@ class LMPolicyMixin:
 
     def action_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the vocabulary (the head's matmul autocast like the body)."""
-        with self.compute_context():
-            return lm_logits(self.causal_lm, hidden)
+        return self.actor_critic.logits_from_hidden(hidden)
 
     def critic_hidden_state(self, obs: dict[str, torch.Tensor] | TokenSequences, policy_hidden: torch.Tensor) -> torch.Tensor:
         """What the value head reads at each state: the policy body's hidden state (shared
@@ -303,8 +294,7 @@ class LMPolicyMixin:
 
     def value(self, hidden: torch.Tensor) -> torch.Tensor:
         """V(s) in float32 under every precision (autocast off: the head is one small matmul)."""
-        with torch.autocast(device_type=self.device.type, enabled=False):
-            return self.value_head(hidden.float())
+        return self.actor_critic.value_from_hidden(hidden)
 
     # -- SB3's policy interface --------------------------------------------------
 

@@ -7,26 +7,26 @@ agent then explores and learns only among plausible tokens.
 
 Masks are never stored: the masking model is frozen between refreshes, so the
 update recomputes each state's mask from it (one extra forward per sequence),
-instead of keeping a vocabulary-sized array per step.
+instead of keeping a vocabulary-sized array per step. The rollout step of this
+policy (``TopPMaskedRolloutDecoder``, a ``policies.decoding.PolicyRolloutDecoder``)
+decodes the masking model alongside it, in KV-cache slots of its own.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sb3_contrib.common.maskable.distributions import MaskableCategoricalDistribution
 from sb3_contrib.common.maskable.policies import MaskableActorCriticPolicy
 
+from policies.decoding import PolicyRolloutDecoder
 from policies.lm_policy import LMPolicyMixin
 from policies.lora import causal_lm_of
 from policies.sampling import log_prob_of, top_p_mask
 from policies.sequences import TokenSequences
-from textenv.slot_decoding import lm_logits
-
-if TYPE_CHECKING:
-    from policies.decoding import TopPMaskedRolloutDecoder
+from textenv.lm.slot_decoding import SlotDecoder, lm_logits
 
 
 class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
@@ -94,8 +94,41 @@ class TopPMaskedLMPolicy(LMPolicyMixin, MaskableActorCriticPolicy):
     def get_distribution(self, obs, action_masks=None) -> MaskableCategoricalDistribution:
         return self._masked_distribution(obs, self.last_hidden_state(obs), action_masks)
 
-    def rollout_decoder(self, n_envs: int, width: int) -> "TopPMaskedRolloutDecoder":
-        """The rollout step with this policy's top-p masks (see ``policies.decoding``)."""
-        from policies.decoding import TopPMaskedRolloutDecoder
-
+    def rollout_decoder(self, n_envs: int, width: int) -> TopPMaskedRolloutDecoder:
+        """The rollout step with this policy's top-p masks (``TopPMaskedRolloutDecoder``, below)."""
         return self.tracked_decoder(TopPMaskedRolloutDecoder(self, n_envs, width))
+
+
+class TopPMaskedRolloutDecoder(PolicyRolloutDecoder):
+    """Rollouts of a ``TopPMaskedLMPolicy``: the masking model decodes alongside the
+    policy (its own KV-cache slots), and tokens outside its top-p set get logit -inf."""
+
+    def __init__(self, policy, n_envs: int, width: int):
+        super().__init__(policy, n_envs, width)
+        self.mask_slots = SlotDecoder(causal_lm_of(policy.mask_lm), n_envs, width)
+
+    def release(self) -> None:
+        super().release()
+        self.mask_slots = SlotDecoder(self.mask_slots.model, self.mask_slots.n_slots, self.mask_slots.width)
+
+    def _masked(self, logits: torch.Tensor, mask_hidden: torch.Tensor) -> torch.Tensor:
+        allowed = top_p_mask(self.policy.mask_logits(mask_hidden), self.policy.top_p)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        super().start(input_ids, attention_mask)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        with self.policy.compute_context():
+            mask_hidden = self.mask_slots.prefill_rows(rows, input_ids, attention_mask)
+        self.logits = self._masked(self.logits, mask_hidden)
+
+    @torch.no_grad()
+    def observe(
+        self, actions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_episode: torch.Tensor
+    ) -> None:
+        extend_from = self._extend_from(attention_mask, new_episode)  # before super() moves last_columns
+        super().observe(actions, input_ids, attention_mask, new_episode)
+        with self.policy.compute_context():
+            mask_hidden = self.mask_slots.step(actions, input_ids, attention_mask, new_episode, extend_from)
+        self.logits = self._masked(self.logits, mask_hidden)

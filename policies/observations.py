@@ -2,31 +2,22 @@
 
 An observation is ``input_ids`` and ``attention_mask`` of width
 ``max_prompt_len + max_new_tokens``: the prompt left-padded, then the generated
-tokens. Positions skip the left padding, and a state is read at its last real
-token. This module is the bottom of ``policies`` (it imports nothing of the
-project), so that the policy (``lm_policy``) and its decoding (``decoding``) can
-both use it without importing each other.
+tokens. Positions skip the left padding and a state is read at its last real token,
+by the env's own rules (``textenv.lm.slot_decoding.positions_of`` and
+``last_token_index``: callers import them from there). This module only unpacks the
+observation and imports only torch, so the policy (``lm_policy``) and its decoding
+(``decoding``) can both use it without importing each other.
 """
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 
-from textenv.slot_decoding import positions_of
 
-
-def unpack_observation(obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer ``(input_ids, attention_mask)`` from a (possibly float-cast) observation."""
-    return obs["input_ids"].long(), obs["attention_mask"].long()
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids that skip left padding: the first real token is position 0 (the
-    env's own rule, ``textenv.slot_decoding.positions_of``)."""
-    return positions_of(attention_mask)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Column of the last real token in each row."""
-    columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
-    return (attention_mask * columns).argmax(dim=-1)
+def unpack_observation(obs: Mapping[str, Any], device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer ``(input_ids, attention_mask)`` tensors (on ``device``, if given) from an
+    observation: SB3's (possibly float-cast) tensors, or a VecEnv's NumPy arrays."""
+    return (torch.as_tensor(obs["input_ids"], device=device).long(),
+            torch.as_tensor(obs["attention_mask"], device=device).long())

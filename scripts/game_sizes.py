@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from textenv.games import GAME_DEFAULTS, GemTurnEnv, TextArenaTurnEnv
-    from textenv.models import resolve_model_path
+    from textenv.lm.models import resolve_model_path
     from textenv.multiturn import size_dialogue
 
     config = AutoConfig.from_pretrained(resolve_model_path(args.model))

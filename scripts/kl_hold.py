@@ -44,7 +44,7 @@ def logged(run_folder: Path, tag: str) -> list[float]:
 def run_one(task: str, seed: int, folder: Path) -> dict:
     """Train ``task`` with ``seed`` into ``folder``; its KL figures."""
     if task == "pipeline":
-        from textenv.cli import pipeline
+        from agents.cli import pipeline
 
         summary = pipeline.run(["--output", str(folder), "--seed", str(seed)])
         held_out_kl = summary["kl_to_reference"]

@@ -21,7 +21,7 @@ One iteration (``ppo_iteration``), and where the framework does each step:
    ``n_episodes`` prompts with a KV cache, keeping each token's log-prob under the
    sampling policy (the "old" log-prob) and the value of the state it was sampled
    in; then the frozen reference model scores every sampled token in one
-   teacher-forced pass. Framework: ``agents/fast_rollout.py`` and
+   teacher-forced pass. Framework: ``agents/rollout.py`` and
    ``policies/decoding.py``; ``textenv/vector.py`` for the reference and the score.
 2. rewards (``kl_penalty_rewards``): the task score on each episode's last token,
    and the KL penalty ``-kl_coef * (log pi_old(a|s) - log pi_ref(a|s))`` on every
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from policies.sampling import sample_tokens  # exact inverse-CDF sampling, as the framework
-from textenv.models import load_causal_lm, load_tokenizer  # dropout off, clear errors
+from textenv.lm.models import load_causal_lm, load_tokenizer  # dropout off, clear errors
 
 
 @dataclass

@@ -82,18 +82,22 @@ def assert_same_policy_outputs(agent, other, env, atol: float) -> None:
 def collect_one_rollout(agent, callbacks=()):
     """One rollout into the agent's buffer, as ``learn`` would collect it (no update): the
     KL penalty as the agent applies it, then ``callbacks``."""
-    from agents import KLPenaltyCallback
-
-    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback(), *callbacks])
+    _, callback = agent._setup_learn(10**6, callback=list(callbacks))
     callback.on_training_start(locals(), globals())
     assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
     return agent.rollout_buffer
 
 
-from model_zoo import KINDS, ZooModel, save_tiny_checkpoint  # noqa: E402  (tests/ is on sys.path, as for PROMPTS)
+from model_zoo import KINDS, ZooModel, save_tiny_checkpoint, save_tiny_lm  # noqa: E402  (tests/ is on sys.path, as for PROMPTS)
 
 
 @pytest.fixture(scope="session", params=KINDS, ids=KINDS)
 def zoo_model(request, tmp_path_factory) -> ZooModel:
     """A tiny random checkpoint of each architecture in ``model_zoo`` (one test per kind)."""
     return save_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny_lm_path(request, tmp_path_factory) -> str:
+    """A 2-layer random GPT-2 and Llama of 64 tokens (``model_zoo.save_tiny_lm``), one test each."""
+    return save_tiny_lm(request.param, tmp_path_factory.mktemp(request.param))

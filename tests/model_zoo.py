@@ -353,3 +353,20 @@ def save_chat_checkpoint(folder: Path) -> ZooModel:
                     eos_token_ids=(tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")),
                     word_start_marker=None, pad_token_id=tokenizer.pad_token_id, vocab_size=config.vocab_size,
                     tokenizer_size=len(tokenizer), dtype="float32")
+
+
+def save_tiny_lm(kind: str, folder: str | Path, vocab_size: int = 64, seed: int = 0) -> str:
+    """A 2-layer random GPT-2 (learned positions) or Llama (rotary, grouped-query attention) of
+    ``vocab_size`` tokens and no tokenizer, saved to ``folder`` (the unit tests' smallest models)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                           bos_token_id=0, eos_token_id=0))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(folder)
+    return str(folder)

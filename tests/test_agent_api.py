@@ -20,7 +20,7 @@ from agents import (
 from agents.algorithms import KL_DEFAULTS, LMAgentMixin
 from agents.config import resolved_config
 from agents.envs import DEFAULT_N_ENVS
-from textenv.models import load_causal_lm
+from textenv.lm.models import load_causal_lm
 from textenv.vector import BatchedTextGenVecEnv
 
 from conftest import PROMPTS
@@ -128,8 +128,8 @@ def test_kl_defaults_live_in_one_place_and_are_adaptive(tiny_id):
 
 
 def test_the_scripts_pass_on_only_what_their_user_gives(capsys):
-    from textenv.cli import compare, train
-    from textenv.cli.arguments import kl_agent_kwargs
+    from agents.cli import compare, train
+    from agents.cli.arguments import kl_agent_kwargs
 
     args = train.parse_args([])
     assert (kl_agent_kwargs(args), args.n_envs) == ({}, DEFAULT_N_ENVS)  # the agents' defaults apply

@@ -63,7 +63,7 @@ def test_slots_extended_by_inserted_chunks_equal_the_models_own_forward(zoo_mode
     """``SlotDecoder.step`` with rows that gained several tokens after their action (a
     multi-turn env's reply): a chunk of 1-5 tokens encoded into the slot, beside rows that
     decode one token and a row left out, gives the logits of a full forward of each row."""
-    from textenv.slot_decoding import SlotDecoder, lm_logits, positions_of
+    from textenv.lm.slot_decoding import SlotDecoder, lm_logits, positions_of
 
     model = AutoModelForCausalLM.from_pretrained(zoo_model.path, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)

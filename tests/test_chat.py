@@ -10,7 +10,7 @@ import pytest
 
 from model_zoo import save_chat_checkpoint
 from textenv.chat import ChatFormat
-from textenv.models import load_tokenizer
+from textenv.lm.models import load_tokenizer
 
 QUESTION = [{"role": "user", "content": "Name a colour."}]
 

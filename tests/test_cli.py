@@ -74,8 +74,8 @@ BAD_TRAIN_ARGUMENTS = [
      "argument --env: cannot import 'no_such_task_module' to register 'my/Task-v0' (No module named "
      "'no_such_task_module'). Fix: run the command from the folder that holds no_such_task_module.py"),
     (["--env", "no/such/task.py:my/Task-v0"], "argument --env: no such file: 'no/such/task.py'"),
-    (["--env", "textenv.cli:my/Task-v0"],
-     "argument --env: unknown environment id 'my/Task-v0' ('textenv.cli' was imported but did not register it)"),
+    (["--env", "agents.cli:my/Task-v0"],
+     "argument --env: unknown environment id 'my/Task-v0' ('agents.cli' was imported but did not register it)"),
 ]
 
 
@@ -128,7 +128,7 @@ def test_every_command_refuses_bad_arguments_before_loading_a_model(tmp_path, sa
 
 
 def test_good_arguments_parse_to_checked_values(saved_agent):
-    from textenv.cli import compare, evaluate, train, train_reward_model
+    from agents.cli import compare, evaluate, train, train_reward_model
 
     args = train.parse_args(["--algo", "GRPO", "--n-envs", "8", "--group-size", "8",
                              "--algo-kwargs", '{"n_epochs": 1, "kl_horizon": 500}'])
@@ -193,14 +193,14 @@ def test_make_agent_checks_keywords_before_building_anything():
 
 
 def test_every_console_command_is_installed_and_names_itself(capsys):
-    """pyproject's [project.scripts] covers every module of textenv.cli, each installed
+    """pyproject's [project.scripts] covers every module of agents.cli, each installed
     beside this interpreter, and each command's usage line carries its own name."""
     import importlib
     import tomllib
 
     commands = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    modules = {path.stem for path in (ROOT / "textenv" / "cli").glob("*.py")} - {"__init__", "arguments", "console"}
-    assert {target.split(":")[0] for target in commands.values()} == {f"textenv.cli.{name}" for name in modules}
+    modules = {path.stem for path in (ROOT / "agents" / "cli").glob("*.py")} - {"__init__", "arguments", "console"}
+    assert {target.split(":")[0] for target in commands.values()} == {f"agents.cli.{name}" for name in modules}
     for command, target in commands.items():
         module_name, function = target.split(":")
         assert function == "main"
@@ -246,38 +246,41 @@ def test_the_readme_main_command_runs_from_a_checkout():
 def test_compare_variants_reach_make_agent_with_their_keywords(tmp_path, monkeypatch):
     """``--variants NAME:KEY=VALUE,...``: each variant is built by make_agent with its keywords
     (JSON values parsed, others kept as strings) over the command's KL options, and labelled
-    by its whole string. No training: the env, agent and evaluation are stand-ins."""
+    by its whole string. No training: the env, agent and evaluation are stand-ins (each run is
+    ``agents.training_run.train_and_evaluate``)."""
     import time
     from types import SimpleNamespace
 
-    from agents import comparison
-    from textenv.cli import compare
+    from agents import comparison, training_run
+    from agents.cli import compare
 
     made: list[dict] = []
 
     class StandIn:
-        num_timesteps = 64
+        num_timesteps = 0
         kl_controller = SimpleNamespace(value=0.05)  # the final beta, which run_comparison reports
 
-        def learn(self, total_timesteps, callback, tb_log_name):
+        def learn(self, total_timesteps, callback, tb_log_name, **kwargs):
             made[-1]["tb_log_name"] = tb_log_name
+            self.num_timesteps += total_timesteps
             time.sleep(0.001)
 
     def make_agent(algo, env, **kwargs):
         made.append({"algo": algo, **kwargs})
         return StandIn()
 
-    monkeypatch.setattr(comparison, "make_text_vec_env", lambda *args, **kwargs: None)
-    monkeypatch.setattr(comparison, "make_agent", make_agent)
-    monkeypatch.setattr(comparison, "resolved_config", lambda agent, env: {})
-    monkeypatch.setattr(comparison, "evaluate_agent", lambda *args, **kwargs: SimpleNamespace(task_score=0.5, kl=1.0))
+    monkeypatch.setattr(training_run, "make_text_vec_env", lambda *args, **kwargs: None)
+    monkeypatch.setattr(training_run, "make_agent", make_agent)
+    monkeypatch.setattr(training_run, "resolved_config", lambda agent, env: {})
+    monkeypatch.setattr(training_run, "evaluate_agent",
+                        lambda *args, **kwargs: SimpleNamespace(task_score=0.5, kl=1.0))
     monkeypatch.setattr(comparison, "plot_curves", lambda *args, **kwargs: None)
     variants = ["grpo:loss_aggregation=token_mean", "grpo:loss_aggregation=sequence_mean",
                 "ppo:kl_estimator=k3,kl_placement=loss",
                 'grpo:clip_range_high=0.28,scale_rewards=false,policy_kwargs={"top_p": 0.9, "lora": null}']
     table = compare.run(["--variants", *variants, "--seeds", "3", "--kl-target", "0", "--output", str(tmp_path),
                           "--tensorboard-log", ""])
-    common = {"seed": 3, "tensorboard_log": None, "kl_target": None}
+    common = {"seed": 3, "tensorboard_log": None, "device": "auto", "kl_target": None}
     folders = [run.pop("tb_log_name") for run in made]
     assert made == [
         {"algo": "grpo", **common, "loss_aggregation": "token_mean"},
@@ -293,7 +296,7 @@ def test_compare_variants_reach_make_agent_with_their_keywords(tmp_path, monkeyp
 
 
 def test_compare_refuses_bad_variants_before_loading_a_model(tmp_path, capsys):
-    from textenv.cli import compare
+    from agents.cli import compare
 
     output = ["--output", str(tmp_path), "--tensorboard-log", ""]
 

@@ -26,7 +26,7 @@ def test_evaluation_leaves_the_torch_random_stream_where_it_was(default_model_pa
 
 
 def test_the_seeds_of_a_comparison_start_training_from_their_own_random_streams(default_model_path):
-    """As ``run_comparison`` does: make the agent with its seed, evaluate it with seed 0, then
+    """As ``run_comparison`` once did: make the agent with its seed, evaluate it with seed 0, then
     train. Before, evaluation's ``torch.manual_seed(0)`` left every seed on the same stream, and
     the first training rollout of two seeds shared every token."""
     streams, first_tokens = [], []

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from agents import load_agent, make_agent, make_text_vec_env
-from agents.export import VALUE_HEAD_FILE, export_policy, load_exported_agent
+from agents.saving import export_policy, load_exported_agent
+from policies.actor_critic import VALUE_HEAD_FILE
 from conftest import assert_same_policy_outputs
 
 TASK = "textenv/PositiveSentiment-v0"
@@ -67,7 +68,7 @@ def test_a_folder_without_a_value_head_is_refused_with_the_fix(default_model_pat
 
 
 def test_the_export_command_writes_the_folder(default_model_path, tmp_path):
-    from textenv.cli import export
+    from agents.cli import export
 
     agent = trained_agent()
     agent.save(tmp_path / "agent.zip")

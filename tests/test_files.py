@@ -129,8 +129,8 @@ def test_an_exported_policy_and_a_built_model_are_readable_as_plain_files_are(de
     """The value head and ``textenv_policy.json`` of an export, the weights of any
     ``save_pretrained`` of the project's, and a built model's cache folder: a plain write's
     modes (safetensors writes 0600, ``tempfile.mkdtemp`` makes 0700)."""
-    from agents.export import export_policy
-    from textenv.cache import ensure_built
+    from agents.saving import export_policy
+    from textenv.lm.cache import ensure_built
 
     umask(0o022)
     env = make_text_vec_env("textenv/PositiveSentiment-v0", n_envs=2, seed=0, env_kwargs={"device": "cpu"})

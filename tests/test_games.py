@@ -18,7 +18,7 @@ import sys
 import gymnasium as gym
 import pytest
 
-from textenv.models import load_tokenizer
+from textenv.lm.models import load_tokenizer
 from textenv.tasks.guess_number import CORRECT_REPLY, HIGHER_REPLY, LOWER_REPLY, to_dialogue
 
 

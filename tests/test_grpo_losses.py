@@ -10,7 +10,7 @@ import torch
 
 from agents import distributed, make_agent, make_text_vec_env
 from agents.clipped_update import aggregate_token_losses, clipped_surrogate
-from agents.group_methods import LMGRPO, LMRLOO
+from agents.group_methods import LMGRPO, LMRLOO, normalized_group_advantages
 from conftest import PROMPTS
 
 # Three sequences in one minibatch, their tokens in shuffled order: sequence 0 has the
@@ -71,11 +71,11 @@ def build(cls, **kwargs):
 
 def test_scale_rewards_false_centres_without_dividing_by_the_std_dr_grpo():
     returns = np.array([[1.0, 2.0, 3.0, 6.0]])
-    np.testing.assert_allclose(LMGRPO.group_advantages(returns, scale_rewards=False), [[-2.0, -1.0, 0.0, 3.0]])
+    np.testing.assert_allclose(normalized_group_advantages(returns, scale_rewards=False), [[-2.0, -1.0, 0.0, 3.0]])
     std = np.std([1.0, 2.0, 3.0, 6.0], ddof=1)
-    np.testing.assert_allclose(build(LMGRPO).advantages_of_groups(returns), [[-2 / (std + 1e-4), -1 / (std + 1e-4),
+    np.testing.assert_allclose(build(LMGRPO).group_advantages(returns), [[-2 / (std + 1e-4), -1 / (std + 1e-4),
                                                                              0.0, 3 / (std + 1e-4)]])
-    np.testing.assert_allclose(build(LMGRPO, scale_rewards=False).advantages_of_groups(returns),
+    np.testing.assert_allclose(build(LMGRPO, scale_rewards=False).group_advantages(returns),
                                [[-2.0, -1.0, 0.0, 3.0]])
     with pytest.raises(ValueError, match="scale_rewards must be True"):
         build(LMGRPO, scale_rewards="none")

@@ -112,9 +112,9 @@ def test_defaults_and_refusals():
 
     for cls in (LMPPO, LMA2C, LMTRPO, LMRLOO, LMNLPO):
         agent = build(cls)
-        assert (agent.kl_estimator, agent.kl_placement, agent.kl_in_reward) == ("k1", "reward", True)
+        assert (agent.kl_estimator, agent.kl_placement) == ("k1", "reward")
     grpo = build(LMGRPO)
-    assert (grpo.kl_estimator, grpo.kl_placement, grpo.kl_in_reward) == ("k3", "loss", False)
+    assert (grpo.kl_estimator, grpo.kl_placement) == ("k3", "loss")
     assert build(LMGRPO, kl_placement="reward").kl_estimator == "k1"
     assert build(LMPPO, kl_placement="loss").kl_estimator == "k3"
     assert build(LMRLOO, kl_placement="loss", kl_estimator="k2")._init_kwargs["kl_estimator"] == "k2"

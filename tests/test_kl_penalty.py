@@ -9,7 +9,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from agents import AdaptiveKLController, FixedKLController, make_agent, make_text_vec_env
 from textenv import VaderSentimentReward
-from textenv.models import load_causal_lm
+from textenv.lm.models import load_causal_lm
 
 MAX_PROMPT_LEN, MAX_NEW_TOKENS = 12, 6
 

@@ -1,14 +1,18 @@
 """The rooms of the repository import one way, and no module imports itself back.
 
-Layers, lowest first (a module may import its own layer or lower ones, never higher):
+Layers, lowest first (a module may import its own layer or lower ones, never higher),
+each an integer, found by the longest prefix of the module's dotted name in ``LAYERS``:
 
-    textenv (the MDP: env, tasks' machinery, models, rewards, decoding slots)
-      < textenv.tasks (the built-in tasks and their data)
-      < textenv.training (SFT, reward models, the built-in models' builds)
-      < textenv/__init__ (the package's front door: it registers tasks and models)
-      < policies < agents
-      < textenv.cli (the console commands)
-      < scripts (the benchmark, the one-page PPO, the README's ``python scripts/train.py``)
+    0 textenv (the MDP: env, tasks' machinery, rewards, files) and its ground floor
+      textenv.lm (the language-model helpers that policies need: loading, slot decoding,
+      the build cache)
+    1 textenv.tasks (the built-in tasks and their data)
+    2 textenv.training (SFT, reward models, the built-in models' builds)
+    3 textenv/__init__ (the package's front door: it registers tasks and models)
+    4 policies
+    5 agents
+    6 agents.cli (the console commands, the top of the installed packages)
+    7 scripts (the benchmark, the one-page PPO, the README's ``python scripts/train.py``)
 
 Every import counts, at module level or inside a function (a lazy import is still a
 dependency, and a lazy import cycle is still a cycle), except those under
@@ -87,25 +91,45 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def layer(module: str) -> float:
-    if module.startswith("textenv.cli"):
-        return 2.5
-    if module == "textenv":
-        return 0.9
-    if module.startswith("textenv.training"):
-        return 0.5
-    if module.startswith("textenv.tasks"):
-        return 0.25
-    return {"textenv": 0, "policies": 1, "agents": 2, "scripts": 3}[module.split(".")[0]]
+#: Dotted-name prefix -> layer, lowest first (the module docstring says what each holds).
+#: ``textenv.`` is the package's modules; ``textenv`` alone is its ``__init__``.
+LAYERS = {
+    "textenv.": 0,
+    "textenv.tasks": 1,
+    "textenv.training": 2,
+    "textenv": 3,
+    "policies": 4,
+    "agents": 5,
+    "agents.cli": 6,
+    "scripts": 7,
+}
+
+
+def layer(module: str) -> int:
+    """The layer of the longest prefix in ``LAYERS`` that is ``module`` or a package above it."""
+    matches = [prefix for prefix in LAYERS
+               if module == prefix or module.startswith(prefix if prefix.endswith(".") else f"{prefix}.")]
+    return LAYERS[max(matches, key=len)]
+
+
+def test_every_module_has_an_integer_layer():
+    layers = {name: layer(name) for name in module_files()}
+    assert all(isinstance(value, int) for value in layers.values())
+    assert layers["textenv.lm.slot_decoding"] == layers["textenv.vector"] < layers["textenv.tasks"]
+    assert layers["textenv.training.sft"] < layers["textenv"] < layers["policies.lm_policy"]
+    assert layers["policies.masked"] < layers["agents.training_run"] < layers["agents.cli.train"]
+    assert layers["agents.cli.train"] < layers["scripts.train"]
 
 
 def test_the_graph_sees_the_imports_it_should():
     graph = import_graph()
     assert "policies.lm_policy" in graph["agents.algorithms"] or "policies" in graph["agents.algorithms"]
-    assert "textenv.models" in graph["textenv.task"]
+    assert "textenv.lm.models" in graph["textenv.task"]
+    assert "textenv.lm.slot_decoding" in graph["policies.decoding"]
     assert "textenv.training.builtin_models" in graph["textenv"]
-    assert "textenv.cli.arguments" in graph["textenv.cli.train"]
-    assert "agents.training_run" in graph["textenv.cli.pipeline"]
+    assert "agents.cli.arguments" in graph["agents.cli.train"]
+    assert "agents.training_run" in graph["agents.cli.pipeline"]
+    assert "agents.training_run" in graph["agents.comparison"]
     assert len(graph) > 40
 
 
@@ -117,7 +141,8 @@ def test_nothing_imports_upward():
         for target in targets
         if layer(target) > layer(source)
     )
-    assert not upward, "imports against the layering (textenv < tasks < training < policies < agents < cli < scripts):\n" + "\n".join(upward)
+    assert not upward, ("imports against the layering (textenv < tasks < training < textenv/__init__ < policies "
+                        "< agents < agents.cli < scripts):\n" + "\n".join(upward))
 
 
 def test_no_import_cycles():
@@ -162,5 +187,5 @@ def test_nothing_edits_the_import_path():
         for path in sorted((ROOT / folder).rglob("*.py"))
         if _edits_sys_path(ast.parse(path.read_text(encoding="utf-8")))
     ]
-    assert offenders == [], f"sys.path edits in {offenders}. Fix: import the installed package (textenv.cli.*)."
+    assert offenders == [], f"sys.path edits in {offenders}. Fix: import the installed package (agents.cli.*)."
     assert _edits_sys_path(ast.parse("import sys\nsys.path.insert(0, 'x')"))

@@ -136,7 +136,7 @@ def test_the_other_algorithms_train_lora_adapters_too(default_model_path, algo):
 
 
 def test_the_train_command_takes_lora_precision_and_checkpointing(default_model_path, tmp_path):
-    from textenv.cli import train
+    from agents.cli import train
 
     summary = train.run(["--lora-r", "4", "--precision", "bf16-mixed", "--gradient-checkpointing", "--n-envs", "4",
                           "--total-timesteps", "64", "--eval-episodes", "4", "--algo-kwargs", '{"n_steps": 8}',

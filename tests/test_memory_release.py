@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents import KLPenaltyCallback, make_agent, make_text_vec_env
+from agents import make_agent, make_text_vec_env
 from conftest import collect_one_rollout
 from policies import lm_policy, memory
 
@@ -104,7 +104,7 @@ def test_the_rollout_frees_its_kv_caches_and_the_next_rollout_decodes_right(defa
     assert decoder.logits is None and decoder.values is not None  # the values bootstrap GAE
     agent.train()  # new weights: the next rollout's caches must come from them
 
-    callback = agent._init_callback([KLPenaltyCallback()])
+    callback = agent._init_callback([])
     callback.on_training_start(locals(), globals())
     assert agent.collect_rollouts(agent.env, callback, buffer, agent.n_steps)
     assert agent._decoder is decoder and not any(layer.is_initialized for layer in cache_layers(decoder))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from agents import make_agent
-from textenv.models import load_causal_lm, load_tokenizer
+from textenv.lm.models import load_causal_lm, load_tokenizer
 from textenv.multiturn import MultiTurnTextEnv
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from textenv.cli import pipeline, train
+from agents.cli import pipeline, train
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.utils import obs_as_tensor
 
 from agents import load_agent, make_agent, make_text_vec_env
-from textenv.models import load_causal_lm
+from textenv.lm.models import load_causal_lm
 
 from conftest import PROMPTS
 

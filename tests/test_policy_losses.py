@@ -61,7 +61,7 @@ class OneMinibatchAgent(SimpleNamespace):
         super().__init__(
             policy=OneMinibatchPolicy(LOG_PROB, ENTROPY), clip_range=lambda progress: CLIP,
             _current_progress_remaining=1.0, trains_value_head=False, clip_range_vf=None,
-            kl_controller=SimpleNamespace(value=0.0), kl_in_reward=True, n_epochs=1, batch_size=N, n_steps=4,
+            kl_controller=SimpleNamespace(value=0.0), kl_placement="reward", n_epochs=1, batch_size=N, n_steps=4,
             normalize_advantage=False, ent_coef=ent_coef, target_kl=None, max_grad_norm=1e9, _n_updates=0,
             rollout_buffer=SimpleNamespace(get=lambda batch_size: iter([batch])),
             logger=SimpleNamespace(record=lambda key, value, exclude=None: self.records.__setitem__(key, value)))
@@ -69,8 +69,6 @@ class OneMinibatchAgent(SimpleNamespace):
     def _update_learning_rate(self, optimizer) -> None:
         pass
 
-    def _record_skipped_updates(self) -> None:
-        pass
 
 
 def update(ent_coef: float = 0.0, **options) -> tuple[float, list[float], list[float]]:

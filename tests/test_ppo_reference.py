@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents import KLPenaltyCallback, make_agent, make_text_vec_env
+from agents import make_agent, make_text_vec_env
 
 import ppo_reference  # scripts/ is on pytest's pythonpath (pyproject.toml)
 from bench import measure
@@ -161,7 +161,7 @@ def test_reference_update_equals_the_framework_update(default_model_path):
         torch.manual_seed(0)
         for parameter in agent.policy.parameters():
             parameter.add_(0.02 * torch.randn_like(parameter))
-    _, callback = agent._setup_learn(N_STEPS * N_ENVS, callback=[KLPenaltyCallback()])
+    _, callback = agent._setup_learn(N_STEPS * N_ENVS)
     callback.on_training_start(locals(), globals())
     assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, N_STEPS)
     buffer = agent.rollout_buffer

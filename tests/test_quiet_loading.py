@@ -1,6 +1,6 @@
 """Loading a model through the library prints no transformers progress bar ("Loading
 weights") unless transformers' verbosity asks for it, and leaves transformers' own
-progress-bar setting as it found it (``textenv.models.quiet_loading``)."""
+progress-bar setting as it found it (``textenv.lm.models.quiet_loading``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import pytest
 from transformers.utils import logging as transformers_logging
 
-from textenv.models import load_causal_lm, load_model_body, load_tokenizer, loading_is_verbose, quiet_loading
+from textenv.lm.models import load_causal_lm, load_model_body, load_tokenizer, loading_is_verbose, quiet_loading
 from textenv.rewards import RewardModelReward
 from textenv.training.reward_model import reward_model_from_causal_lm
 

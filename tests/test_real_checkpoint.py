@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import textenv
-from textenv.models import load_causal_lm, load_tokenizer, resolve_model_path
+from textenv.lm.models import load_causal_lm, load_tokenizer, resolve_model_path
 from textenv.task import stop_token_ids
 from textenv.training import gguf_model
 from textenv.training.gguf_model import (
@@ -86,7 +86,7 @@ def test_the_name_resolves_to_one_conversion(smollm2_folder, monkeypatch):
     assert resolve_model_path(SMOLLM2_NAME) == str(smollm2_folder)
     assert resolve_model_path(f"textenv:{SMOLLM2_NAME}") == str(smollm2_folder)
     assert conversions == [] and weights.stat().st_mtime_ns == written  # converted once, not again
-    assert smollm2_folder.parent == textenv.cache.cache_root()
+    assert smollm2_folder.parent == textenv.lm.cache.cache_root()
 
 
 @needs_real
@@ -162,7 +162,7 @@ def test_a_registered_task_and_the_generic_env_step(smollm2_folder, smollm2_toke
 def test_a_gguf_path_works_as_model(smollm2_folder, smollm2_tokenizer, monkeypatch):
     source = smollm2_gguf_file()
     folder = Path(resolve_model_path(str(source)))  # converted once per cache (the real one, as above)
-    assert folder.parent == textenv.cache.cache_root() and folder.name == gguf_file_cache_name(source)
+    assert folder.parent == textenv.lm.cache.cache_root() and folder.name == gguf_file_cache_name(source)
     conversions = _count_conversions(monkeypatch)
     assert resolve_model_path(str(source)) == str(folder) and conversions == []
     env = gym.make("textenv/TextGen-v0", model=str(source), prompts=["Hello"], reward=_length_reward,

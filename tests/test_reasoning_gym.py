@@ -231,7 +231,7 @@ def test_accuracy_is_reported_where_the_task_has_it():
 
 
 def test_textenv_evaluate_uses_the_heldout_split_and_reports_accuracy(tmp_path, capsys, default_model_path):
-    from textenv.cli import evaluate
+    from agents.cli import evaluate
 
     env = make_text_vec_env(CHAIN_SUM, n_envs=2, env_kwargs={"device": "cpu", "max_new_tokens": 3})
     make_agent("ppo", env, device="cpu").save(tmp_path / "agent.zip")
@@ -254,7 +254,7 @@ def test_the_measured_lengths_hold_for_every_generator(default_model_path):
     that model's context; every reference answer fits ``max_new_tokens`` under both (up to
     ``MAX_NEW_TOKENS_CAP``)."""
     from textenv.chat import ChatFormat
-    from textenv.models import load_tokenizer
+    from textenv.lm.models import load_tokenizer
 
     try:
         smol = load_tokenizer("smollm2-135m-instruct")

@@ -13,7 +13,7 @@ from textenv.training.builtin_models import N_HELDOUT_PAIRS, N_TRAIN_PAIRS, ensu
 from textenv.training.reward_model import pairwise_accuracy
 from textenv.rewards import RewardModelReward, VaderSentimentReward
 
-from textenv.cli import train_reward_model
+from agents.cli import train_reward_model
 
 
 def test_builtin_pairs_follow_the_stated_rule():

@@ -9,7 +9,8 @@ import torch
 
 from agents import make_agent, make_text_vec_env
 from conftest import PROMPTS, assert_same_policy_outputs
-from policies.observations import last_token_index, unpack_observation
+from policies.observations import unpack_observation
+from textenv.lm.slot_decoding import last_token_index
 
 ENV_KWARGS = dict(prompts=PROMPTS, model="default", reward="vader", max_prompt_len=12, max_new_tokens=4, device="cpu")
 
@@ -62,7 +63,7 @@ def test_fast_path_equals_stock_path_with_a_separate_critic(default_model_path, 
 
 def test_a_separate_critic_is_saved_loaded_and_exported_with_the_agent(tmp_path, default_model_path):
     from agents import load_agent
-    from agents.export import export_policy
+    from agents.saving import export_policy
 
     agent = make_agent("ppo", env(), seed=0, n_steps=8, batch_size=16, n_epochs=1, critic="separate")
     agent.learn(16)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from textenv import TextGenEnv
-from textenv.models import load_causal_lm, load_tokenizer
+from textenv.lm.models import load_causal_lm, load_tokenizer
 from textenv.training.sft import SFTExample, encode_examples, heldout_loss, load_sft_examples, supervised_finetune
 
-from textenv.cli import sft
+from agents.cli import sft
 
 
 def test_prompt_tokens_are_conditioned_on_not_learned(default_tokenizer):

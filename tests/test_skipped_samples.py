@@ -14,7 +14,7 @@ from gymnasium import spaces
 from agents import evaluate_agent, make_agent, make_text_vec_env
 from agents.clipped_update import aggregate_token_losses, policy_token_losses
 from agents.evaluation import format_report, sample_episodes
-from agents.group_methods import LMGRPO, LMRLOO
+from agents.group_methods import leave_one_out_advantages, normalized_group_advantages
 from agents.sequence_buffer import SequenceRolloutBuffer, normalize_rollout_advantages
 from conftest import PROMPTS, collect_one_rollout
 from textenv import TextGenEnv
@@ -115,15 +115,15 @@ def test_a_skipped_episode_is_absent_from_the_loss_and_the_advantage_statistics(
 def test_group_baselines_are_over_the_judged_members_by_hand():
     returns = np.array([[1.0, np.nan, 3.0, 6.0], [2.0, np.nan, np.nan, np.nan]])
     # RLOO: the mean of the *other judged* members; a lone judged member has no baseline: 0.
-    np.testing.assert_allclose(LMRLOO.group_advantages(returns), [[1 - 4.5, 0.0, 3 - 3.5, 6 - 2.0], [0.0] * 4])
+    np.testing.assert_allclose(leave_one_out_advantages(returns), [[1 - 4.5, 0.0, 3 - 3.5, 6 - 2.0], [0.0] * 4])
     mean, std = 10 / 3, np.std([1.0, 3.0, 6.0], ddof=1)
-    np.testing.assert_allclose(LMGRPO.group_advantages(returns), [
+    np.testing.assert_allclose(normalized_group_advantages(returns), [
         [(1 - mean) / (std + 1e-4), 0.0, (3 - mean) / (std + 1e-4), (6 - mean) / (std + 1e-4)], [0.0] * 4])
-    np.testing.assert_allclose(LMGRPO.group_advantages(returns, scale_rewards=False),
+    np.testing.assert_allclose(normalized_group_advantages(returns, scale_rewards=False),
                                [[1 - mean, 0.0, 3 - mean, 6 - mean], [0.0] * 4])
     full = np.array([[1.0, 2.0, 3.0, 6.0]])  # nothing skipped: the formulas as before
-    np.testing.assert_allclose(LMRLOO.group_advantages(full), [[1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0]])
-    np.testing.assert_allclose(LMGRPO.group_advantages(full), (full - 3.0) / (np.std(full, ddof=1) + 1e-4))
+    np.testing.assert_allclose(leave_one_out_advantages(full), [[1 - 11 / 3, 2 - 10 / 3, 3 - 3.0, 6 - 2.0]])
+    np.testing.assert_allclose(normalized_group_advantages(full), (full - 3.0) / (np.std(full, ddof=1) + 1e-4))
 
 
 def judged_env(reward=judge_even_lengths, n_envs: int = 8):
@@ -142,7 +142,7 @@ def test_grpo_trains_without_the_skipped_samples(default_model_path):
     scores = np.full(agent.env.num_envs, np.nan)
     for (env, _, _), score in zip(buffer.segment_spans, buffer.segment_scores):
         scores[env] = np.nan if score is None else score
-    expected = LMGRPO.group_advantages(scores.reshape(-1, 4)).reshape(-1)
+    expected = normalized_group_advantages(scores.reshape(-1, 4)).reshape(-1)
     for env, first, last in buffer.segment_spans:
         np.testing.assert_allclose(buffer.advantages[first : last + 1, env], expected[env], rtol=1e-5)
     trained_tokens = sum(last - first + 1 for segment, (_, first, last) in enumerate(buffer.segment_spans)

@@ -18,7 +18,7 @@ from textenv.tasks.arithmetic import exact_match_reward
 from textenv.tasks.sentiment import short_positive_reward
 from textenv.rewards import VaderSentimentReward
 
-from textenv.cli import evaluate
+from agents.cli import evaluate
 
 
 def test_arithmetic_reward_is_exact_match():
@@ -55,7 +55,7 @@ def test_every_builtin_prompt_task_keeps_heldout_prompts():
 
 
 def test_builtin_model_names_resolve_and_unknown_ones_are_refused():
-    from textenv.models import BUILTIN_MODELS, resolve_model_path
+    from textenv.lm.models import BUILTIN_MODELS, resolve_model_path
 
     assert {"default", "textenv:default", "textenv:arithmetic", "textenv:sentiment-reward-model",
             "textenv:guess-number"} <= set(BUILTIN_MODELS)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from textenv.cli import train
+from agents.cli import train
 
 EXPECTED_SCALARS = {
     "rollout/task_score",

@@ -1,30 +1,13 @@
-"""``TextGenEnv``: text generation as a Gymnasium environment.
+"""``TextGenEnv``: text generation as a Gymnasium environment, and ``TokenEnv``, the
+one-episode machinery it shares with the multi-turn env.
 
-State: the prompt plus the tokens generated so far. Action: the next token id,
-``Discrete(V)`` with ``V`` the model's vocabulary (output rows).
-
-Episode end: ``terminated`` when the action is EOS, and ``terminated`` too when the
-``max_new_tokens`` budget runs out: the text is scored there and nothing follows, so
-a scored end is a terminal state of this MDP (an agent must not bootstrap it with
-the value of the final state). ``truncated`` (in Gymnasium's sense: a limit outside
-the MDP, such as a ``TimeLimit`` wrapper) is never set by the environment. The last
-step's ``info["budget_exhausted"]`` tells the two ends apart: ``True`` when the
-budget ran out, ``False`` at EOS.
-
-Observation layout (``Dict`` of two int64 boxes of width ``W = max_prompt_len +
-max_new_tokens``)::
-
-    input_ids:      [pad ... pad | prompt tokens | generated tokens | pad ... pad]
-    attention_mask: [0   ...   0 | 1 ...       1 | 1 ...          1 | 0  ...   0]
-                     <-------- max_prompt_len ---><---- max_new_tokens -------->
-
-Prompts are left-padded so that generated token ``t`` always sits at column
-``max_prompt_len + t``; positions come from ``attention_mask.cumsum() - 1``.
-
-Reward: the task score at the last step, 0 before. The frozen reference model's
-log-prob of each action is reported as ``info["ref_logprob"]``; the agent adds the
-per-token KL penalty ``-beta * (log pi_old(a|s) - log pi_ref(a|s))`` because only
-it knows ``log pi_old``. The reference decodes incrementally with a KV cache.
+This module owns the MDP of one episode as a plain Gymnasium env: the observation
+layout, when an episode ends and what its last step reports, and the reference model's
+per-step log-prob (``info["ref_logprob"]``). Its spaces, reward and episode end are in
+``TextGenEnv``'s docstring. It exists beside the batched ``textenv.vector`` so that
+any Gymnasium algorithm (and SB3's stock path, the equivalence tests' yardstick) can
+step one episode at a time; what every episode of a task shares (prompts, tokenizer,
+models, reward) is loaded once in ``textenv.task``.
 """
 
 from __future__ import annotations
@@ -108,15 +91,73 @@ class TokenEnv(TaskAttributes, gym.Env):
 class TextGenEnv(TokenEnv):
     """Generate a continuation of a prompt, one token per step, scored at the end.
 
-    ``step`` returns ``info["ref_logprob"]`` at every step and, at the last step of an
-    episode (always ``terminated``), ``info["task_score"]``, ``info["prompt"]``,
-    ``info["completion"]`` and ``info["budget_exhausted"]`` (``True``: ended because
-    ``max_new_tokens`` ran out; ``False``: ended at EOS); with several rewards
-    (``reward=[...]``), ``info["reward_components"]`` too, each one's score by name; with
-    ``metrics={...}``, ``info["metrics"]``, each metric's score by name (never in the reward).
-    Where the reward returned ``None`` (it could not judge the completion),
-    ``info["task_score"]`` is ``None`` and the step's reward 0.0, a number only because
-    Gymnasium needs one: agents leave that episode out of training (``textenv.rewards``).
+    ## Description
+
+    Text generation as an MDP: the state is a prompt plus the tokens generated so far,
+    the action is the next token, and the task's reward scores the completion when the
+    episode ends. The frozen reference model decodes beside the episode, with a KV cache
+    of its own, so that every step reports the reference's log-prob of the action; the
+    per-token KL penalty ``-beta * (log pi_old(a|s) - log pi_ref(a|s))`` is added by the
+    agent, which alone knows ``log pi_old``. ``textenv.vector.BatchedTextGenVecEnv`` steps
+    many of these episodes at once with the same semantics.
+
+    ## Action Space
+
+    ``Discrete(V)``, ``V`` the reference model's vocabulary (its output rows, which may
+    exceed the tokenizer's). An action outside ``[0, V)`` raises ``ValueError``.
+
+    ## Observation Space
+
+    ``Dict`` of two int64 ``Box``es of width ``W = max_prompt_len + max_new_tokens``:
+    ``input_ids`` in ``[0, V - 1]`` and ``attention_mask`` in ``[0, 1]``::
+
+        input_ids:      [pad ... pad | prompt tokens | generated tokens | pad ... pad]
+        attention_mask: [0   ...   0 | 1 ...       1 | 1 ...          1 | 0  ...   0]
+                         <-------- max_prompt_len ---><---- max_new_tokens -------->
+
+    The prompt is left-padded, so generated token ``t`` always sits at column
+    ``max_prompt_len + t``; positions are ``attention_mask.cumsum() - 1``. The pad id is
+    the tokenizer's (its EOS where it has none), always under a 0 of the mask.
+
+    ## Rewards
+
+    0.0 at every step but the last; at the last, the task score: the reward's score of
+    the completion (without its stop token), or the weighted sum of several rewards'
+    (``reward=[...]``, ``reward_weights=``). Where the reward returned ``None`` (it could
+    not judge the completion), ``info["task_score"]`` is ``None`` and the step's reward
+    0.0, a number only because Gymnasium needs one: agents leave that episode out of
+    training (``textenv.rewards``). Every step's ``info["ref_logprob"]`` is the reference's
+    log-prob of the action, for the agent's KL penalty.
+
+    ## Starting State
+
+    ``reset`` draws a prompt uniformly from the task's prompts with the env's
+    ``np_random`` (``reset(seed=...)``), or takes ``options={"prompt_index": i}``. The
+    observation holds the prompt alone; the info is ``{"prompt": text}``.
+
+    ## Episode End
+
+    The episode is ``terminated`` at a stop token (the tokenizer's EOS or any stop id of
+    the model's generation config; with a chat template, its end-of-turn token), and
+    ``terminated`` too when ``max_new_tokens`` tokens have been generated: the text is
+    scored there and nothing follows, so both are terminal states of the MDP and no agent
+    may bootstrap them with a value. ``truncated`` (a limit outside the MDP, such as a
+    ``TimeLimit`` wrapper) is never set. The last step's info holds ``task_score``,
+    ``prompt``, ``completion`` and ``budget_exhausted`` (``True``: ``max_new_tokens`` ran
+    out; ``False``: a stop token); with several rewards ``reward_components``, and with
+    ``metrics={...}`` ``metrics`` (each one's score by name; metrics are never in the
+    reward).
+
+    ## Arguments
+
+    ``TextGenEnv(prompts, render_mode=None, **task_kwargs)``, the arguments of
+    ``textenv.task.TextTask``: ``prompts`` (strings or records, or a file or data set of
+    them), ``model`` (``"default"``, a name, a path, or a model), ``tokenizer``, ``reward``
+    (default ``"vader"``), ``reward_weights``, ``metrics``, ``max_prompt_len`` (default 32),
+    ``max_new_tokens`` (default 24), ``prompt_truncation`` (``"error"`` or ``"left"``),
+    ``device``, ``prompt_field``, ``chat_template``, ``system_prompt``. ``render_mode="ansi"``
+    renders the prompt and the completion so far as text. Registered tasks pass these
+    through ``gym.make(id, **overrides)``.
     """
 
     def __init__(self, prompts: Any, render_mode: str | None = None, **task_kwargs: Any):
@@ -164,7 +205,7 @@ class TextGenEnv(TokenEnv):
 
         at_eos = self.task.is_eos(action)
         budget_exhausted = not at_eos and len(self._generated) >= self.task.max_new_tokens
-        terminated = at_eos or budget_exhausted  # both are scored ends: terminal (module doc)
+        terminated = at_eos or budget_exhausted  # both are scored ends: terminal (class doc)
         reward = 0.0
         if terminated:
             prompt, completion = self.prompts[self._prompt_index], self.completion_text()

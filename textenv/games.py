@@ -1,29 +1,18 @@
 """Games from other projects as turn-level envs (``textenv.multiturn.TurnEnv``): GEM and TextArena.
 
-Both install as an optional extra, ``pip install -e ".[games]"`` (``gem-llm`` and
-``textarena`` from the package index), and run offline. Registered ids:
+This module owns the adapters, ``GemTurnEnv(gem_id)`` and ``TextArenaTurnEnv(env_id)``,
+and the ids registered over them: ``gem/GuessTheNumber-v0-easy`` and
+``textarena/GuessTheNumber-v0``, whose messages are translated into the dialogue of the
+built-in ``textenv/GuessTheNumber-v0`` (``textenv.tasks.guess_number.to_dialogue``), so an
+agent trained there plays their games as it is. ``format_action`` writes the agent's turn
+as a game parses it (GEM's ``\\boxed{...}``, TextArena's ``[...]``), ``format_observation``
+rewrites the game's messages for the model.
 
-- ``gem/GuessTheNumber-v0-easy``: GEM's ``game:GuessTheNumber-v0-easy`` (a number
-  from 1 to 10 in 4 turns), and ``textarena/GuessTheNumber-v0``: TextArena's
-  ``GuessTheNumber-v0-raw`` (1 to 20 in 10 turns), their messages translated into the
-  dialogue of the built-in ``textenv/GuessTheNumber-v0``
-  (``textenv.tasks.guess_number.to_dialogue``), so the agent trained there plays their
-  games as they are.
-
-``GemTurnEnv(gem_id)`` and ``TextArenaTurnEnv(env_id)`` adapt any other game of
-theirs; ``format_action`` writes the agent's turn as the game parses it (GEM's games
-read ``\\boxed{...}``, TextArena's ``[...]``), ``format_observation`` rewrites the
-game's messages for the model. Without the extra, making one of these envs raises
-an ``ImportError`` that names it.
-
-Offline: the adapters read what a game's code needs from the network (NLTK data,
-Hugging Face datasets, a remote LLM) from its source before making it, and refuse it
-with ``OfflineError`` (naming the fix) unless that data is already on this machine;
-which games run offline, and how to make the others do, is in ``textenv.offline_games``.
-
-Replies: each reply is the game's text since the agent's last turn, not the game so far
-again (``TextArenaTurnEnv`` says how it finds that in TextArena's wrappers' text, and
-when it cannot).
+Both projects are an optional extra, ``pip install -e ".[games]"``; without it, making one
+of these envs raises an ``ImportError`` that names it. Games that would reach for the
+network are refused before they are made (``textenv.offline_games``), and each reply is the
+game's text since the agent's last turn, not the game so far again (``TextArenaTurnEnv``
+says how it finds that in TextArena's wrappers' text).
 """
 
 from __future__ import annotations

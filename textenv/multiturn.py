@@ -1,45 +1,17 @@
 """Multi-turn environments at the token level: conversations, tools and games.
 
-A *turn-level* environment (``TurnEnv``: the shape GEM and TextArena use) takes the
-agent's whole message and answers with a reply::
-
-    first_message, info = turn_env.reset(seed=...)
-    reply, reward, terminated, truncated, info = turn_env.step(agent_text)
-
-``MultiTurnTextEnv`` makes it a token-level Gymnasium environment with the same
-observation layout as ``TextGenEnv``: the first message is the left-padded prompt,
-then everything that follows is appended, token by token, in one sequence::
-
-    [pad | first message | agent turn 1 | reply 1 | agent turn 2 | reply 2 | ... | pad]
-
-- The agent's action is the next token of its turn. Its turn ends at a stop token
-  (EOS, or any of the model's stop ids), at one of ``stop_strings`` in the turn's
-  text, or after ``max_turn_tokens`` tokens.
-- The turn's text goes to the turn-level env; its reply is tokenised (through
-  ``reply_template``) and appended to the state as tokens the agent did not choose:
-  they carry no action, no log-prob, no KL and no loss (they are part of later
-  states, never steps), and the reference model reads them, so its next log-prob
-  conditions on them.
-- **No re-tokenisation**: the agent's tokens stay in the state exactly as sampled;
-  only the reply is tokenised, once, when it arrives. (Frameworks that work at the
-  turn level re-tokenise the transcript, and the ids drift from the sampled ones.)
-- Rewards are dense: the turn's reward arrives at the turn's last agent token.
-  ``info["task_score"]`` at the episode's end is the episode's return.
-- Budgets: ``max_turn_tokens`` per turn (the turn ends there and is sent as it is),
-  ``max_turns`` per episode, and the context ``max_prompt_len + max_episode_tokens``:
-  a reply that does not fit (with room for one more agent token) ends the episode
-  (``info["context_exhausted"]``). A first message longer than ``max_prompt_len``
-  is refused with the fix named.
-
-Every end is reported as ``terminated`` (as ``TextGenEnv`` does: the episode is
-scored and nothing follows, so no agent should bootstrap it);
-``info["turn_env_truncated"]`` keeps the turn-level env's own truncation and
-``info["budget_exhausted"]`` says whether one of this env's budgets ended it.
-The reference decodes with a KV cache; the agent adds the KL penalty.
+This module owns the step from a *turn-level* env (``TurnEnv``: whole messages in,
+whole replies out, the shape GEM and TextArena use) to a token-level Gymnasium env,
+``MultiTurnTextEnv``, whose spaces, rewards and episode end are in its docstring. The
+point of doing it at the token level: the agent's tokens stay in the state exactly as
+sampled and only the env's replies are tokenised, once, when they arrive, so the ids
+the agent is trained on never drift from the ids it sampled (turn-level frameworks
+re-tokenise the transcript).
 
 ``MultiTurnTask`` holds what all episodes share and ``Conversation`` one episode's
-dialogue, so that ``BatchedMultiTurnVecEnv`` (``textenv.multiturn_vector``), which
-steps many dialogues at once, plays exactly as this env does.
+dialogue, so that the batched ``BatchedMultiTurnVecEnv`` (``textenv.multiturn_vector``)
+plays exactly as the single env does; ``size_dialogue`` sizes ``"auto"`` lengths from
+the game itself, and ``register_multi_turn_task`` registers an id.
 """
 
 from __future__ import annotations
@@ -54,7 +26,7 @@ import numpy as np
 import torch
 
 from textenv.env import TokenEnv
-from textenv.models import ModelSpec, TokenizerSpec
+from textenv.lm.models import ModelSpec, TokenizerSpec
 from textenv.prompts import load_prompts
 from textenv.task import TokenTask
 
@@ -102,7 +74,7 @@ def size_dialogue(turn_env: TurnEnvSpec, settings: dict[str, Any]) -> dict[str, 
     if AUTO not in (settings.get("max_prompt_len"), settings.get("max_episode_tokens")):
         return settings
     from textenv.chat import ChatFormat
-    from textenv.models import load_tokenizer
+    from textenv.lm.models import load_tokenizer
 
     tokenizer = load_tokenizer(settings.get("tokenizer") or settings.get("model", "default"))
     chat_template = settings.get("chat_template", False)
@@ -334,7 +306,65 @@ class Conversation:
 
 
 class MultiTurnTextEnv(TokenEnv):
-    """A turn-level env (``TurnEnv``) as a token-level Gymnasium env (module doc).
+    """A turn-level env (``TurnEnv``) as a token-level Gymnasium env: a dialogue, one agent
+    token per step.
+
+    ## Description
+
+    Each episode is one dialogue with a turn-level env: its first message is the prompt,
+    then the agent writes a turn token by token; when the turn ends, its text goes to the
+    turn-level env, whose reply is tokenised once (through ``reply_template``, or the chat
+    template) and appended to the state as tokens the agent did not choose. Reply tokens
+    carry no action, log-prob, KL or loss (they are in later states, never steps), and
+    the reference model reads them, so its next log-prob conditions on them. The agent's
+    own tokens are never re-tokenised. The reference decodes with a KV cache of its own.
+
+    ## Action Space
+
+    ``Discrete(V)``, ``V`` the reference model's vocabulary (its output rows). An action
+    outside ``[0, V)`` raises ``ValueError``.
+
+    ## Observation Space
+
+    ``Dict`` of two int64 ``Box``es of width ``W = max_prompt_len + max_episode_tokens``,
+    ``input_ids`` in ``[0, V - 1]`` and ``attention_mask`` in ``[0, 1]``, the layout of
+    ``TextGenEnv`` with the whole dialogue after the left-padded first message::
+
+        [pad | first message | agent turn 1 | reply 1 | agent turn 2 | reply 2 | ... | pad]
+
+    ## Rewards
+
+    Dense, per turn: the turn-level env's reward for a turn arrives at the turn's last
+    agent token, 0.0 at every other step (a non-finite reward raises ``ValueError``).
+    Every step's ``info["ref_logprob"]`` is the reference's log-prob of the action, for
+    the agent's KL penalty; a step that ends a turn adds ``turn``, ``turn_reward`` and
+    ``reply`` to the info, and the last step ``info["task_score"]``, the episode's return.
+
+    ## Starting State
+
+    ``reset`` resets the turn-level env with a seed drawn from the env's ``np_random``
+    (``reset(seed=...)``); with ``prompts=`` records, it also hands the turn-level env a
+    record drawn uniformly (or ``options={"prompt_index": i}``). The observation holds the
+    first message alone (through ``first_message_template`` or the chat template); one
+    longer than ``max_prompt_len`` tokens raises ``ValueError`` with the fix. The info is
+    ``{"prompt": first_message}`` and the turn-level env's own info.
+
+    ## Episode End
+
+    An agent turn ends at a stop token (EOS or any stop id of the model; with a chat
+    template, its end of turn), at one of ``stop_strings``, after ``max_turn_tokens``
+    tokens, or at the end of the context. The episode ends when the turn-level env
+    terminates or truncates, after ``max_turns`` agent turns, or when a reply would not
+    fit in the context with room for one more agent token (``info["context_exhausted"]``).
+    Every end is reported as ``terminated`` (as in ``TextGenEnv``: the episode is scored
+    and nothing follows, so no agent should bootstrap it); ``truncated`` is never set.
+    The last step's info holds ``task_score``, ``prompt``, ``completion`` (the transcript,
+    ``[agent] ... [env] ...``), ``turns``, ``success`` (the turn-level env's
+    ``info["success"]``, else whether it terminated on a positive reward),
+    ``budget_exhausted`` (``True`` unless the turn-level env ended the episode),
+    ``context_exhausted`` and ``turn_env_truncated`` (the turn-level env's own truncation).
+
+    ## Arguments
 
     :param turn_env: the turn-level env, or a zero-argument factory of one.
     :param model: the reference model (and, by default, the policy's starting point):
@@ -358,6 +388,7 @@ class MultiTurnTextEnv(TokenEnv):
         turn-level env's ``reset(seed=..., record={"prompt": ..., **fields})``: a data set of
         problems played as dialogues (the env asks, judges the answers by the record's fields).
     :param prompt_field: the field of a record that holds its prompt.
+    :param render_mode: ``"ansi"`` renders the first message and the transcript as text.
     """
 
     def __init__(self, turn_env: TurnEnvSpec, render_mode: str | None = None, **task_kwargs: Any):
@@ -405,7 +436,7 @@ class MultiTurnTextEnv(TokenEnv):
         else:
             self._append(turn.reply_ids)
             self._advance_reference([action, *turn.reply_ids], first=False)
-        return self._observation(), turn.reward, turn.over, False, info  # every end is terminal (module doc)
+        return self._observation(), turn.reward, turn.over, False, info  # every end is terminal (class doc)
 
     def transcript_text(self) -> str:
         """The dialogue after the first message, each turn marked with who said it."""

@@ -41,7 +41,7 @@ from textenv.verifiers import VERIFIERS
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from textenv.models import TokenizerSpec
+    from textenv.lm.models import TokenizerSpec
 
 ScoreFn = Callable[..., Sequence[Union[float, None]]]  # f(prompts, completions, **fields) -> a score (or None) each
 
@@ -283,7 +283,7 @@ class RewardModelReward(RewardSource):
     ):
         from transformers import AutoModelForSequenceClassification
 
-        from textenv.models import load_tokenizer, quiet_loading, resolve_model_path
+        from textenv.lm.models import load_tokenizer, quiet_loading, resolve_model_path
 
         path = resolve_model_path(name_or_path)
         self.name = str(name_or_path)

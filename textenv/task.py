@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from textenv.models import (
+from textenv.lm.models import (
     ModelSpec,
     TokenizerSpec,
     check_tokenizer_fits_model,

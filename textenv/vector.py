@@ -5,7 +5,7 @@ An SB3 ``VecEnv`` with the semantics of ``DummyVecEnv([TextGenEnv] * n)`` plus
 - state lives in ``(n_envs, W)`` tensors on the task's device; a step writes
   all actions with one indexed assignment, no Python loop over episodes;
 - the reference model decodes one token for all episodes in one forward pass,
-  with a KV-cache slot per episode (``textenv.slot_decoding``); new episodes are
+  with a KV-cache slot per episode (``textenv.lm.slot_decoding``); new episodes are
   prefilled together;
 - finished episodes are scored together, in one call to the reward source (one per
   component of several rewards, each one's score in ``info["reward_components"]``; one
@@ -49,9 +49,9 @@ import torch
 from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
 
 from textenv.env import TextGenEnv
-from textenv.models import release_cached_frozen_models, vocab_size_of
+from textenv.lm.models import release_cached_frozen_models, vocab_size_of
 from textenv.rewards import judged_or_none
-from textenv.slot_decoding import SlotDecoder, last_real_column, lm_logits, positions_of
+from textenv.lm.slot_decoding import SlotDecoder, last_token_index, lm_logits, positions_of
 from textenv.task import TaskAttributes, TextTask, TokenTask
 
 
@@ -59,9 +59,56 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
     """``n_envs`` episodes of a token-level task (a ``TokenTask``) in ``(n_envs, W)`` tensors,
     the reference decoding in one KV-cache slot per episode (module doc).
 
-    A subclass says how episodes start (``_start_episodes``, which writes them with
-    ``_write_prompts``) and what a step does (``step_wait``, which takes the actions with
-    ``_take_actions`` and moves the reference with ``_advance_reference``)."""
+    ## Description
+
+    An SB3 ``VecEnv`` that steps all parallel episodes of one task together, with the
+    semantics of a ``DummyVecEnv`` of the single env plus ``Monitor``. It is the part that
+    does not depend on the task; a subclass says how episodes start (``_start_episodes``,
+    which writes them with ``_write_prompts``) and what a step does (``step_wait``, which
+    takes the actions with ``_take_actions`` and moves the reference with
+    ``_advance_reference``): ``BatchedTextGenVecEnv`` (``TextGenEnv``'s episodes) and
+    ``textenv.multiturn_vector.BatchedMultiTurnVecEnv`` (``MultiTurnTextEnv``'s).
+
+    ## Action Space
+
+    Each episode's is ``Discrete(V)``, ``V`` the reference model's vocabulary;
+    ``step_async`` takes one token id per episode (``n_envs`` of them, an array or a
+    tensor). An id outside ``[0, V)`` raises ``ValueError``.
+
+    ## Observation Space
+
+    Each episode's is the single env's ``Dict`` of ``input_ids`` and ``attention_mask``,
+    int64, of the task's width ``W``; ``reset`` and ``step_wait`` return them stacked, a
+    dict of two ``(n_envs, W)`` int64 NumPy arrays (copies of the working tensors).
+
+    ## Rewards
+
+    An ``(n_envs,)`` float32 array per step, each episode's as its single env gives it
+    (the subclass's ``step_wait``). With per-step reference scoring (the default) each
+    info holds ``ref_logprob``, as the single env's; an agent that scores the reference
+    after the rollout (``reference_log_probs``) gets infos without it.
+
+    ## Starting State
+
+    ``reset`` starts every episode from its own random generator (seeded per episode by
+    ``VecEnv.seed``). In group mode (``configure_episodes(group_size=k, autoreset=False)``)
+    each block of ``k`` consecutive episodes shares its start (the same prompt, or the same
+    game seed). A finished episode restarts at once (auto-reset), unless group mode keeps
+    it frozen until the next ``reset``: no reward, no more steps, ``ref_logprob`` 0.
+
+    ## Episode End
+
+    Those of the single env: every end is terminal (``dones`` True,
+    ``info["TimeLimit.truncated"]`` False, so SB3 does not bootstrap), with the last
+    observation in ``info["terminal_observation"]`` and ``info["episode"]`` as ``Monitor``
+    writes it (left out where a text task's reward could not judge the episode).
+
+    ## Arguments
+
+    ``n_envs``: the number of parallel episodes; ``task``: the ``TokenTask`` they share.
+    The subclasses take the single env's arguments instead of ``task`` and are built from
+    a registered id by ``from_env_id(env_id, n_envs, **overrides)`` (``make_text_vec_env``
+    does this)."""
 
     #: The registered entry points ``from_env_id`` accepts, and the keyword arguments it needs.
     entry_points: tuple[Any, ...] = ()
@@ -207,7 +254,7 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
                              f"{tuple(self._input_ids.shape)}. Fix: resume with the same n_envs and task lengths.")
         self._input_ids.copy_(state["input_ids"])
         self._attention_mask.copy_(state["attention_mask"])
-        self._next_column.copy_(last_real_column(self._attention_mask) + 1)
+        self._next_column.copy_(last_token_index(self._attention_mask) + 1)
         self._n_generated.copy_(state["n_generated"])
         self._frozen.copy_(state["frozen"])
         self._episode_start_time[:] = state["episode_start_time"]
@@ -319,7 +366,7 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
 
     def _refill_reference(self) -> None:
         """Prefill every row's reference slot from its current observation (after deferral)."""
-        width = int(last_real_column(self._attention_mask).max()) + 1
+        width = int(last_token_index(self._attention_mask).max()) + 1
         self._prefill_reference(torch.arange(self.num_envs, device=self.device), width)
         self._reference_stale = False
 

@@ -196,7 +196,7 @@ def bare_models(workload: Workload, model_path: Path, device: torch.device, lora
     if lora is None:
         return ppo_reference.make_models(args)
     from policies.lora import LoraReference, add_lora_adapters, causal_lm_of
-    from textenv.models import load_causal_lm
+    from textenv.lm.models import load_causal_lm
 
     peft_model = add_lora_adapters(load_causal_lm(args.model, args.device), lora)
     policy = causal_lm_of(peft_model)  # the Hugging Face LM, adapters in its linear layers
@@ -209,7 +209,7 @@ def bare_models(workload: Workload, model_path: Path, device: torch.device, lora
 def prompt_batch(workload: Workload, model_path: Path, prompts: list[str], device: torch.device):
     """The tokenizer and one left-padded batch of ``n_envs`` prompts, ``max_prompt_len`` wide
     (chats rendered with the model's chat template, as the env renders them)."""
-    from textenv.models import load_tokenizer
+    from textenv.lm.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(model_path))
     texts = prompts[: workload.n_envs]

@@ -99,9 +99,7 @@ def reset_peak_rss() -> bool:
 
 def collect_one_rollout(agent) -> None:
     """One rollout into the agent's buffer, as ``learn`` would collect it (no update)."""
-    from agents import KLPenaltyCallback
-
-    _, callback = agent._setup_learn(10**6, callback=[KLPenaltyCallback()])
+    _, callback = agent._setup_learn(10**6)
     callback.on_training_start(locals(), globals())
     assert agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
 

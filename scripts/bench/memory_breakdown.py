@@ -267,7 +267,7 @@ def measure(setting: str, model: str, n_envs: int, new_tokens: int, batch_size: 
 
     import textenv  # noqa: F401  (registers the envs and the built-in models)
     from agents import make_agent
-    from textenv.models import resolve_model_path
+    from textenv.lm.models import resolve_model_path
 
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
@@ -325,8 +325,6 @@ def measure(setting: str, model: str, n_envs: int, new_tokens: int, batch_size: 
 
         def _on_rollout_end(self) -> None:
             pass
-
-    from agents import KLPenaltyCallback  # noqa: F401  (learn adds it itself)
 
     tokens = new_tokens * n_envs * iterations
     start = time.perf_counter()

@@ -115,7 +115,7 @@ def build_assets(workload: Workload, folder: Path, seed: int = 0) -> tuple[Path,
     for a workload with a ``model``, that checkpoint's folder (converted once into the cache)
     and ``CHAT_PROMPTS``, nothing written to ``folder``."""
     if workload.model is not None:
-        from textenv.models import resolve_model_path
+        from textenv.lm.models import resolve_model_path
 
         return Path(resolve_model_path(workload.model)), list(CHAT_PROMPTS)
     from tokenizers import Tokenizer, models, pre_tokenizers

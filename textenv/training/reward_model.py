@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import load_tokenizer, quiet_loading, resolve_model_path
+from textenv.lm.models import load_tokenizer, quiet_loading, resolve_model_path
 from textenv.rewards import left_truncating
 from textenv.tasks.preferences import PreferencePair
 from textenv.training.loop import linear_decay, save_model_and_tokenizer, split_heldout, train_loop

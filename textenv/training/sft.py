@@ -19,7 +19,7 @@ from typing import Sequence, Union
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from textenv.models import load_causal_lm, load_tokenizer
+from textenv.lm.models import load_causal_lm, load_tokenizer
 from textenv.training.loop import save_model_and_tokenizer, split_heldout, train_loop, warmup_cosine
 
 

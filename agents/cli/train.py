@@ -24,11 +24,11 @@ import json
 import sys
 from pathlib import Path
 
-from textenv.cli.arguments import (
+from agents.cli.arguments import (
     ENV_HELP, add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, device, env_id,
     json_object, kl_agent_kwargs, non_negative_int, positive_float, positive_int,
 )
-from textenv.cli.console import quiet_libraries
+from agents.cli.console import console_main, quiet_libraries
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,11 +150,7 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console command textenv-train: exit status 0 on success (its results are on stdout; ``run``
-    returns them to Python callers)."""
-    run(argv)
-    return 0
+main = console_main(__name__, "textenv-train")
 
 
 if __name__ == "__main__":

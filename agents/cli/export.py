@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
-from textenv.cli.arguments import agent_zip, check_writable
-from textenv.cli.console import quiet_libraries
+from agents.cli.arguments import agent_zip, check_writable
+from agents.cli.console import console_main, quiet_libraries
 from textenv.files import plain_modes
 
 
@@ -35,7 +35,7 @@ def run(argv: list[str] | None = None) -> dict:
     """Parse ``argv``, export the policy, print the summary (JSON, stdout) and return it."""
     args = parse_args(argv)
     quiet_libraries()
-    from agents.export import export_policy
+    from agents.saving import export_policy
 
     with plain_modes(args.output):  # safetensors 0.8 writes its files 0600 (textenv.files.plain_modes)
         folder = export_policy(args.agent, args.output)
@@ -44,11 +44,7 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console command textenv-export: exit status 0 on success (its results are on stdout; ``run``
-    returns them to Python callers)."""
-    run(argv)
-    return 0
+main = console_main(__name__, "textenv-export")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,11 @@ import argparse
 import json
 import sys
 
-from textenv.cli.arguments import (
+from agents.cli.arguments import (
     check_gpt2_config, check_writable, existing_file, fraction, json_object, non_negative_int, positive_float,
     positive_int,
 )
-from textenv.cli.console import quiet_libraries
+from agents.cli.console import console_main, quiet_libraries
 from textenv.files import plain_modes
 
 
@@ -69,11 +69,7 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console command textenv-train-reward-model: exit status 0 on success (its results are on stdout; ``run``
-    returns them to Python callers)."""
-    run(argv)
-    return 0
+main = console_main(__name__, "textenv-train-reward-model")
 
 
 if __name__ == "__main__":

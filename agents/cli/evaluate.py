@@ -23,11 +23,11 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from textenv.cli.arguments import (
+from agents.cli.arguments import (
     ENV_HELP, agent_zip, check_env_kwargs, check_writable, env_id, existing_file, json_object, non_negative_int,
     positive_int,
 )
-from textenv.cli.console import note, quiet_libraries
+from agents.cli.console import console_main, note, quiet_libraries
 from textenv.files import atomic_write_text
 
 PROG = "textenv-evaluate"
@@ -82,7 +82,7 @@ def check_prompt_file(parser: argparse.ArgumentParser, args: argparse.Namespace)
     """Refuse ``--prompts`` that the env could not use, before any model loads; keep their count."""
     import gymnasium as gym
 
-    from textenv.cli.arguments import TEXT_ENTRY_POINT
+    from agents.cli.arguments import TEXT_ENTRY_POINT
     from textenv.env import TextGenEnv
     from textenv.prompts import load_prompts
 
@@ -155,11 +155,7 @@ def run(argv: list[str] | None = None) -> dict:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console command textenv-evaluate: exit status 0 on success (its results are on stdout; ``run``
-    returns them to Python callers)."""
-    run(argv)
-    return 0
+main = console_main(__name__, "textenv-evaluate")
 
 
 if __name__ == "__main__":

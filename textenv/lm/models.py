@@ -38,7 +38,7 @@ TokenizerSpec = Union[str, os.PathLike, PreTrainedTokenizerBase, None]
 
 DEFAULT_MODEL_NAME = "default"
 
-#: Models the project builds itself on first use (see ``textenv.cache``), by name: each
+#: Models the project builds itself on first use (see ``textenv.lm.cache``), by name: each
 #: maps to a function that returns the model's folder, building it first if needed.
 #: ``textenv.training.builtin_models`` registers ``"default"``, ``"textenv:default"``,
 #: ``"textenv:arithmetic"``, ``"textenv:sentiment-reward-model"``, ``"textenv:guess-number"``

@@ -8,10 +8,9 @@ the parser and call ``parser.error``.
 
 It lives with the commands rather than in the library because it speaks
 argparse; the library's own checks (``agents.registry.check_algorithm_kwargs``)
-do the work where there is one. Being inside ``textenv``, a command imports the
-package (torch, transformers: a few seconds) before it parses; the agents are
-imported only by the checks that need them, and no model loads before the
-arguments pass.
+do the work where there is one. Being inside ``agents``, a command imports that
+package (torch, transformers, Stable-Baselines3: a few seconds) before it parses;
+no model loads before the arguments pass.
 """
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from textenv.cli.arguments import (
+from agents.cli.arguments import (
     ENV_HELP, add_kl_arguments, algorithm_name, check_algorithm_kwargs, check_writable, env_id, json_object,
     kl_agent_kwargs, non_negative_int, positive_int,
 )
-from textenv.cli.console import quiet_libraries
+from agents.cli.console import console_main, quiet_libraries
 from textenv.files import atomic_write_text
 
 
@@ -144,11 +144,7 @@ def run(argv: list[str] | None = None) -> str:
     return table
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console command textenv-compare: exit status 0 on success (its results are on stdout; ``run``
-    returns them to Python callers)."""
-    run(argv)
-    return 0
+main = console_main(__name__, "textenv-compare")
 
 
 if __name__ == "__main__":

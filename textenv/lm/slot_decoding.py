@@ -101,12 +101,13 @@ class SlotCache(Cache):
 
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids from a left-padded mask: the number of real tokens before each column
-    (pad columns get 0), as the full forward and the cached decode both use."""
+    (pad columns get 0), as the full forward, the cached decode and the policies use."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def last_real_column(attention_mask: torch.Tensor) -> torch.Tensor:
-    """The column of each row's last real token (``(n, W)`` mask -> ``(n,)``)."""
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The column of each row's last real token (``(n, W)`` mask -> ``(n,)``): where a
+    state is read (the policies' hidden state) and after which the next token goes."""
     columns = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
     return (attention_mask * columns).argmax(-1)
 
@@ -165,7 +166,7 @@ class SlotDecoder:
         ).last_hidden_state
         for layer, prefilled in zip(self.cache.layers, scratch.layers):
             layer.store(rows, prefilled.keys, prefilled.values)
-        last = last_real_column(attention_mask)
+        last = last_token_index(attention_mask)
         return hidden[torch.arange(len(rows), device=hidden.device), last]
 
     @torch.no_grad()
@@ -179,7 +180,7 @@ class SlotDecoder:
 
         Cheaper than ``prefill`` by the length of what the slot holds; a chunk of one token
         is a decode step."""
-        last = last_real_column(attention_mask)
+        last = last_token_index(attention_mask)
         lengths = last - first_columns + 1
         if bool((lengths < 1).any()):
             raise ValueError("extend needs at least one new real column per row (first_columns <= last real column)")
@@ -204,7 +205,7 @@ class SlotDecoder:
     @torch.no_grad()
     def prefill_rows(self, rows: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``prefill`` from whole ``(len(rows), W)`` observations, trimmed to their last real column."""
-        width = int(last_real_column(attention_mask).max()) + 1
+        width = int(last_token_index(attention_mask).max()) + 1
         return self.prefill(rows, input_ids[:, :width], attention_mask[:, :width])
 
     @torch.no_grad()
@@ -235,7 +236,7 @@ class SlotDecoder:
         refill = torch.zeros(n, dtype=torch.bool, device=tokens.device) if refill is None else refill
         extend = extend_from >= 0 if extend_from is not None else torch.zeros_like(refill)
         off = refill | extend if skip is None else refill | extend | skip
-        columns = last_real_column(attention_mask)
+        columns = last_token_index(attention_mask)
         decode_mask = attention_mask
         if bool(off.any()):
             columns = torch.where(off, self.width - 1, columns)

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from textenv.cli.arguments import (
+from agents.cli.arguments import (
     add_kl_arguments,
     check_writable,
     kl_agent_kwargs,
@@ -26,7 +26,7 @@ from textenv.cli.arguments import (
     positive_float,
     positive_int,
 )
-from textenv.cli.console import quiet_libraries
+from agents.cli.console import console_main, quiet_libraries
 from textenv.files import atomic_write_text, plain_modes
 
 
@@ -113,11 +113,7 @@ def run(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The console command textenv-pipeline: exit status 0 on success (its results are on stdout; ``run``
-    returns them to Python callers)."""
-    run(argv)
-    return 0
+main = console_main(__name__, "textenv-pipeline")
 
 
 if __name__ == "__main__":
