@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from sb3_contrib import TRPO, MaskablePPO
@@ -47,9 +48,9 @@ from agents import distributed
 from agents.clipped_update import PolicyLoss, check_policy_loss, clipped_update
 from agents.config import env_id_of, log_config
 from agents.envs import env_device, resolve_env
-from agents.kl_control import make_kl_controller
-from agents.kl_penalty import KL_ESTIMATORS, KLEstimator, KLPenaltyCallback
+from agents.kl_penalty import KLEstimator, KLPenaltyCallback
 from agents.rollout import RolloutMixin
+from agents.settings import AdvantageNormalization, KLPlacement, KLSettings, RolloutSettings, settings_fields
 from agents.progress import TokenProgressBar
 from agents.sequence_buffer import SequenceRolloutBuffer
 from policies import LMActorCriticPolicy
@@ -60,11 +61,11 @@ from textenv.rewards import is_skipped
 from textenv.vector import BatchedTokenVecEnv
 
 # The KL penalty's defaults, one set for the Python API and the scripts (which pass
-# only what their user gives): beta adapted toward 4 nats of KL per episode, from
-# 0.05 (an algorithm may start elsewhere: ``default_kl_coef``), moving by about
-# exp(+-0.2) in every twentieth of the run (``agents.kl_control``; kl_horizon=N: per N
-# episodes, Ziegler et al.'s horizon).
-KL_DEFAULTS: dict[str, Any] = dict(kl_coef=0.05, kl_target=4.0, kl_horizon=None)
+# only what their user gives), from ``KLSettings``: beta adapted toward 4 nats of KL per
+# episode, from 0.05 (an algorithm may start elsewhere: ``default_kl_coef``), moving by
+# about exp(+-0.2) in every twentieth of the run (``agents.kl_control``; kl_horizon=N: per
+# N episodes, Ziegler et al.'s horizon).
+KL_DEFAULTS: dict[str, Any] = {name: settings_fields(KLSettings)[name] for name in ("kl_coef", "kl_target", "kl_horizon")}
 
 PPO_DEFAULTS: dict[str, Any] = dict(
     learning_rate=2e-4,
@@ -103,10 +104,6 @@ TRPO_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-AdvantageNormalization = Literal["rollout", "minibatch", "none"]
-ADVANTAGE_NORMALIZATIONS = ("rollout", "minibatch", "none")
-KLPlacement = Literal["reward", "loss"]
-KL_PLACEMENTS = ("reward", "loss")
 # SB3 keywords that textenv agents replace with their own, and what replaces them.
 REPLACED_KEYWORDS = {
     "normalize_advantage": "advantage_normalization='minibatch' for SB3's behaviour ('rollout', the "
@@ -159,6 +156,19 @@ def contains_callback(callback: Any, kind: type) -> bool:
     if isinstance(callback, kind):
         return True
     return any(contains_callback(child, kind) for child in getattr(callback, "callbacks", []))
+
+
+def adopt_flat_settings(agent: Any) -> None:
+    """Settings given as flat attributes (SB3's ``load(path, env, deferred_reference=False)``
+    puts its keywords into the agent's ``__dict__``, as it does an agent saved before the
+    settings were dataclasses) go into the agent's settings, checked again."""
+    for name in ("kl_settings", "rollout_settings", "group_settings"):
+        settings = agent.__dict__.get(name)
+        if settings is None:
+            continue
+        given = {item.name: agent.__dict__.pop(item.name) for item in fields(settings) if item.name in agent.__dict__}
+        if given:
+            agent.__dict__[name] = replace(settings, **given)
 
 
 def refuse_replaced_keywords(kwargs: dict[str, Any]) -> None:
@@ -239,21 +249,17 @@ class LMAgentMixin(RolloutMixin):
     ):
         if distributed.is_distributed():
             kwargs = self._data_parallel_kwargs(fast, kwargs)
-        kl_coef = self.default_kl_coef if kl_coef is None else kl_coef
-        self.kl_controller = make_kl_controller(kl_coef, kl_target, kl_horizon)
-        self.kl_placement, self.kl_estimator = self._resolve_kl_options(kl_placement, kl_estimator, fast, kwargs)
+        refuse_replaced_keywords(kwargs)
+        # The flat keywords, parsed once into the settings (agents.settings), which check them.
+        self.kl_settings = KLSettings.with_defaults(kl_coef, kl_target, kl_horizon, kl_estimator, kl_placement,
+                                                    self.default_kl_coef, self.default_kl_placement)
+        self.rollout_settings = RolloutSettings(
+            fast=fast, advantage_normalization=advantage_normalization or self.default_advantage_normalization,
+            recompute_old_log_probs=recompute_old_log_probs, deferred_reference=deferred_reference)
+        self._check_settings(kwargs)
+        self.kl_controller = self.kl_settings.controller()
         # An instance attribute, so that save() stores it and load_agent() finds the class.
         self.algorithm_name = type(self).algorithm_name
-        refuse_replaced_keywords(kwargs)
-        if advantage_normalization is None:
-            advantage_normalization = self.default_advantage_normalization
-        if advantage_normalization not in ADVANTAGE_NORMALIZATIONS:
-            raise ValueError(
-                f"advantage_normalization must be one of {ADVANTAGE_NORMALIZATIONS}, got {advantage_normalization!r}"
-            )
-        self.advantage_normalization = advantage_normalization
-        self.recompute_old_log_probs = recompute_old_log_probs
-        self.deferred_reference = deferred_reference
         policy = policy or self.default_policy_class
         env = self._resolve_env(env, kwargs)
         # Saved with the agent, so that textenv-evaluate finds the task it was trained on
@@ -276,16 +282,10 @@ class LMAgentMixin(RolloutMixin):
         kwargs = {**self.defaults, **kwargs}
         if fast:  # the fast path is a choice of rollout buffer; SB3's own otherwise
             kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
-        # What the constructor resolved, for agents.config.resolved_config (and saved with the agent).
-        self._init_kwargs = dict(
-            kl_coef=kl_coef, kl_target=kl_target, kl_horizon=kl_horizon, kl_estimator=self.kl_estimator,
-            kl_placement=self.kl_placement, fast=fast,
-            advantage_normalization=advantage_normalization, recompute_old_log_probs=recompute_old_log_probs,
-            deferred_reference=deferred_reference,
-            **{key: value for key, value in kwargs.items() if not key.startswith("_")},
-        )
+        # The SB3 algorithm's own arguments as resolved, for agents.config.resolved_config.
+        self._init_kwargs = {key: value for key, value in kwargs.items() if not key.startswith("_")}
         # SB3's own switch standardises each minibatch; the rollout-wide one is ours.
-        kwargs["normalize_advantage"] = advantage_normalization == "minibatch"
+        kwargs["normalize_advantage"] = self.advantage_normalization == "minibatch"
         super().__init__(policy, env, **kwargs)
         warn_if_env_elsewhere(self.env, self.device)
 
@@ -302,24 +302,23 @@ class LMAgentMixin(RolloutMixin):
         return resolve_env(env, seed=kwargs.get("seed"), verbose=kwargs.get("verbose", 0),
                            device=kwargs.get("device", "auto"))
 
-    def _resolve_kl_options(self, placement: KLPlacement | None, estimator: KLEstimator | None, fast: bool,
-                            kwargs: dict[str, Any]) -> tuple[KLPlacement, KLEstimator]:
-        """``(kl_placement, kl_estimator)`` after the defaults; a ``ValueError`` naming the fix
-        for a combination the update cannot run."""
+    def _check_settings(self, kwargs: dict[str, Any]) -> None:
+        """Refuse, naming the fix, settings this algorithm's update cannot run (the settings'
+        own values are checked where they are made, ``agents.settings``)."""
         name = type(self).algorithm_name
-        placement = placement or self.default_kl_placement
-        if placement not in KL_PLACEMENTS:
-            raise ValueError(f"kl_placement must be one of {KL_PLACEMENTS}, got {placement!r}")
-        estimator = estimator or ("k1" if placement == "reward" else "k3")
-        if estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
-        if placement == "loss" and not self.supports_kl_in_loss:
+        if self.kl_placement == "loss" and not self.supports_kl_in_loss:
             raise ValueError(f"{name} runs its library's own update, which has no place for a KL term. Fix: use "
                              "kl_placement='reward' (any kl_estimator), or ppo, rloo or grpo for the KL in the loss.")
-        if placement == "loss" and not stores_sequences(fast, kwargs):
+        if self.kl_placement == "loss" and not stores_sequences(self.rollout_settings.fast, kwargs):
             raise ValueError("kl_placement='loss' needs the reference's log-prob of each token in the update, which "
                              "only the fast path's buffer keeps. Fix: drop fast=False (and rollout_buffer_class).")
-        return placement, estimator
+
+    # The settings' fields, read where the agent's code and SB3's callbacks look for them.
+    kl_placement = property(lambda self: self.kl_settings.kl_placement)
+    kl_estimator = property(lambda self: self.kl_settings.kl_estimator)
+    advantage_normalization = property(lambda self: self.rollout_settings.advantage_normalization)
+    recompute_old_log_probs = property(lambda self: self.rollout_settings.recompute_old_log_probs)
+    deferred_reference = property(lambda self: self.rollout_settings.deferred_reference)
 
     def _data_parallel_kwargs(self, fast: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Under torchrun: refuse what is not synchronised across ranks; only rank 0 prints."""
@@ -401,14 +400,10 @@ class LMAgentMixin(RolloutMixin):
         atomic_write(target, lambda temporary: super(LMAgentMixin, self).save(temporary, exclude=exclude,
                                                                               include=include))
 
-    @property
-    def precision(self) -> str:
-        """The policy's precision (``precision=`` or ``policy_kwargs={"precision": ...}``)."""
-        return getattr(getattr(self, "policy", None), "precision", "fp32")
-
     def _setup_model(self) -> None:
         """SB3's set-up; then, for a LoRA policy on the batched env, the policy's own body
         with its adapters off becomes the env's reference (no second copy of the weights)."""
+        adopt_flat_settings(self)
         super()._setup_model()  # type: ignore[misc]
         reference = self.policy.reference_model() if isinstance(self.policy, LMPolicyMixin) else None
         if reference is not None and isinstance(self.env, BatchedTokenVecEnv):

@@ -2,9 +2,10 @@
 
 ``resolved_config(agent, env)`` gathers what the agent actually runs with, after
 its defaults, the user's arguments and the environment were resolved: the
-algorithm's hyperparameters (every keyword its constructor chain takes, as the
-agent holds it; see ``agents.registry.algorithm_keywords``), the policy class and
-its ``policy_kwargs``, and the environment (id, ``n_envs``, seed, model, reward,
+algorithm's settings (the fields of ``agents.settings``' dataclasses) and its other
+hyperparameters (every keyword its constructor chain takes, as the agent holds it;
+see ``agents.registry.algorithm_keywords``), the policy class, its ``policy_kwargs``
+and the precision and critic it runs with, and the environment (id, ``n_envs``, seed, model, reward,
 lengths). Values are plain JSON data, so the dict goes into a summary JSON as is.
 
 Every ``learn`` of a textenv agent writes it to TensorBoard (``log_config``): one
@@ -18,6 +19,7 @@ from __future__ import annotations
 import inspect
 import json
 import numbers
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,11 @@ from stable_baselines3.common.vec_env import VecEnv
 
 # Constructor keywords that are not hyperparameters (reported elsewhere, or not at all;
 # SB3's normalize_advantage is replaced by advantage_normalization).
-NOT_HYPERPARAMETERS = {"policy", "env", "policy_kwargs", "verbose", "tensorboard_log", "normalize_advantage"}
+# precision and critic are the policy's (reported in its section, as the policy runs them).
+NOT_HYPERPARAMETERS = {"policy", "env", "policy_kwargs", "verbose", "tensorboard_log", "normalize_advantage",
+                       "precision", "critic"}
+# The agent's settings dataclasses (agents.settings), whose fields the algorithm section reports.
+SETTINGS = ("kl_settings", "rollout_settings", "group_settings")
 TEXT_ONLY_FOR_TENSORBOARD = ("stdout", "log", "json", "csv")
 # Scalars that the HPARAMS tab shows beside each run's hyperparameters.
 HPARAM_METRICS = {"rollout/task_score": 0.0, "rollout/kl": 0.0}
@@ -82,22 +88,34 @@ def init_parameters(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def algorithm_config(agent: BaseAlgorithm) -> dict[str, Any]:
-    """Every hyperparameter the agent's constructor chain takes, as the agent runs with it."""
+    """The agent's settings (``agents.settings``: the KL penalty, the rollout, the group), then
+    every other hyperparameter its constructor chain takes (SB3's, and an algorithm's own
+    such as ``policy_loss``), as the agent runs with it."""
+    options: dict[str, Any] = {}
+    for name in SETTINGS:
+        settings = getattr(agent, name, None)
+        if settings is not None:
+            options.update(plain(asdict(settings)))
     resolved = getattr(agent, "_init_kwargs", {})
-    config: dict[str, Any] = {"algorithm": getattr(agent, "algorithm_name", type(agent).__name__)}
-    for name, parameter in sorted(init_parameters(type(agent)).items()):
-        if name.startswith("_") or name in NOT_HYPERPARAMETERS:
+    for name, parameter in init_parameters(type(agent)).items():
+        if name.startswith("_") or name in NOT_HYPERPARAMETERS or name in options:
             continue
         value = getattr(agent, name, None)
         # The live attribute where it is the argument (not e.g. a schedule built from it).
         if value is None or callable(value) and not isinstance(value, type):
             value = resolved.get(name, parameter.default)
-        config[name] = plain(value)
-    return config
+        options[name] = plain(value)
+    return {"algorithm": getattr(agent, "algorithm_name", type(agent).__name__), **dict(sorted(options.items()))}
 
 
 def policy_config(agent: BaseAlgorithm) -> dict[str, Any]:
-    return {"policy_class": plain(agent.policy_class), **plain(dict(agent.policy_kwargs or {}))}
+    """The policy class and its ``policy_kwargs``, with the precision and critic it runs with."""
+    config = {"policy_class": plain(agent.policy_class), **plain(dict(agent.policy_kwargs or {}))}
+    policy = getattr(agent, "policy", None)
+    for name in ("precision", "critic"):
+        if hasattr(policy, name):
+            config[name] = plain(getattr(policy, name))
+    return config
 
 
 def env_config(env: VecEnv | None) -> dict[str, Any]:

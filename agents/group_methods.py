@@ -65,11 +65,9 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from agents import distributed
 from agents.algorithms import PPO_DEFAULTS, LMAgentMixin
-from agents.clipped_update import (
-    LOSS_AGGREGATIONS, ImportanceLevel, LossAggregation, PolicyLoss, check_importance_level, check_policy_loss,
-    clipped_update,
-)
+from agents.clipped_update import ImportanceLevel, LossAggregation, PolicyLoss, clipped_update
 from agents.sequence_buffer import SequenceRolloutBuffer
+from agents.settings import GroupSettings
 from textenv.vector import BatchedTokenVecEnv
 
 GROUP_DEFAULTS: dict[str, Any] = {
@@ -106,36 +104,30 @@ class GroupRolloutMixin(LMAgentMixin):
                  loss_aggregation: LossAggregation = "token_mean", clip_range_high: float | None = None,
                  policy_loss: PolicyLoss = "clip", importance_level: ImportanceLevel = "token",
                  filter_groups: bool = False, **kwargs: Any):
-        if group_size < 2:
-            raise ValueError(f"{type(self).algorithm_name} needs group_size >= 2 completions per prompt")
-        if loss_aggregation not in LOSS_AGGREGATIONS:
-            raise ValueError(f"loss_aggregation must be one of {LOSS_AGGREGATIONS}, got {loss_aggregation!r}")
+        self.group_settings = GroupSettings(group_size, loss_aggregation, clip_range_high, policy_loss,
+                                            importance_level, filter_groups)
         if loss_aggregation != "token_mean" and distributed.is_distributed():
             # DDP weights each rank's gradient by its share of the tokens: exact for a token mean only.
             raise ValueError(f"loss_aggregation={loss_aggregation!r} is not a mean over the minibatch's tokens, "
                              "which is what data-parallel training combines across ranks exactly. Fix: use "
                              "loss_aggregation='token_mean' under torchrun, or run one process.")
-        if clip_range_high is not None and not clip_range_high > 0:
-            raise ValueError(f"clip_range_high must be positive (the ratio's upper bound is 1 + clip_range_high), "
-                             f"got {clip_range_high!r}. Fix: e.g. clip_range_high=0.28 (DAPO), or None.")
-        check_policy_loss(policy_loss)
-        check_importance_level(importance_level)
-        if not isinstance(filter_groups, bool):
-            raise ValueError(f"filter_groups must be True (DAPO's dynamic sampling) or False, got {filter_groups!r}")
-        self.group_size = group_size
-        self.loss_aggregation = loss_aggregation
-        self.clip_range_high = clip_range_high
-        self.policy_loss = policy_loss
-        self.importance_level = importance_level
-        self.filter_groups = filter_groups
         env = self._resolve_env(env, kwargs)  # an env id becomes the batched env, on the agent's device
         if env is not None:
             self._check_group_env(env)
             if kwargs.get("_init_setup_model", True):  # a new agent: refuse a bad group before the model loads
+                self.group_settings.check_divides(env.num_envs, type(self).algorithm_name)
                 env.configure_episodes(group_size=group_size, autoreset=False)
             kwargs["n_steps"] = env.max_new_tokens  # every episode ends within max_new_tokens
         kwargs.setdefault("rollout_buffer_class", SequenceRolloutBuffer)
         super().__init__(policy, env, **kwargs)
+
+    # The settings' fields, where the update and the rollout read them.
+    group_size = property(lambda self: self.group_settings.group_size)
+    loss_aggregation = property(lambda self: self.group_settings.loss_aggregation)
+    clip_range_high = property(lambda self: self.group_settings.clip_range_high)
+    policy_loss = property(lambda self: self.group_settings.policy_loss)
+    importance_level = property(lambda self: self.group_settings.importance_level)
+    filter_groups = property(lambda self: self.group_settings.filter_groups)
 
     def _check_group_env(self, env: VecEnv) -> None:
         if not isinstance(env, BatchedTokenVecEnv):

@@ -4,7 +4,6 @@ checked before any model loads). Saving and loading agents: ``agents.saving``.""
 from __future__ import annotations
 
 import difflib
-import numbers
 from typing import Any
 
 from stable_baselines3.common.base_class import BaseAlgorithm
@@ -13,6 +12,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from agents.algorithms import LMA2C, LMNLPO, LMPPO, LMTRPO, refuse_replaced_keywords
 from agents.config import init_parameters
 from agents.group_methods import LMGRPO, LMRLOO
+from agents.settings import GroupSettings
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {
     "ppo": LMPPO,
@@ -64,19 +64,10 @@ def check_algorithm_kwargs(name: str, kwargs: dict[str, Any], n_envs: int | None
             f"{', '.join(hints)}. Fix: use keywords that {name} accepts: "
             f"{', '.join(sorted(key for key in parameters if not key.startswith('_')))}."
         )
-    if "group_size" in parameters:
-        group_size = kwargs.get("group_size", parameters["group_size"].default)
-        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 2:
-            raise ValueError(
-                f"{name} needs group_size, the completions drawn per prompt, to be an integer >= 2, "
-                f"got {group_size!r}. Fix: pass e.g. group_size=4."
-            )
-        if n_envs is not None and n_envs % group_size:
-            raise ValueError(
-                f"{name}'s group_size={group_size} must divide n_envs={n_envs} (one prompt per block of "
-                f"{group_size} parallel episodes). Fix: use n_envs a multiple of {group_size}, e.g. "
-                f"{-(-n_envs // group_size) * group_size}, or a group_size that divides {n_envs}."
-            )
+    if "group_size" in parameters:  # before any model loads: the group's own check, then n_envs
+        group = GroupSettings(group_size=kwargs.get("group_size", parameters["group_size"].default))
+        if n_envs is not None:
+            group.check_divides(n_envs, name)
 
 
 def make_agent(name: str, env: GymEnv | str | None, **kwargs: Any) -> BaseAlgorithm:

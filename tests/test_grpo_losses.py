@@ -118,5 +118,5 @@ def test_the_options_train(default_model_path, algo, options):
     assert "train/kl_loss" in logged  # both have the KL in the loss (GRPO's weighted by 0 here)
     assert ("train/clip_range_high" in logged) == ("clip_range_high" in options)
     assert np.isfinite(logged["train/loss"]) and np.isfinite(logged["train/kl_loss"])
-    config = agent._init_kwargs
-    assert config["kl_placement"] == "loss" and config["kl_estimator"] == options.get("kl_estimator", "k3")
+    config = agent.kl_settings
+    assert config.kl_placement == "loss" and config.kl_estimator == options.get("kl_estimator", "k3")

@@ -117,7 +117,7 @@ def test_defaults_and_refusals():
     assert (grpo.kl_estimator, grpo.kl_placement) == ("k3", "loss")
     assert build(LMGRPO, kl_placement="reward").kl_estimator == "k1"
     assert build(LMPPO, kl_placement="loss").kl_estimator == "k3"
-    assert build(LMRLOO, kl_placement="loss", kl_estimator="k2")._init_kwargs["kl_estimator"] == "k2"
+    assert build(LMRLOO, kl_placement="loss", kl_estimator="k2").kl_settings.kl_estimator == "k2"
     for cls in (LMA2C, LMTRPO, LMNLPO):
         with pytest.raises(ValueError, match="no place for a KL term. Fix: use kl_placement='reward'"):
             build(cls, kl_placement="loss")

@@ -145,6 +145,6 @@ def test_the_train_command_takes_lora_precision_and_checkpointing(default_model_
     policy = summary["config"]["policy"]
     assert policy["lora"] == {"r": 4, "lora_alpha": 8}
     assert policy["gradient_checkpointing"] is True
-    assert summary["config"]["algorithm"]["precision"] == "bf16-mixed"
+    assert summary["config"]["policy"]["precision"] == "bf16-mixed"
     loaded = load_agent(str(tmp_path / "agent.zip"))
     assert loaded.policy.lora == {"r": 4, "lora_alpha": 8} and loaded.policy.precision == "bf16-mixed"

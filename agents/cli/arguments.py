@@ -49,26 +49,20 @@ class DeprecatedAlias(argparse.Action):
 
 
 def add_kl_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--kl-coef``, ``--kl-target`` (alias ``--target-kl``, deprecated) and ``--kl-horizon``.
+    """``--kl-coef``, ``--kl-target`` (alias ``--target-kl``, deprecated) and ``--kl-horizon``,
+    made from ``agents.settings.KLSettings``' fields (their help is the fields').
 
     Their defaults are the agents' own (``agents.algorithms.KL_DEFAULTS``, ``default_kl_coef``):
     an option left out is not passed on, so the commands and the Python API run alike.
     ``--kl-target 0`` becomes ``kl_target=None``, a fixed beta (``kl_agent_kwargs``).
     """
-    parser.add_argument("--kl-coef", type=non_negative_float, default=None,
-                        help="KL coefficient beta (initial value if adaptive); default: the algorithm's "
-                             "(0.05; GRPO 0.3)")
-    parser.add_argument("--kl-target", type=non_negative_float, default=None,
-                        help="target per-episode KL (nats) toward which beta adapts (default 4.0); 0 keeps beta "
-                             "fixed. Not SB3's target_kl (PPO's early stop, TRPO's trust region: --algo-kwargs)")
+    from agents.settings import KLSettings, add_settings_arguments
+
+    add_settings_arguments(parser, KLSettings, ("kl_coef", "kl_target", "kl_horizon"),
+                           types={"kl_coef": non_negative_float, "kl_target": non_negative_float,
+                                  "kl_horizon": positive_int})
     parser.add_argument("--target-kl", dest="kl_target", type=non_negative_float, action=DeprecatedAlias,
                         new_option="--kl-target", help=argparse.SUPPRESS)
-    from agents.kl_control import RUN_HORIZON_FRACTION
-
-    parser.add_argument("--kl-horizon", type=positive_int, default=None,
-                        help="episodes over which the adaptive controller moves beta by about exp(+-0.2), as "
-                             f"Ziegler et al.'s horizon (default: {RUN_HORIZON_FRACTION:g} of the run's generated "
-                             "tokens, whatever its length)")
 
 
 def kl_agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
