@@ -24,6 +24,7 @@ from agents.config import resolved_config
 from agents.envs import DEFAULT_N_ENVS, make_text_vec_env
 from agents.evaluation import EvaluationResult, evaluate_agent
 from agents.registry import make_agent
+from textenv.vector import BatchedTokenVecEnv
 
 EVAL_SEED_OFFSET = 10_000  # the evaluation env's seed: the training seed + this, so its prompts differ
 
@@ -173,6 +174,10 @@ def train_and_evaluate(
     env_kwargs = {"device": device, **(env_kwargs or {})}
     env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed, env_kwargs=env_kwargs)
     eval_env = make_text_vec_env(env_id, n_envs=n_envs, seed=seed + EVAL_SEED_OFFSET, env_kwargs=env_kwargs) if main else None
+    if isinstance(env, BatchedTokenVecEnv) and isinstance(eval_env, BatchedTokenVecEnv):
+        # One reference for both envs (loaded on first use): under LoRA the policy's body with
+        # its adapters off once the agent sets it on env, so no full copy loads for evaluation.
+        eval_env.share_reference(env)
     save_path = save_path or default_save_path(env_id, algo, seed)
     checkpoint_path = find_checkpoint(resume, checkpoint_folder(save_path))
     if checkpoint_path is not None:

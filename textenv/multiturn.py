@@ -138,6 +138,7 @@ class MultiTurnTask(TokenTask):
         width_note: str | None = None,
         prompts: Any = None,
         prompt_field: str | None = None,
+        reference_dtype: str | torch.dtype = "float32",
     ):
         if AUTO in (max_prompt_len, max_episode_tokens):
             raise ValueError("max_prompt_len='auto' and max_episode_tokens='auto' are sized from the game by the env "
@@ -148,7 +149,7 @@ class MultiTurnTask(TokenTask):
             raise ValueError("reply_template needs '{reply}' and first_message_template '{message}'")
         what = "max_prompt_len + max_episode_tokens" + (f" ({width_note})" if width_note else "")
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_episode_tokens, what, device,
-                         chat=chat_template, system_prompt=system_prompt)
+                         chat=chat_template, system_prompt=system_prompt, reference_dtype=reference_dtype)
         if self.chat is not None and (reply_template != "{reply}" or first_message_template != "{message}"):
             raise ValueError("With a chat template the template writes the turns. Fix: drop reply_template and "
                              "first_message_template (or pass chat_template=False).")
@@ -369,6 +370,8 @@ class MultiTurnTextEnv(TokenEnv):
     :param turn_env: the turn-level env, or a zero-argument factory of one.
     :param model: the reference model (and, by default, the policy's starting point):
         ``"default"``, a name, a path, or a model instance (with ``tokenizer``).
+    :param reference_dtype: the reference's weights: ``"float32"`` (default) or
+        ``"bfloat16"`` (``textenv.task.TokenTask``).
     :param max_prompt_len: room for the first message, in tokens; ``"auto"``: sized from the
         game's own first messages (``size_dialogue``; the games' registrations default to it).
     :param max_turn_tokens: the agent's tokens per turn.

@@ -28,6 +28,7 @@ from textenv.lm.models import (
 )
 from textenv.chat import ChatFormat
 from textenv.prompts import PromptSpec, display_text, load_prompts
+from textenv.reference_scoring import ReferenceModel
 from textenv.rewards import CallableReward, RewardSource, RewardSpec, aligned, make_reward
 
 
@@ -57,6 +58,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+REFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def reference_dtype_of(dtype: str | torch.dtype) -> torch.dtype:
+    """``reference_dtype`` (``TokenTask``) as a torch dtype, or a ``ValueError`` naming the choices."""
+    by_dtype = {value: value for value in REFERENCE_DTYPES.values()}
+    found = REFERENCE_DTYPES.get(dtype) if isinstance(dtype, str) else by_dtype.get(dtype)
+    if found is None:
+        raise ValueError(f"reference_dtype must be one of {sorted(REFERENCE_DTYPES)}, got {dtype!r}. Fix: "
+                         "'float32' (default) or 'bfloat16' (e.g. beside a policy with precision='bf16').")
+    return found
 
 
 def make_metrics(metrics: Mapping[str, RewardSpec] | None, device: torch.device,
@@ -94,13 +108,17 @@ class TokenTask:
         error when it exceeds the model's context).
     :param device: where the reference model runs and the episodes' state lives:
         ``"auto"`` (CUDA when there is a GPU), ``"cpu"``, ``"cuda"``...
+    :param reference_dtype: the reference's weights, when loaded by name or path:
+        ``"float32"`` (default) or ``"bfloat16"`` (half the memory, e.g. beside a policy
+        with ``precision="bf16"``); its log-probs are float32 either way. A model instance
+        keeps its own dtype.
     """
 
     max_new_tokens: int  # the most tokens the agent takes in one episode (each subclass sets it)
 
     def __init__(self, model: ModelSpec, tokenizer: TokenizerSpec, max_prompt_len: int, width: int,
                  width_names: str, device: str | torch.device = "auto", chat: bool | str = False,
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, reference_dtype: str | torch.dtype = "float32"):
         model_is_instance = not (model is None or isinstance(model, str) or hasattr(model, "__fspath__"))
         if tokenizer is None and model_is_instance:
             raise ValueError("A model instance needs its tokenizer: pass tokenizer=...")
@@ -110,23 +128,31 @@ class TokenTask:
             raise ValueError("system_prompt= opens a chat, and these prompts are plain text. Fix: pass "
                              "chat_template=True too (or chat prompts, 'messages'), or drop system_prompt.")
         self.device = resolve_device(device)
+        dtype = reference_dtype_of(reference_dtype)
         self.model_name_or_path = getattr(model, "name_or_path", None) if model_is_instance else model
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else model)
         if chat == "auto":  # a chat where the tokenizer has a template (an instruct model)
             chat = bool(getattr(self.tokenizer, "chat_template", None))
         # The chat template, when the prompts are chats (checked before the model loads).
         self.chat = ChatFormat(self.tokenizer, system_prompt) if chat else None
-        self.reference = load_frozen_lm(model, self.device)
-        check_tokenizer_fits_model(self.tokenizer, self.reference)
+        # Loaded on first use; until then its skeleton (no weights) answers the checks below.
+        self.reference_model = ReferenceModel(model, self.device, dtype, loader=load_frozen_lm)
+        skeleton = self.reference_model.skeleton
+        check_tokenizer_fits_model(self.tokenizer, skeleton)
         self.max_prompt_len = max_prompt_len
         self.width = width
-        self.eos_token_ids = stop_token_ids(self.tokenizer, self.reference)
+        self.eos_token_ids = stop_token_ids(self.tokenizer, skeleton)
         if self.chat is not None:  # the template's end of an assistant turn ends a generation too
             self.eos_token_ids = self.eos_token_ids | {self.chat.end_of_turn_id}
         self.eos_token_id = self.tokenizer.eos_token_id  # the tokenizer's own; every id above ends a generation
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.vocab_size = vocab_size_of(self.reference)
-        check_fits_context(self.reference, width, width_names)
+        self.vocab_size = vocab_size_of(skeleton)
+        check_fits_context(skeleton, width, width_names)
+
+    @property
+    def reference(self) -> Any:
+        """The frozen reference model (its weights load on first use: ``reference_model``)."""
+        return self.reference_model.model
 
     def observation_space(self) -> spaces.Dict:
         return spaces.Dict(
@@ -145,8 +171,10 @@ class TokenTask:
     def settings(self) -> dict[str, Any]:
         """What defines the task, for a run's resolved configuration (``agents.config``)."""
         chat = {} if self.chat is None else {"chat_template": True, "system_prompt": self.chat.system_prompt}
+        dtype = self.reference_model.dtype
+        precision = {} if dtype == torch.float32 else {"reference_dtype": str(dtype).removeprefix("torch.")}
         return {"model": self.model_name_or_path, "max_prompt_len": self.max_prompt_len,
-                "max_new_tokens": self.max_new_tokens, "device": str(self.device), **chat}
+                "max_new_tokens": self.max_new_tokens, "device": str(self.device), **chat, **precision}
 
 
 class TaskAttributes:
@@ -214,6 +242,8 @@ class TextTask(TokenTask):
     :param device: where the reference and reward models run and the episodes' state
         lives: ``"auto"`` (default, as SB3's agents: CUDA when there is a GPU), ``"cpu"``,
         ``"cuda"``... An agent made from an env id builds its env on the agent's device.
+    :param reference_dtype: the reference's weights (``TokenTask``): ``"float32"``
+        (default) or ``"bfloat16"``.
     :param prompt_truncation: what to do with a prompt longer than ``max_prompt_len``
         tokens: ``"error"`` (default: refuse at construction) or ``"left"`` (keep its
         last ``max_prompt_len`` tokens, with a warning).
@@ -234,6 +264,7 @@ class TextTask(TokenTask):
         system_prompt: str | None = None,
         reward_weights: Sequence[float] | None = None,
         metrics: Mapping[str, RewardSpec] | None = None,
+        reference_dtype: str | torch.dtype = "float32",
     ):
         if max_prompt_len < 1 or max_new_tokens < 1:
             raise ValueError("max_prompt_len and max_new_tokens must be at least 1")
@@ -249,7 +280,7 @@ class TextTask(TokenTask):
         super().__init__(model, tokenizer, max_prompt_len, max_prompt_len + max_new_tokens,
                          "max_prompt_len + max_new_tokens", device,
                          chat=True if self.records.has_chat else chat_template,
-                         system_prompt=system_prompt)
+                         system_prompt=system_prompt, reference_dtype=reference_dtype)
         self.max_new_tokens = max_new_tokens
         self.prompt_ids = self._tokenize_prompts(prompt_truncation)
 

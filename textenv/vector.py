@@ -19,9 +19,9 @@ Reference scoring is per step by default (``info["ref_logprob"]`` at every step,
 contract of ``TextGenEnv``). An agent that only needs the reference's log-probs at
 the end of a rollout switches it off with ``defer_reference_scoring(True)`` and
 scores whole sequences at once with ``reference_log_probs`` (one teacher-forced
-pass, as TRL, OpenRLHF and veRL do): decoding two models token by token costs
-about twice the memory traffic of decoding one. Switching back refills the
-reference's KV cache from the running episodes before the next step.
+pass). Switching back refills the reference's KV cache from the running episodes
+before the next step. Both ways of scoring, and the reference model itself (loaded on
+first use), are ``textenv.reference_scoring``'s: the env asks the one in use.
 
 Episode ends are those of ``TextGenEnv``: done at EOS and at the ``max_new_tokens``
 budget, both terminal (``info["TimeLimit.truncated"]`` is ``False``, so SB3 does not
@@ -34,7 +34,7 @@ finished episode stays frozen (no reward, no more steps, ``ref_logprob`` 0)
 until the next ``reset``.
 
 ``BatchedTokenVecEnv`` is the part that does not depend on the task: the state
-tensors, the reference's slots and its deferral, group mode and the ``VecEnv``
+tensors, which reference scoring is in use, group mode and the ``VecEnv``
 plumbing. The multi-turn batched env (``textenv.multiturn_vector``) is built on it too.
 """
 
@@ -50,8 +50,9 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices,
 
 from textenv.env import TextGenEnv
 from textenv.lm.models import release_cached_frozen_models, vocab_size_of
+from textenv.reference_scoring import AfterRollout, StepwiseReference, teacher_forced_log_probs
 from textenv.rewards import judged_or_none
-from textenv.lm.slot_decoding import SlotDecoder, last_token_index, lm_logits, positions_of
+from textenv.lm.slot_decoding import last_token_index
 from textenv.task import TaskAttributes, TextTask, TokenTask
 
 
@@ -126,13 +127,13 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         self._next_column = torch.full((n_envs,), task.max_prompt_len, dtype=torch.long, device=device)
         self._episode_start_time = np.zeros(n_envs)
         self._rngs = [np.random.default_rng() for _ in range(n_envs)]
-        self._reference = SlotDecoder(task.reference, n_envs, task.width)
+        # Reference scoring (textenv.reference_scoring): per step by default; after the
+        # rollout while an agent defers it (defer_reference_scoring).
+        self._stepwise_reference = StepwiseReference(task.reference_model, n_envs, task.width)
+        self.reference_scoring: StepwiseReference | AfterRollout = self._stepwise_reference
         self.group_size = 1
         self.autoreset = True
         self._frozen = torch.zeros(n_envs, dtype=torch.bool, device=device)
-        self._ref_next_logprobs: torch.Tensor | None = None
-        self._reference_deferred = False  # see defer_reference_scoring
-        self._reference_stale = False  # the reference's slots lag the episodes (after deferral)
         self._actions: torch.Tensor | None = None
         self.env_id: str | None = None  # the registered id, when made by from_env_id
 
@@ -176,7 +177,6 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         self._reset_options()
         self._frozen[:] = False
         self._start_episodes(torch.arange(self.num_envs, device=self.device), grouped=True)
-        self._reference_stale = self._reference_deferred  # per step: every slot was just filled
         return self._observations()
 
     def step_async(self, actions: np.ndarray | torch.Tensor) -> None:
@@ -189,9 +189,12 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         """``True``: steps report no ``ref_logprob`` and the reference does no per-step work
         (score finished sequences with ``reference_log_probs``); ``False``: the per-step
         contract again, the reference's cache refilled before the next step."""
-        if self._reference_deferred and not deferred:
-            self._reference_stale = True
-        self._reference_deferred = deferred
+        if deferred:
+            if self.reference_scoring is self._stepwise_reference:
+                self.reference_scoring = AfterRollout()
+        elif self.reference_scoring is not self._stepwise_reference:
+            self._stepwise_reference.invalidate()  # the episodes moved on without it
+            self.reference_scoring = self._stepwise_reference
 
     @torch.no_grad()
     def reference_log_probs(
@@ -204,30 +207,14 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         rows_per_pass: int = 64,
         tokens_per_head: int = 512,
     ) -> torch.Tensor:
-        """``log pi_ref(actions[i] | state i)`` for many states in teacher-forced passes: state
+        """``log pi_ref(actions[i] | state i)`` for many states in teacher-forced passes
+        (``textenv.reference_scoring.teacher_forced_log_probs``, on this env's device): state
         ``i`` is row ``token_rows[i]`` of ``input_ids`` (the observation layout) up to column
-        ``token_columns[i]``. ``rows_per_pass`` rows go through the body at once and the head
-        runs on ``tokens_per_head`` states at a time, so memory stays bounded."""
-        reference, device = self.task.reference, self.device
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        token_rows, token_columns, actions = token_rows.to(device), token_columns.to(device), actions.to(device)
-        result = torch.empty(len(actions), dtype=torch.float32, device=device)
-        for first in range(0, input_ids.shape[0], rows_per_pass):
-            rows = slice(first, first + rows_per_pass)
-            selected = ((token_rows >= first) & (token_rows < first + rows_per_pass)).nonzero()[:, 0]
-            if len(selected) == 0:
-                continue
-            width = int(token_columns[selected].max()) + 1
-            mask = attention_mask[rows, :width]
-            hidden = reference.base_model(
-                input_ids=input_ids[rows, :width], attention_mask=mask, position_ids=positions_of(mask), use_cache=False
-            ).last_hidden_state
-            states = hidden[token_rows[selected] - first, token_columns[selected]]
-            for start in range(0, len(selected), tokens_per_head):
-                part = slice(start, start + tokens_per_head)
-                log_p = torch.log_softmax(lm_logits(reference, states[part]), dim=-1)
-                result[selected[part]] = log_p.gather(1, actions[selected[part], None])[:, 0]
-        return result
+        ``token_columns[i]``. Works whichever scoring is in use."""
+        device = self.device
+        return teacher_forced_log_probs(self.task.reference, input_ids.to(device), attention_mask.to(device),
+                                        token_rows.to(device), token_columns.to(device), actions.to(device),
+                                        rows_per_pass=rows_per_pass, tokens_per_head=tokens_per_head)
 
     def get_state(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue these episodes exactly: their tokens,
@@ -266,21 +253,35 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         self._seeds = list(state.get("pending_seeds", [None] * self.num_envs))
         self.group_size, self.autoreset = state["group_size"], state["autoreset"]
         self._restore_episode_state(state)
-        self._reference_stale = True  # refilled from the restored tokens before the next per-step step
+        self._stepwise_reference.invalidate()  # refilled from the restored tokens before its next step
 
     def use_reference(self, model: Any) -> None:
-        """Score actions with ``model`` as the frozen reference from the next ``reset`` on.
+        """Score actions with ``model`` as the frozen reference from now on (running
+        episodes' slots are refilled with it before the next step).
 
         For a LoRA policy, whose own body with the adapters off is the reference
-        (``policies.lora.LoraReference``): the env's separately loaded copy is then
-        dropped, so only one copy of the base weights stays in memory."""
+        (``policies.lora.LoraReference``): the env's own reference is never loaded if it was
+        not used yet (it loads on first use: ``textenv.reference_scoring.ReferenceModel``),
+        and dropped if it was, so only one copy of the base weights is in memory. Every env
+        that shares this env's reference (``share_reference``) scores with ``model`` too."""
         if vocab_size_of(model) != self.task.vocab_size:
             raise ValueError(f"The new reference has {vocab_size_of(model)} output rows, the task "
                              f"{self.task.vocab_size}. Fix: use a reference with the task's tokenizer.")
-        self.task.reference = model
-        self._reference = SlotDecoder(model, self.num_envs, self.task.width)
-        self._ref_next_logprobs = None  # the next reset prefills the new reference
-        release_cached_frozen_models()
+        self.task.reference_model.replace(model)
+        release_cached_frozen_models()  # a loaded copy goes once no env holds it
+
+    def share_reference(self, other: "BatchedTokenVecEnv") -> None:
+        """Score with ``other``'s reference model, the very object, from now on: one copy of
+        the weights for both envs, loaded by whichever uses it first, and a reference that
+        ``other`` is given later (``use_reference``: a LoRA policy's body) is this env's too.
+        For an evaluation env beside the training env (``agents.training_run``)."""
+        mine, theirs = self.task, other.task
+        if theirs.vocab_size != mine.vocab_size or theirs.device != mine.device:
+            raise ValueError(f"{other.env_id or type(other).__name__}'s reference ({theirs.vocab_size} tokens, on "
+                             f"{theirs.device}) cannot score this env's actions ({mine.vocab_size}, on "
+                             f"{mine.device}). Fix: share between envs of one model and device.")
+        mine.reference_model = theirs.reference_model
+        self._stepwise_reference.reference = theirs.reference_model
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         value = getattr(self, attr_name) if hasattr(self, attr_name) else getattr(self.task, attr_name)
@@ -327,28 +328,24 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
             self._input_ids[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = torch.tensor(prompt)
             self._attention_mask[env, task.max_prompt_len - len(prompt) : task.max_prompt_len] = 1
         self._episode_start_time[envs.tolist()] = time.time()
-        if self._reference_deferred:
-            self._reference_stale = True  # these slots were not filled
-            return
-        self._prefill_reference(envs, task.max_prompt_len)
+        columns = slice(0, task.max_prompt_len)
+        self.reference_scoring.start(envs, self._input_ids[:, columns], self._attention_mask[:, columns])
 
     def _take_actions(self) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
         """Check the actions given to ``step_async`` and write those of the live (not frozen)
         episodes into their next column. Returns the actions, which episodes are live, and
         the step's infos, holding each action's ``ref_logprob`` unless scoring is deferred."""
         task, actions = self.task, self._actions
-        if self._reference_stale and not self._reference_deferred:
-            self._refill_reference()
-        if actions is None or (self._ref_next_logprobs is None and not self._reference_deferred):
+        if actions is None:
             raise RuntimeError("call reset() before step()")
         if bool(((actions < 0) | (actions >= task.vocab_size)).any()):
             raise ValueError(f"actions must be token ids in [0, {task.vocab_size})")
         live = ~self._frozen
         rows = torch.arange(self.num_envs, device=self.device)
-        if self._reference_deferred:
+        ref_logprob = self.reference_scoring.step_log_probs(actions, live, self._input_ids, self._attention_mask)
+        if ref_logprob is None:  # scored after the rollout
             infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         else:
-            ref_logprob = torch.where(live, self._ref_next_logprobs[rows, actions], 0.0)
             infos = [{"ref_logprob": value} for value in ref_logprob.tolist()]
         columns = self._next_column.clamp(max=task.width - 1)
         self._input_ids[rows[live], columns[live]] = actions[live]
@@ -364,34 +361,14 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         self._attention_mask[env, start : start + len(tokens)] = 1
         self._next_column[env] = start + len(tokens)
 
-    def _refill_reference(self) -> None:
-        """Prefill every row's reference slot from its current observation (after deferral)."""
-        width = int(last_token_index(self._attention_mask).max()) + 1
-        self._prefill_reference(torch.arange(self.num_envs, device=self.device), width)
-        self._reference_stale = False
-
-    def _prefill_reference(self, rows: torch.Tensor, width: int) -> None:
-        """Fill ``rows``' reference slots from their columns ``[0, width)`` and keep the
-        reference's next-token log-probs of each."""
-        hidden = self._reference.prefill(rows, self._input_ids[rows, :width], self._attention_mask[rows, :width])
-        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
-        if self._ref_next_logprobs is None:
-            self._ref_next_logprobs = torch.empty((self.num_envs, logprobs.shape[-1]), device=self.device)
-        self._ref_next_logprobs[rows] = logprobs
-
     def _advance_reference(
         self, actions: torch.Tensor, idle: torch.Tensor, extend_from: torch.Tensor | None = None
     ) -> None:
-        """One cached step of the reference for every row (``SlotDecoder.step``): running rows
-        decode their action; rows with ``extend_from >= 0`` also read the tokens inserted after
-        it (a multi-turn env's reply), from the action's column on; ``idle`` rows (finished or
-        frozen) keep their log-probs. Nothing to do while scoring is deferred."""
-        if bool(idle.all()) or self._reference_deferred:
-            return
-        hidden = self._reference.step(actions, self._input_ids, self._attention_mask, extend_from=extend_from,
-                                      skip=idle)
-        logprobs = torch.log_softmax(lm_logits(self.task.reference, hidden), dim=-1)
-        self._ref_next_logprobs = torch.where(idle[:, None], self._ref_next_logprobs, logprobs)
+        """The reference's step after the actions were written (``StepwiseReference.advance``;
+        nothing while it scores after the rollout): running rows decode their action; rows
+        with ``extend_from >= 0`` also read the tokens inserted after it (a multi-turn env's
+        reply); ``idle`` rows (finished or frozen) keep their log-probs."""
+        self.reference_scoring.advance(actions, self._input_ids, self._attention_mask, idle, extend_from)
 
     def _observations(self) -> dict[str, np.ndarray]:
         # Copies: SB3 stores observations; they must not alias the working tensors.

@@ -160,10 +160,10 @@ def tensor_inventory(agent, env, saved: dict[int, int] | None = None) -> dict[st
     decoder = getattr(agent, "_decoder", None)
     if decoder is not None:
         claim("policy KV cache", _cache_tensors(decoder))
-    env_reference = getattr(env, "_reference", None)
-    if env_reference is not None:
-        claim("reference KV cache", _cache_tensors(env_reference))
-        claim("reference KV cache", [getattr(env, "_ref_next_logprobs", None)])
+    stepwise = getattr(env, "_stepwise_reference", None)  # textenv.reference_scoring.StepwiseReference
+    if stepwise is not None and stepwise._decoder is not None:
+        claim("reference KV cache", _cache_tensors(stepwise._decoder))
+        claim("reference KV cache", [stepwise.next_log_probs])
     buffer = getattr(agent, "rollout_buffer", None)
     if buffer is not None:
         claim("rollout buffer", [v for v in vars(buffer).values() if torch.is_tensor(v)])

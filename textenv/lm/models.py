@@ -230,23 +230,49 @@ def load_model_body(spec: ModelSpec, device: str | torch.device = "cpu", dtype: 
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_frozen_lm(name: str, device: str) -> PreTrainedModel:
-    model = load_causal_lm(name, device)
+def _cached_frozen_lm(name: str, device: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    model = load_causal_lm(name, device, dtype=dtype)
     model.requires_grad_(False)
     return model
 
 
-def load_frozen_lm(spec: ModelSpec, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """A frozen reference model: no gradients, eval mode.
+def load_frozen_lm(spec: ModelSpec, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A frozen reference model: no gradients, eval mode, ``dtype`` weights (float32 unless
+    asked otherwise; a model instance keeps its own).
 
-    Loaded once per (name, device) and shared by every environment in the process,
+    Loaded once per (name, device, dtype) and shared by every environment in the process,
     so ``n_envs`` parallel environments do not hold ``n_envs`` copies of the weights.
     A model instance is used as given (frozen in place).
     """
     if isinstance(spec, PreTrainedModel):
         disable_dropout(spec)
         return spec.requires_grad_(False).to(device).eval()
-    return _cached_frozen_lm(resolve_model_path(spec), str(torch.device(device)))
+    return _cached_frozen_lm(resolve_model_path(spec), str(torch.device(device)), dtype)
+
+
+def causal_lm_skeleton(spec: str | os.PathLike) -> PreTrainedModel:
+    """The causal LM ``spec`` names, built on the meta device: its config, its generation
+    config (as ``from_pretrained`` sets it) and the shapes of its weights, without reading a
+    weight. What a task checks a reference against (vocabulary, context, stop tokens) before
+    the reference itself loads (``textenv.reference_scoring.ReferenceModel``)."""
+    from transformers import GenerationConfig
+
+    name = resolve_model_path(spec)
+    try:
+        with quiet_loading():
+            config = AutoConfig.from_pretrained(name)
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError) as error:
+        raise _load_error("causal language model", name, error) from error
+    if skeleton.can_generate():
+        try:  # as from_pretrained does: the saved generation config, else the one made from config
+            with quiet_loading():
+                skeleton.generation_config = GenerationConfig.from_pretrained(name)
+        except OSError:
+            pass
+    return skeleton.eval()
 
 
 def zero_dropout_config(config) -> None:
