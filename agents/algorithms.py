@@ -1,33 +1,20 @@
-"""SB3 algorithms set up for language models.
+"""SB3 algorithms set up for language models: ``LMPPO``, ``LMA2C``, ``LMTRPO``, ``LMNLPO``.
 
-The class is the whole API: ``LMPPO(env=...)`` (or any agent class here) accepts what
-SB3 accepts as ``env`` (a ``VecEnv``, a Gymnasium env, an env id; see
-``agents.envs.resolve_env``) and starts its policy from the environment's reference
-model unless ``policy_kwargs["model_name_or_path"]`` says otherwise.
-``agents.make_agent("ppo", env, ...)`` is the same call by name. Whatever the user
-passes wins over the class's defaults (``defaults``, ``policy_defaults``).
+The class is the whole API: ``LMPPO(env=...)`` accepts what SB3 accepts as ``env`` (or an
+env id: ``agents.envs.resolve_env``) and starts its policy from the environment's
+reference model unless ``policy_kwargs["model_name_or_path"]`` says otherwise; the user's
+arguments win over the class's ``defaults`` and ``policy_defaults``.
 
-``LMPPO``, ``LMA2C`` and ``LMTRPO`` are stock SB3 ``PPO``/``A2C`` and sb3-contrib's
-``TRPO`` with these additions (all in ``LMAgentMixin``):
-- the fast path (``fast=True``, the default): KV-cached rollouts
-  (``agents.rollout``) and an update that evaluates whole sequences
-  (``agents.sequence_buffer``); ``fast=False`` is SB3's own per-transition path;
-- ``kl_controller``: the KL coefficient, adapted toward ``kl_target`` (default
-  ``KL_DEFAULTS``: adaptive toward 4 nats per episode; ``kl_target=None`` keeps it
-  fixed), an attribute of the agent so that ``model.save`` stores its state and
-  ``load`` restores it;
-- the per-token KL penalty in every stored reward (``agents.rollout.finish_rollout``;
-  on SB3's stock path a callback that ``learn`` adds); ``kl_estimator`` ("k1", "k2", "k3":
-  ``agents.kl_penalty.kl_estimate``) and ``kl_placement`` ("reward", or "loss" where the
-  update has a place for it: PPO and the group methods) choose its form and place;
-- ``advantage_normalization``: advantages are standardised once over the whole
-  rollout (``"rollout"``, as TRL and OpenRLHF do), not per minibatch as SB3 does
-  (``"minibatch"``): a minibatch of whole sequences holds only a few episodes, and
-  with a score at the last token the best of any three episodes always looks good;
-- defaults suited to token-level RL (``gamma=1``: the score arrives at the last
-  token and must reach the first undiscounted; small learning rate for a
-  pretrained body);
-- every ``learn`` writes the resolved configuration (``agents.config``) to TensorBoard.
+``LMAgentMixin`` owns what every textenv agent adds to its SB3 algorithm: its options
+parsed into ``agents.settings`` (the KL penalty, the rollout), the KL coefficient's
+controller (an attribute, so that ``save`` stores its state), the fast path's rollout
+and post-rollout steps (``agents.rollout``), one ``train`` guard around the algorithm's
+update, defaults suited to token-level RL (``gamma=1``: the score arrives at the last
+token and must reach the first undiscounted; a small learning rate for a pretrained
+body), atomic saves, and the resolved configuration written to TensorBoard at every
+``learn`` (``agents.config``). Advantages are standardised over the whole rollout by
+default, not per minibatch as SB3 does: a minibatch of whole sequences holds only a few
+episodes, and with a score at the last token the best of any three always looks good.
 """
 
 from __future__ import annotations

@@ -1,58 +1,21 @@
 """Critic-free methods that compare k completions of the same prompt: RLOO and GRPO.
 
-Both draw ``group_size`` completions of each prompt per rollout (the batched
-environment's group mode: one prompt per block of k episodes, finished episodes
-frozen until the next rollout), so a rollout is exactly one complete episode per
-parallel slot and needs no critic to bootstrap. From each episode's return they
-form one advantage, given to every token of the episode:
+Owns what makes them group methods: the env in group mode (one prompt per block of
+``group_size`` episodes, finished episodes frozen until the next rollout, so a rollout is
+exactly one complete episode per slot and needs no critic to bootstrap: ``agents.rollout``
+with ``rollout_in_groups``), the group-relative advantage given to every token of an
+episode, and the critic-free clipped update (``agents.clipped_update``).
 
-- RLOO (Ahmadian et al., 2024): the return includes the per-token KL penalty
-  (``score - beta * sum_t KL_t``, as for PPO), and the baseline is the mean
-  return of the *other* k-1 completions: ``A_i = R_i - mean_{j != i} R_j``.
-  The update is SB3's ``PPO.train`` without the value term (no critic).
-- GRPO (Shao et al., 2024): the return is the task score alone, normalised within
-  the group, ``A_i = (R_i - mean(R)) / (std(R) + eps)``; the KL to the reference
-  enters the *loss*, per token, with the "k3" estimator
-  ``exp(ref - logp) - (ref - logp) - 1``, weighted by ``beta``. The update is
-  SB3's ``PPO.train`` without the value term, plus that KL term.
+- RLOO (Ahmadian et al., 2024): the return includes the per-token KL penalty, and the
+  baseline is the mean return of the *other* k-1 completions (``leave_one_out_advantages``).
+- GRPO (Shao et al., 2024): the return is the task score alone, normalised within the
+  group (``normalized_group_advantages``); the KL enters the *loss*, per token (k3).
 
-Either may take the KL the other way (``kl_placement``, ``kl_estimator``:
-``agents.kl_penalty.kl_estimate``). The variants of the GRPO-family loss that
-later papers proposed are options of both:
-
-- ``loss_aggregation`` (``aggregate_token_losses``): ``"token_mean"``, the mean over
-  every token of the minibatch (DAPO, Yu et al., 2025; the default, and SB3's);
-  ``"sequence_mean"``, the mean over each sequence's tokens, then over sequences
-  (the original GRPO, Shao et al., 2024); ``"sequence_sum_normalized"``, the sum over
-  tokens divided by a constant, ``max_new_tokens * n_sequences`` (Dr. GRPO, Liu et
-  al., 2025, "Understanding R1-Zero-Like Training"), free of the length bias of the
-  per-sequence mean.
-- ``clip_range_high``: DAPO's clip-higher, the ratio clipped to
-  ``[1 - clip_range, 1 + clip_range_high]`` (default ``None``: symmetric, as PPO).
-- ``kl_coef=0``: no KL term (TRL's default, DAPO, Dr. GRPO).
-- GRPO's ``scale_rewards=False``: advantages ``R_i - mean(R)``, without dividing by
-  the group's std (Dr. GRPO: the std weights easy and hard prompts unequally).
-- ``importance_level="sequence"``: GSPO (Zheng et al., 2025, "Group Sequence Policy
-  Optimization"; TRL's ``importance_sampling_level="sequence"``), the ratio of the whole
-  sequence, the geometric mean of its tokens' ratios, clipped per sequence (the paper
-  clips to ``[1 - 3e-4, 1 + 4e-4]``: ``clip_range=3e-4, clip_range_high=4e-4``; its
-  objective is a mean over sequences, ``loss_aggregation="sequence_mean"``).
-- ``policy_loss="cispo"``: CISPO (MiniMax-M1, 2025), the importance weight clipped and
-  held constant rather than the update clipped, so every token keeps a gradient
-  (MiniMax-M1 bounds it above only: ``clip_range=1``, ``clip_range_high`` as tuned).
-- ``ent_coef``: SB3's entropy bonus, ``ent_coef * -entropy`` in the loss (logged as
-  ``train/entropy_loss``), as PPO's.
-- ``filter_groups=True``: DAPO's dynamic sampling (Yu et al., 2025), without the
-  resampling: a group whose judged task scores are all equal carries no signal and is
-  left out of the loss (counted in ``rollout/filtered_groups``).
-
-A reward's ``None`` (``textenv.rewards``: it could not judge a completion) leaves that
-episode out of the loss and out of its group's baseline: the advantages are those of
-the group's judged members (``group_advantages`` takes NaN for the others). A group
-with a single judged member has no baseline: its advantage is 0.
-
-``agents.clipped_update.clipped_update`` is the update of both, and of PPO with
-``kl_placement="loss"`` or ``policy_loss="cispo"``.
+Their options (``agents.settings.GroupSettings``: DAPO's token mean, clip-higher and
+dynamic sampling, Dr. GRPO, GSPO, CISPO) are described with their papers in
+docs/design.md, "The options in full". A reward's ``None`` leaves that episode out of the
+loss and out of its group's baseline (NaN in the returns); a group with a single judged
+member has no baseline: its advantage is 0.
 """
 
 from __future__ import annotations
