@@ -338,6 +338,8 @@ class LMAgentMixin(RolloutMixin):
         loss); then how many of its steps were skipped for NaN/inf gradients so far
         (``policies.guarded_optimizer``)."""
         if self._has_samples_to_train():
+            if isinstance(self.policy, LMPolicyMixin):  # no entropy term in the loss: no graph for it
+                self.policy.entropy_gradient = float(getattr(self, "ent_coef", 0.0)) != 0.0
             self._update()
         self.logger.record("train/skipped_updates", getattr(self.policy.optimizer, "skipped_steps", 0))
 

@@ -123,6 +123,9 @@ class LMPolicyMixin:
         if logits_chunk_size is not None and logits_chunk_size < 1:
             raise ValueError(f"logits_chunk_size must be a positive number of tokens or None, got {logits_chunk_size}")
         self.logits_chunk_size = logits_chunk_size
+        # Whether the update's loss has an entropy term (the agent sets it: a non-zero ent_coef);
+        # without one the entropy is computed for the logs only, with no graph to back-propagate.
+        self.entropy_gradient = True
         self.lora = None if lora is None else dict(lora)
         self.critic = critic
         self.critic_model_name_or_path = None if critic_model_name_or_path is None else str(critic_model_name_or_path)
@@ -356,10 +359,11 @@ class LMPolicyMixin:
         if masks is not None:
             logits = logits.masked_fill(~masks, float("-inf"))
         log_p = torch.log_softmax(logits, dim=-1)  # as log_prob_of: the rollout's and the update's agree bit for bit
-        # 0 * log 0 = 0 for masked-out actions, in the forward and the backward pass (a
-        # torch.where over p * log p would pass NaN gradients from the -inf entries).
-        finite_log_p = log_p.masked_fill(~log_p.isfinite(), 0.0)
-        entropy = -(log_p.exp() * finite_log_p).sum(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.entropy_gradient):
+            # 0 * log 0 = 0 for masked-out actions, in the forward and the backward pass (a
+            # torch.where over p * log p would pass NaN gradients from the -inf entries).
+            finite_log_p = log_p.masked_fill(~log_p.isfinite(), 0.0)
+            entropy = -(log_p.exp() * finite_log_p).sum(-1)
         return log_p.gather(1, actions[:, None])[:, 0], entropy
 
     def get_distribution(self, obs: dict[str, torch.Tensor]) -> CategoricalDistribution:

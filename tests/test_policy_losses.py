@@ -222,3 +222,36 @@ def test_a_loaded_group_agent_keeps_its_loss_options(default_model_path, tmp_pat
     agent.save(tmp_path / "grpo.zip")
     loaded = load_agent(str(tmp_path / "grpo.zip"), env=small_env())
     assert (loaded.policy_loss, loaded.importance_level, loaded.ent_coef) == ("cispo", "sequence", 0.02)
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-pass", "checkpointed-chunks"])
+def test_without_an_entropy_term_the_update_builds_no_entropy_graph_and_takes_the_same_step(default_model_path,
+                                                                                            chunk):
+    """``ent_coef=0``: the entropy is computed for the logs only (no graph, nothing to
+    back-propagate), and the gradients are those of the loss with its zero-weighted term."""
+    from conftest import collect_one_rollout
+
+    agent = make_agent("ppo", small_env(), seed=0, n_steps=6, batch_size=24, n_epochs=1)
+    agent.policy.logits_chunk_size = chunk
+    batch = next(collect_one_rollout(agent).get(None))
+    agent.policy.set_training_mode(True)
+    gradients = {}
+    for entropy_gradient in (True, False):
+        agent.policy.entropy_gradient = entropy_gradient
+        agent.policy.zero_grad(set_to_none=True)
+        values, log_prob, entropy = agent.policy.evaluate_actions(batch.observations, batch.actions.long().flatten())
+        assert entropy.requires_grad is entropy_gradient and log_prob.requires_grad
+        loss = -(log_prob * batch.advantages).mean() + 0.0 * -entropy.mean() + ((values.flatten() - batch.returns) ** 2).mean()
+        loss.backward()
+        gradients[entropy_gradient] = [p.grad.clone() for p in agent.policy.parameters() if p.grad is not None]
+    assert len(gradients[True]) == len(gradients[False]) > 0
+    for with_entropy, without in zip(gradients[True], gradients[False]):
+        torch.testing.assert_close(without, with_entropy, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.01])
+def test_the_agent_asks_for_the_entropy_gradient_only_with_an_entropy_term(default_model_path, ent_coef):
+    agent = make_agent("grpo", small_env(), group_size=2, seed=0, ent_coef=ent_coef)
+    agent.learn(4 * 6)  # one rollout, one update
+    assert agent.policy.entropy_gradient is (ent_coef != 0)
+    assert np.isfinite(agent.logger.name_to_value["train/entropy_loss"])  # logged either way
