@@ -27,6 +27,14 @@ loop doing the work of one PPO iteration and nothing more; see
    memory of the fast path and the floor, full fine-tune and LoRA r=8, and the fast path
    with ``trim_memory=False`` (glibc's heap left alone) beside each; skipped, with the
    install line, where the checkpoint is not installed. About 10-20 min on a 2-core CPU.
+6. GRPO and RLOO (``--group``; in a full run by default): end-to-end tokens/s of the fast
+   path's GRPO and RLOO (group 4, the k3 KL in the loss at a fixed beta 0.04, the
+   workload's epochs and minibatches) against their floor (``scripts/grpo_reference.py``),
+   and, where ``trl`` is installed (``pip install -e ".[bench]"``), TRL's ``GRPOTrainer`` on
+   the same workload (``bench.trl_grpo``; what it does differently is printed under the
+   table). ``--skip-ppo`` leaves out the PPO variants and their table, ``--skip-trl`` TRL:
+
+       python scripts/benchmark.py --workloads S M --group --skip-ppo --repeats 3
 
 Timing: by default every variant times 32 iterations on S (16,384 generated
 tokens), 4 on M (8,192) and 1 on L (2,048), after one untimed warm-up iteration;
@@ -44,6 +52,7 @@ figures mean nothing; ``--threads 1`` suffers less.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -58,6 +67,10 @@ REAL_VARIANTS = ("fast", "fast_untrimmed", "bare_ppo", "fast_lora", "fast_lora_u
 DEFAULT_WORKLOADS = ("S", "M", "L")
 DEFAULT_LENGTHS = (32, 128, 512)
 DEFAULT_PROCESSES = (1, 2)
+# GRPO and RLOO (--group): the fast path and the one-page floor of each, and TRL's GRPOTrainer.
+GROUP_VARIANTS = ("grpo_fast", "bare_grpo", "rloo_fast", "bare_rloo")
+TRL_VARIANT = "trl_grpo"
+TRL_NAME = "TRL GRPOTrainer"
 
 ROLLOUT_FLOOR = "tight bare rollout (KV-cached policy decode with log-probs+values, one teacher-forced reference pass)"
 UPDATE_FLOOR = "bare update (same epochs x minibatches of forward + backward + clip_grad_norm + Adam)"
@@ -93,6 +106,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="measure every variant this many times (each in its own process); report medians "
                              "and the min-max of each ratio")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per child process (default: torch's)")
+    parser.add_argument("--group", action="store_true",
+                        help="the GRPO/RLOO table: fast path, floor and TRL's GRPOTrainer (default: in a full run)")
+    parser.add_argument("--skip-ppo", action="store_true",
+                        help="leave out the PPO variants and their table (with --group: the group table alone)")
+    parser.add_argument("--skip-trl", action="store_true", help="leave TRL's GRPOTrainer out of the group table")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -110,6 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.data_parallel = list(DEFAULT_PROCESSES)
     if args.skip_stock:
         args.stock_workloads = []
+    args.group = args.group or full_run
+    args.trl = args.group and not args.skip_trl and importlib.util.find_spec("trl") is not None
     return args
 
 
@@ -130,8 +150,13 @@ def length_workloads(args: argparse.Namespace) -> list[str]:
 
 def measurement_plan(args: argparse.Namespace) -> dict[str, list[str]]:
     """``plan[workload]``: the variants measured on it, in order."""
-    plan = {w: list(REAL_VARIANTS) if w in REAL_WORKLOADS else
-            [v for v in VARIANTS if v != "stock" or w in args.stock_workloads] for w in args.workloads}
+    group = [*GROUP_VARIANTS, *([TRL_VARIANT] if args.trl else [])] if args.group else []
+
+    def built(w: str) -> list[str]:
+        ppo = [] if args.skip_ppo else [v for v in VARIANTS if v != "stock" or w in args.stock_workloads]
+        return ppo + group
+
+    plan = {w: list(REAL_VARIANTS) if w in REAL_WORKLOADS else built(w) for w in args.workloads}
     plan.update({w: list(LENGTH_VARIANTS) for w in length_workloads(args)})
     return plan
 
@@ -320,6 +345,44 @@ def format_real_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+GROUP_FLOOR = ("scripts/grpo_reference.py: KV-cached decode of 4 completions per prompt with log-probs, one "
+               "teacher-forced reference pass, group advantages, epochs x minibatches of the clipped surrogate "
+               "+ beta x k3, Adam; no value head, no entropy")
+
+
+def format_group_table(results: dict[str, dict[str, list[dict]]]) -> str:
+    """GRPO and RLOO, a column per workload: end-to-end tok/s of the fast path and its floor,
+    their ratio, TRL's GRPOTrainer and the fast path's GRPO over it ("n/a" where not measured)."""
+    workloads = list(results)
+    rows: list[tuple[str, list[str]]] = []
+
+    def add(label: str, fn) -> None:
+        values = []
+        for w in workloads:
+            try:
+                values.append(fn(results[w]))
+            except KeyError:
+                values.append("n/a")
+        rows.append((label, values))
+
+    for method in ("grpo", "rloo"):
+        name = method.upper()
+        fast, floor = f"{method}_fast", f"bare_{method}"
+        add(f"{name} fast", lambda r, v=fast: f"{median_tps(r[v]):,.0f}")
+        add(f"{name} floor", lambda r, v=floor: f"{median_tps(r[v]):,.0f}")
+        add(f"**{name} fast / floor**", lambda r, a=fast, b=floor: format_ratio(ratios(r[a], r[b])))
+    add(TRL_NAME, lambda r: f"{median_tps(r[TRL_VARIANT]):,.0f}")
+    add("**GRPO fast / TRL**", lambda r: format_ratio(ratios(r["grpo_fast"], r[TRL_VARIANT])))
+    add("GRPO fast: rollout / scoring / update share", lambda r: " / ".join(
+        f"{statistics.median(100 * x['parts'][part] / x['seconds'] for x in r['grpo_fast']):.0f}%"
+        for part in ("rollout", "scoring", "update")))
+    add("peak memory MB: GRPO fast / floor / TRL", lambda r: " / ".join(
+        f"{peak_mb(r[v]):,.0f}" if v in r else "n/a" for v in ("grpo_fast", "bare_grpo", TRL_VARIANT)))
+    lines = ["| generated tok/s, end to end | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]
+    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+    return "\n".join(lines)
+
+
 def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     """One Markdown table, a column per workload; "n/a" where a variant was not measured."""
     workloads = list(results)
@@ -358,6 +421,28 @@ def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def print_group_table(table: str, args: argparse.Namespace) -> None:
+    """The group table with what each row runs, and what TRL does differently."""
+    from bench.measure import GROUP_KL_COEF, GROUP_SIZE
+    from bench.trl_grpo import DIFFERENCES
+
+    print(f"\nGRPO and RLOO (group {GROUP_SIZE}, k3 KL in the loss, beta {GROUP_KL_COEF} fixed, token mean, "
+          "the workload's epochs and minibatches, every completion of the full length):\n")
+    print(table)
+    print(f"\nFloor: {GROUP_FLOOR}. Fast path: make_agent('grpo'/'rloo', group_size={GROUP_SIZE}, "
+          f"kl_coef={GROUP_KL_COEF}, kl_target=None, kl_placement='loss', kl_estimator='k3').")
+    if args.trl:
+        import trl
+
+        print(f"{TRL_NAME}: trl {trl.__version__}, same model folder, prompts, VADER reward, group size, "
+              "full-length completions, epochs, minibatches and beta, use_vllm=False, fp32 (bf16 with --autocast), "
+              f"no gradient checkpointing. What it does differently: {DIFFERENCES}.")
+    elif args.skip_trl:
+        print(f"{TRL_NAME}: left out (--skip-trl).")
+    else:
+        print(f'{TRL_NAME}: not measured, trl is not installed (pip install -e ".[bench]").')
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     import torch
@@ -391,10 +476,13 @@ def main(argv=None) -> str:
               f"{spec.minibatches} minibatches; timed iterations: {iterations_for(args, w, 'fast')} per variant, {stock}")
     tables = []
     built = [w for w in args.workloads if w not in REAL_WORKLOADS]
-    if built:
+    if built and not args.skip_ppo:
         tables.append(format_table({w: results[w] for w in built}))
         print()
         print(tables[-1])
+    if built and args.group:
+        tables.append(format_group_table({w: results[w] for w in built}))
+        print_group_table(tables[-1], args)
     for w in args.workloads:
         if w in REAL_WORKLOADS:
             tables.append(format_real_table(results[w]))

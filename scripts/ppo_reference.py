@@ -163,11 +163,12 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decode(
-    policy: Any, value_head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    policy: Any, value_head: torch.nn.Linear | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     new_tokens: int, eos_token_id: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """KV-cached sampling of ``new_tokens`` tokens per row. Returns the tokens and, for each,
-    the policy's log-prob of it, the value of the state it was sampled in, and whether it
+    the policy's log-prob of it, the value of the state it was sampled in (``None`` without a
+    ``value_head``: the critic-free methods of ``scripts/grpo_reference.py``), and whether it
     belongs to the episode (``(n, new_tokens)`` each).
 
     One body pass over the prompts, then one per sampled token; both heads read only the
@@ -187,7 +188,8 @@ def decode(
         action = sample_tokens(logits)
         tokens.append(action)
         logps.append(token_logprobs(logits, action))
-        values.append(value_head(hidden.float())[:, 0])
+        if value_head is not None:
+            values.append(value_head(hidden.float())[:, 0])
         in_episode.append(running)
         if eos_token_id is not None:
             running = running & (action != eos_token_id)
@@ -197,7 +199,8 @@ def decode(
         positions = positions[:, -1:] + 1
         hidden = body(input_ids=action[:, None], attention_mask=mask, position_ids=positions, cache=cache,
                       use_cache=True).last_hidden_state[:, -1]
-    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(values, 1), torch.stack(in_episode, 1)
+    values_or_none = torch.stack(values, 1) if value_head is not None else None
+    return torch.stack(tokens, 1), torch.stack(logps, 1), values_or_none, torch.stack(in_episode, 1)
 
 
 def teacher_forced_hidden(model: Any, sequences: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
@@ -375,16 +378,17 @@ def ppo_iteration(
 # -- main: the sentiment task (textenv/PositiveSentiment-v0's prompts and VADER score) ---------------
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Args:
-    """``--learning-rate 1e-4`` and so on, one option per field of ``Args``, its text the help."""
-    body = ast.parse(inspect.getsource(Args)).body[0].body
+def parse_args(argv: Sequence[str] | None = None, args_class: type = Args, description: str | None = None) -> Any:
+    """``--learning-rate 1e-4`` and so on, one option per field of ``args_class`` (``Args``),
+    its text the help."""
+    body = ast.parse(inspect.getsource(args_class)).body[0].body
     docs = {node.target.id: " ".join(text.value.value.split()) for node, text in zip(body, body[1:])
             if isinstance(node, ast.AnnAssign) and isinstance(text, ast.Expr)}
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for field in dataclasses.fields(Args):
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    for field in dataclasses.fields(args_class):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
                             help=docs[field.name] + " (default: %(default)s)")
-    return Args(**vars(parser.parse_args(argv)))
+    return args_class(**vars(parser.parse_args(argv)))
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:

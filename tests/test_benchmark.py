@@ -211,3 +211,113 @@ def test_workload_r_trains_the_real_checkpoint_on_chats_as_the_floor_does(tmp_pa
     trained = {name for name, p in policy.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in name for name in trained)
     assert {id(p) for p in reference.parameters()} <= {id(p) for p in policy.parameters()}  # no second copy
+
+
+# -- GRPO and RLOO (--group): fast path, floor, TRL's GRPOTrainer -------------------------------
+
+
+def test_group_flag_plans_the_group_variants_and_trl_where_installed():
+    import importlib.util
+
+    has_trl = importlib.util.find_spec("trl") is not None
+    group = list(benchmark.GROUP_VARIANTS) + (["trl_grpo"] if has_trl else [])
+    args = benchmark.parse_args(["--workloads", "S", "--group", "--skip-ppo"])
+    assert args.trl == has_trl and benchmark.measurement_plan(args) == {"S": group}
+    args = benchmark.parse_args(["--workloads", "S", "--group", "--skip-ppo", "--skip-trl"])
+    assert benchmark.measurement_plan(args) == {"S": list(benchmark.GROUP_VARIANTS)}
+    assert benchmark.parse_args([]).group  # a full run has the group table
+    plan = benchmark.measurement_plan(benchmark.parse_args(["--workloads", "S", "--skip-stock"]))
+    assert plan == {"S": ["bare_rollout", "bare_update", "bare_ppo", "fast"]}  # not asked: no group variants
+
+
+def test_group_variants_are_the_framework_group_agents_floors_and_trl():
+    from bench.measure import FRAMEWORK_VARIANTS, MEASUREMENTS, variant_settings
+
+    assert FRAMEWORK_VARIANTS["grpo_fast"] == ("grpo", True) and FRAMEWORK_VARIANTS["rloo_fast"] == ("rloo", True)
+    assert {"bare_grpo", "bare_rloo"} <= set(MEASUREMENTS)
+    assert variant_settings("trl_grpo") == ("trl_grpo", None, True)
+    assert variant_settings("grpo_fast_untrimmed") == ("grpo_fast", None, False)
+    for bad in ("trl_grpo_untrimmed", "bare_grpo_untrimmed", "trl_grpo_lora"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            variant_settings(bad)
+
+
+def test_group_table_gives_each_method_against_its_floor_and_grpo_against_trl():
+    runs = {"grpo_fast": [_fake_run(v) for v in (100, 120)], "bare_grpo": [_fake_run(200)] * 2,
+            "rloo_fast": [_fake_run(90)] * 2, "bare_rloo": [_fake_run(100)] * 2,
+            "trl_grpo": [_fake_run(v) for v in (50, 80)]}
+    table = benchmark.format_group_table({"X": runs, "Y": {k: v for k, v in runs.items() if k != "trl_grpo"}})
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
+    assert list(rows) == ["GRPO fast", "GRPO floor", "**GRPO fast / floor**", "RLOO fast", "RLOO floor",
+                          "**RLOO fast / floor**", "TRL GRPOTrainer", "**GRPO fast / TRL**",
+                          "GRPO fast: rollout / scoring / update share", "peak memory MB: GRPO fast / floor / TRL"]
+    assert rows["GRPO fast"] == ["110", "110 |"]
+    assert rows["**GRPO fast / floor**"] == ["**0.55** (0.50-0.60)", "**0.55** (0.50-0.60) |"]
+    assert rows["**RLOO fast / floor**"][0] == "**0.90** (0.90-0.90)"
+    assert rows["**GRPO fast / TRL**"] == ["**1.75** (1.50-2.00)", "n/a |"]  # ratios per repeat: 2.0, 1.5
+    assert rows["peak memory MB: GRPO fast / floor / TRL"] == ["100 / 100 / 100", "100 / 100 / n/a |"]
+
+
+class _InProcessPool:
+    """``multiprocessing``'s ``Pool(1)`` run in this process: the benchmark's variants, without
+    spawning a child (and importing torch) for each."""
+
+    def __init__(self, processes: int):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def apply(self, fn, args):
+        return fn(*args)
+
+
+def test_the_group_benchmark_prints_its_rows_for_a_tiny_workload(capsys, monkeypatch):
+    """One iteration of each group variant on "tiny" (in this process: the children are
+    spawned in the slow test of the whole benchmark; TRL left out here, its own test runs it)."""
+    import types
+
+    monkeypatch.setattr(benchmark.multiprocessing, "get_context",
+                        lambda method: types.SimpleNamespace(Pool=_InProcessPool))
+    table = benchmark.main(["--workloads", "tiny", "--group", "--skip-ppo", "--skip-trl", "--iterations", "1"])
+    printed = capsys.readouterr().out
+    assert table in printed and "GRPO and RLOO (group 4, k3 KL in the loss, beta 0.04 fixed" in printed
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].strip(" |*") for line in table.splitlines()[2:]}
+    for label in ("GRPO fast", "GRPO floor", "**GRPO fast / floor**", "RLOO fast", "RLOO floor",
+                  "**RLOO fast / floor**"):
+        assert float(rows[label].split()[0].strip("*").replace(",", "")) > 0
+    assert rows["TRL GRPOTrainer"] == "n/a" and "TRL GRPOTrainer: left out (--skip-trl)" in printed
+    assert "rollout: fast / tight floor" not in printed  # --skip-ppo: no PPO table
+
+
+def test_trl_grpo_trainer_runs_the_tiny_workload_in_its_own_process():
+    """TRL's GRPOTrainer, configured as the workload (bench.trl_grpo), one timed iteration
+    on "tiny" in a child process, every completion of the full length."""
+    pytest.importorskip("trl")
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from bench.trl_grpo import grpo_config
+
+    tiny = WORKLOADS["tiny"]
+    with tempfile.TemporaryDirectory() as folder:
+        config = grpo_config(tiny, folder, iterations=1)
+    assert (config.num_generations, config.num_iterations, config.beta, config.max_completion_length) == (
+        4, tiny.n_epochs, 0.04, tiny.new_tokens)
+    assert (config.per_device_train_batch_size, config.steps_per_generation, config.generation_batch_size) == (
+        tiny.n_envs // tiny.minibatches, tiny.minibatches, tiny.n_envs)
+    assert config.generation_kwargs == {"min_new_tokens": tiny.new_tokens} and config.max_steps == 2 * 4 * 2
+    assert not config.use_vllm and not config.gradient_checkpointing and config.report_to == []
+    scripts = Path(benchmark.__file__).parent
+    done = subprocess.run([sys.executable, "-m", "bench.trl_grpo", "--workload", "tiny", "--iterations", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(scripts), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    timed = f"({tiny.tokens_per_iteration} completion tokens timed, every completion of the full length)"
+    assert timed in done.stdout

@@ -22,7 +22,14 @@ framework's), with the framework agent's hyperparameters (``ppo_args``):
   log-probs and values, not recomputed (a test checks they equal a teacher-forced
   recomputation).
 
-Variants are named ``fast``, ``stock`` or a floor (``MEASUREMENTS``), with suffixes:
+GRPO and RLOO (``scripts/benchmark.py --group``): ``grpo_fast`` and ``rloo_fast`` run the
+fast path's ``make_agent("grpo"/"rloo")`` with ``group_size=GROUP_SIZE``, the k3 KL in the
+loss at a fixed ``GROUP_KL_COEF``, the workload's epochs and minibatches; ``bare_grpo``
+and ``bare_rloo`` the one-page floor (``scripts/grpo_reference.py``) doing the same work
+(``tests/test_grpo_reference.py`` checks that its update is the framework's);
+``trl_grpo`` TRL's ``GRPOTrainer`` on the same workload (``bench.trl_grpo``).
+
+Variants are named ``fast``, ``stock``, a group variant or a floor (``MEASUREMENTS``), with suffixes:
 ``_lora`` trains LoRA adapters (``R_LORA``; the floor's reference is then its own body
 with the adapters off, as the framework's), ``_untrimmed`` runs the framework with
 ``trim_memory=False`` (glibc left alone: ``policies.memory``). On workload R (the real
@@ -32,6 +39,7 @@ checkpoint) prompts are chats, rendered with the model's chat template on both s
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import resource
 import time
@@ -41,8 +49,9 @@ from typing import Any, Callable
 
 import torch
 
+import grpo_reference
 import ppo_reference
-from bench.workloads import R_LORA, Workload, build_assets, workload_named
+from bench.workloads import GROUP_KL_COEF, GROUP_SIZE, R_LORA, Workload, build_assets, workload_named
 
 
 def synchronize(device: torch.device) -> None:
@@ -91,12 +100,16 @@ class Measurement:
 # -- the framework ------------------------------------------------------------------------
 
 KL_COEF = 0.05
+GROUP_ALGORITHMS = ("grpo", "rloo")
 
 
 def make_framework_agent(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device,
-    precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None,
+    precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None, algorithm: str = "ppo",
 ):
+    """The framework's agent on ``workload``: PPO (``KL_COEF`` in the reward), or GRPO/RLOO
+    (``algorithm``: ``GROUP_SIZE`` completions per prompt, ``GROUP_KL_COEF`` k3 in the loss);
+    a fixed beta, the workload's epochs and minibatches."""
     from agents import make_agent, make_text_vec_env
 
     env_kwargs = dict(
@@ -115,12 +128,15 @@ def make_framework_agent(
         task.reward_source = TimedReward(task.reward_source)
         timers.append(task.reward_source)
     batch_size = workload.tokens_per_iteration // workload.minibatches
-    # A fixed beta, as the floor's (ppo_args: kl_coef=KL_COEF).
-    agent = make_agent(
-        "ppo", env, fast=fast, n_steps=workload.new_tokens, batch_size=batch_size,
-        n_epochs=workload.n_epochs, kl_coef=KL_COEF, kl_target=None, seed=0, device=device, verbose=0,
-        precision=precision, policy_kwargs=dict(policy_kwargs or {}),
-    )
+    common = dict(fast=fast, batch_size=batch_size, n_epochs=workload.n_epochs, kl_target=None, seed=0,
+                  device=device, verbose=0, precision=precision, policy_kwargs=dict(policy_kwargs or {}))
+    if algorithm == "ppo":  # a fixed beta, as the floor's (ppo_args: kl_coef=KL_COEF)
+        agent = make_agent("ppo", env, n_steps=workload.new_tokens, kl_coef=KL_COEF, **common)
+    elif algorithm in GROUP_ALGORITHMS:  # as the floor's (group_args): k3 in the loss, fixed beta
+        agent = make_agent(algorithm, env, group_size=GROUP_SIZE, kl_coef=GROUP_KL_COEF, kl_placement="loss",
+                           kl_estimator="k3", **common)
+    else:
+        raise ValueError(f"unknown algorithm {algorithm!r}")
     return agent, timers
 
 
@@ -150,15 +166,15 @@ class PhaseTimer:
 
 def measure_framework(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int,
-    precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None,
+    precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None, algorithm: str = "ppo",
 ) -> Measurement:
-    """Full PPO iterations through ``learn``, split into rollout, scoring and update. In
-    data-parallel training (``bench.data_parallel``) every rank runs ``iterations`` of
+    """Full iterations of PPO (or ``algorithm``) through ``learn``, split into rollout, scoring
+    and update. In data-parallel training (``bench.data_parallel``) every rank runs ``iterations`` of
     them and the tokens are every rank's (``num_timesteps`` counts them all)."""
     from agents.distributed import world_size
 
     agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device, precision,
-                                                policy_kwargs)
+                                                policy_kwargs, algorithm)
     agent.learn(workload.tokens_per_iteration * world_size())  # warm-up iteration (allocations, caches)
     for timer in reward_timers:
         timer.seconds = 0.0
@@ -292,6 +308,51 @@ def measure_bare_ppo(workload: Workload, model_path: Path, prompts: list[str], d
     )
 
 
+# -- the GRPO/RLOO floor: the one-page group methods --------------------------------------------
+
+
+def group_args(workload: Workload, model_path: Path, device: torch.device, method: str) -> grpo_reference.Args:
+    """The one-page GRPO/RLOO's hyperparameters for ``workload``: the framework agent's."""
+    return grpo_reference.Args(
+        model=str(model_path), method=method, max_prompt_len=workload.max_prompt_len,
+        new_tokens=workload.new_tokens, n_episodes=workload.n_envs, group_size=GROUP_SIZE,
+        kl_coef=GROUP_KL_COEF, n_epochs=workload.n_epochs, minibatches=workload.minibatches, device=str(device),
+    )
+
+
+def measure_bare_group(method: str, workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
+                       iterations: int, lora: dict[str, Any] | None = None) -> Measurement:
+    """The GRPO/RLOO floor: ``group_iteration`` (``n_envs / GROUP_SIZE`` prompts, each
+    ``GROUP_SIZE`` times; VADER on the decoded texts; group advantages; the update)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyzer = SentimentIntensityAnalyzer()
+    args = group_args(workload, model_path, device, method)
+    policy, reference, _ = bare_models(workload, model_path, device, lora)  # the value head is not used
+    tokenizer, input_ids, attention_mask = prompt_batch(workload, model_path, prompts, device)
+    n_prompts = workload.n_envs // GROUP_SIZE
+    input_ids, attention_mask = input_ids[:n_prompts], attention_mask[:n_prompts]
+    optimizer = grpo_reference.make_optimizer(policy, args)
+
+    def vader(rollout: ppo_reference.Rollout) -> torch.Tensor:
+        texts = tokenizer.batch_decode(rollout.sequences, skip_special_tokens=True)
+        return torch.tensor([analyzer.polarity_scores(t)["compound"] for t in texts], device=device)
+
+    return time_iterations(
+        lambda: grpo_reference.group_iteration(policy, reference, optimizer, input_ids, attention_mask, vader, args),
+        workload, device, iterations,
+    )
+
+
+def measure_trl(workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
+                iterations: int, autocast: bool = False) -> Measurement:
+    """TRL's ``GRPOTrainer`` on ``workload`` (``bench.trl_grpo``)."""
+    from bench.trl_grpo import measure_trl_grpo
+
+    result = measure_trl_grpo(workload, model_path, prompts, device, iterations, autocast)
+    return Measurement(result["seconds"], result["tokens"])
+
+
 def measure_sampling(vocab_size: int, n_rows: int, device: torch.device, repeats: int = 200) -> dict[str, float]:
     """Microseconds per call: SB3's Categorical.sample vs inverse-CDF sampling."""
     from policies.sampling import sample_tokens
@@ -310,7 +371,12 @@ MEASUREMENTS: dict[str, Callable[..., Measurement]] = {
     "bare_rollout": measure_bare_rollout,
     "bare_update": measure_bare_update,
     "bare_ppo": measure_bare_ppo,
+    "bare_grpo": functools.partial(measure_bare_group, "grpo"),
+    "bare_rloo": functools.partial(measure_bare_group, "rloo"),
 }
+#: The framework's variants: ``(algorithm, fast)``.
+FRAMEWORK_VARIANTS = {"fast": ("ppo", True), "stock": ("ppo", False),
+                      **{f"{name}_fast": (name, True) for name in GROUP_ALGORITHMS}}
 
 
 def variant_settings(kind: str) -> tuple[str, dict[str, Any] | None, bool]:
@@ -321,7 +387,9 @@ def variant_settings(kind: str) -> tuple[str, dict[str, Any] | None, bool]:
         base, trim = base[: -len("_untrimmed")], False
     if base.endswith("_lora"):
         base, lora = base[: -len("_lora")], dict(R_LORA)
-    if base not in (*MEASUREMENTS, "fast", "stock") or (not trim and base in MEASUREMENTS):
+    known = base in (*MEASUREMENTS, *FRAMEWORK_VARIANTS, "trl_grpo")
+    untrimmable = base not in FRAMEWORK_VARIANTS  # only the framework has a trim_memory to switch off
+    if not known or (not trim and untrimmable) or (lora is not None and base == "trl_grpo"):
         raise ValueError(f"unknown variant {kind!r}")
     return base, lora, trim
 
@@ -330,8 +398,8 @@ def run_measurement(
     kind: str, workload_name: str, folder: str, device: str, iterations: int, autocast: bool, threads: int | None = None
 ) -> dict[str, Any]:
     """Entry point of a child process: returns the measurement and the process's peak memory.
-    ``kind``: a key of ``MEASUREMENTS``, ``"fast"`` or ``"stock"``, with the suffixes of
-    ``variant_settings``."""
+    ``kind``: a key of ``MEASUREMENTS`` or ``FRAMEWORK_VARIANTS``, or ``"trl_grpo"``, with the
+    suffixes of ``variant_settings``."""
     import transformers
 
     if threads is not None:
@@ -346,7 +414,9 @@ def run_measurement(
     gc.collect()
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
-    if base in MEASUREMENTS:  # the bare loop: everything under bf16 autocast
+    if base == "trl_grpo":  # TRL's trainer, its own precision setting (bf16 with --autocast)
+        result = measure_trl(workload, model_path, prompts, torch_device, iterations, autocast)
+    elif base in MEASUREMENTS:  # the bare loop: everything under bf16 autocast
         context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with context:
             result = MEASUREMENTS[base](workload, model_path, prompts, torch_device, iterations, lora)
@@ -354,7 +424,9 @@ def run_measurement(
         policy_kwargs: dict[str, Any] = {} if trim else {"trim_memory": False}
         if lora is not None:
             policy_kwargs["lora"] = lora
-        result = measure_framework(workload, model_path, prompts, base == "fast", torch_device, iterations,
-                                   precision="bf16-mixed" if autocast else "fp32", policy_kwargs=policy_kwargs)
+        algorithm, fast = FRAMEWORK_VARIANTS[base]
+        result = measure_framework(workload, model_path, prompts, fast, torch_device, iterations,
+                                   precision="bf16-mixed" if autocast else "fp32", policy_kwargs=policy_kwargs,
+                                   algorithm=algorithm)
     return {"seconds": result.seconds, "tokens": result.tokens, "parts": result.parts,
             "peak_mb": peak_memory_mb(torch_device)}

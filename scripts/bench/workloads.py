@@ -64,6 +64,11 @@ WORKLOADS = {
                   chat=True),
 }
 
+#: GRPO and RLOO: completions per prompt, and the fixed beta of the k3 KL in the loss (the fast
+#: path, the floor and TRL's GRPOTrainer get the same: bench.measure, bench.trl_grpo).
+GROUP_SIZE = 4
+GROUP_KL_COEF = 0.04
+
 #: Workload R's LoRA adapters (the issue's rank).
 R_LORA = {"r": 8}
 
