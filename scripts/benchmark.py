@@ -58,6 +58,7 @@ import os
 import statistics
 import sys
 import tempfile
+from typing import Any, Callable
 
 VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
 LENGTH_VARIANTS = ("bare_ppo", "fast")  # end to end only
@@ -298,21 +299,36 @@ def format_length_table(results: dict[str, dict[str, list[dict]]], lengths: list
     return "\n".join(lines)
 
 
+class FigureTable:
+    """A Markdown table of figures, a column per entry of ``columns`` (heading -> what each
+    row's function is given); a figure whose runs were not measured (``KeyError``) is "n/a"."""
+
+    def __init__(self, columns: dict[str, Any], corner: str = "figure"):
+        self.columns, self.corner = columns, corner
+        self.rows: list[tuple[str, list[str]]] = []
+
+    def add(self, label: str, figure: Callable[[Any], str]) -> None:
+        values = []
+        for column in self.columns.values():
+            try:
+                values.append(figure(column))
+            except KeyError:
+                values.append("n/a")
+        self.rows.append((label, values))
+
+    def markdown(self) -> str:
+        lines = [f"| {self.corner} | " + " | ".join(self.columns) + " |", "|---|" + "---|" * len(self.columns)]
+        lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in self.rows]
+        return "\n".join(lines)
+
+
 def format_real_table(runs: dict[str, list[dict]]) -> str:
     """Workload R: a column each for the full fine-tune and LoRA; end-to-end tok/s and peak
     memory of the fast path, the floor and the fast path with ``trim_memory=False``, their
     ratios, and the fast path's LoRA / full ratios below the table."""
     columns = {"full fine-tune": "", "LoRA r=8": "_lora"}
-    rows: list[tuple[str, list[str]]] = []
-
-    def add(label: str, fn) -> None:
-        values = []
-        for suffix in columns.values():
-            try:
-                values.append(fn(suffix))
-            except KeyError:
-                values.append("n/a")
-        rows.append((label, values))
+    table = FigureTable(columns)
+    add = table.add
 
     def v(name: str, suffix: str, untrimmed: bool = False) -> list[dict]:
         return runs[f"{name}{suffix}{'_untrimmed' if untrimmed else ''}"]
@@ -334,8 +350,7 @@ def format_real_table(runs: dict[str, list[dict]]) -> str:
         lambda x: f"**{peak_mb(v('fast', x)) / peak_mb(v('bare_ppo', x)):.2f}x**")
     add("**peak memory: fast / fast with trim_memory=False**",
         lambda x: f"**{peak_mb(v('fast', x)) / peak_mb(v('fast', x, True)):.2f}x**")
-    lines = ["| figure | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
+    lines = [table.markdown()]
     try:
         speed = format_ratio(ratios(runs["fast_lora"], runs["fast"]), suffix="x")
         memory = peak_mb(runs["fast_lora"]) / peak_mb(runs["fast"])
@@ -353,18 +368,8 @@ GROUP_FLOOR = ("scripts/grpo_reference.py: KV-cached decode of 4 completions per
 def format_group_table(results: dict[str, dict[str, list[dict]]]) -> str:
     """GRPO and RLOO, a column per workload: end-to-end tok/s of the fast path and its floor,
     their ratio, TRL's GRPOTrainer and the fast path's GRPO over it ("n/a" where not measured)."""
-    workloads = list(results)
-    rows: list[tuple[str, list[str]]] = []
-
-    def add(label: str, fn) -> None:
-        values = []
-        for w in workloads:
-            try:
-                values.append(fn(results[w]))
-            except KeyError:
-                values.append("n/a")
-        rows.append((label, values))
-
+    table = FigureTable(results, corner="generated tok/s, end to end")
+    add = table.add
     for method in ("grpo", "rloo"):
         name = method.upper()
         fast, floor = f"{method}_fast", f"bare_{method}"
@@ -378,25 +383,13 @@ def format_group_table(results: dict[str, dict[str, list[dict]]]) -> str:
         for part in ("rollout", "scoring", "update")))
     add("peak memory MB: GRPO fast / floor / TRL", lambda r: " / ".join(
         f"{peak_mb(r[v]):,.0f}" if v in r else "n/a" for v in ("grpo_fast", "bare_grpo", TRL_VARIANT)))
-    lines = ["| generated tok/s, end to end | " + " | ".join(workloads) + " |", "|---|" + "---|" * len(workloads)]
-    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
-    return "\n".join(lines)
+    return table.markdown()
 
 
 def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     """One Markdown table, a column per workload; "n/a" where a variant was not measured."""
-    workloads = list(results)
-    rows: list[tuple[str, list[str]]] = []
-
-    def add(label: str, fn) -> None:
-        values = []
-        for w in workloads:
-            try:
-                values.append(fn(results[w]))
-            except KeyError:
-                values.append("n/a")
-        rows.append((label, values))
-
+    table = FigureTable(results)
+    add = table.add
     add("rollout tok/s: fast path (scoring excluded)", lambda r: f"{median_tps(r['fast'], 'rollout'):,.0f}")
     add(f"rollout tok/s: {ROLLOUT_FLOOR}", lambda r: f"{median_tps(r['bare_rollout']):,.0f}")
     add("**rollout: fast / tight floor**", lambda r: format_ratio(ratios(r["fast"], r["bare_rollout"], "rollout")))
@@ -415,15 +408,12 @@ def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     for variant, name in (("fast", "fast path"), ("stock", "stock path"), ("bare_ppo", "tight floor")):
         add(f"peak memory MB: {name}", lambda r, v=variant: f"{peak_mb(r[v]):,.0f}")
     add("**peak memory: fast / tight floor**", lambda r: f"**{peak_mb(r['fast']) / peak_mb(r['bare_ppo']):.2f}x**")
-    header = "| figure | " + " | ".join(workloads) + " |"
-    lines = [header, "|---|" + "---|" * len(workloads)]
-    lines += [f"| {label} | " + " | ".join(values) + " |" for label, values in rows]
-    return "\n".join(lines)
+    return table.markdown()
 
 
 def print_group_table(table: str, args: argparse.Namespace) -> None:
     """The group table with what each row runs, and what TRL does differently."""
-    from bench.measure import GROUP_KL_COEF, GROUP_SIZE
+    from bench.workloads import GROUP_KL_COEF, GROUP_SIZE
     from bench.trl_grpo import DIFFERENCES
 
     print(f"\nGRPO and RLOO (group {GROUP_SIZE}, k3 KL in the loss, beta {GROUP_KL_COEF} fixed, token mean, "

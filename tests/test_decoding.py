@@ -10,6 +10,7 @@ tests/test_lm_policy.py checks against the model's own forward.
 
 from __future__ import annotations
 
+import copy
 import numpy as np
 import pytest
 import torch
@@ -161,8 +162,16 @@ def test_observe_last_frees_the_caches_and_start_begins_again(tiny_lm_path):
 def test_start_after_an_update_reads_the_new_weights(tiny_lm_path):
     """After the weights change, ``start`` refills every slot: no stale key is read."""
     policy = make_policy(tiny_lm_path)
+    before = copy.deepcopy(policy)  # the weights before the update
     decoder = PolicyRolloutDecoder(policy, 3, WIDTH)
-    run_scripted_rollout(policy, decoder, n_steps=5, perturb_after=1)
+    ids, mask, new_episode, *_ = run_scripted_rollout(policy, decoder, n_steps=5, perturb_after=1)
+    running = ~new_episode
+    assert running.any()
+    with torch.no_grad():
+        now = policy.predict_values(as_obs(ids, mask)).flatten()
+        stale = before.predict_values(as_obs(ids, mask)).flatten()
+    torch.testing.assert_close(decoder.values[running], now[running], atol=ATOL, rtol=ATOL)
+    assert not torch.allclose(now[running], stale[running], atol=1e-3)  # the update did change the values
 
 
 def test_a_separate_critic_decodes_its_own_values(tmp_path_factory, other_gpt2_path):
