@@ -6,6 +6,7 @@ cache) or tiny ones built from configs into a temporary folder.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,11 @@ import transformers
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*render_mode.*")
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one thread each. Two 2-thread processes spin against
+    # each other and run many times slower than one.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
