@@ -237,8 +237,15 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self._segment_tokens = [
             np.arange(first, last + 1) * self.n_envs + env for env, first, last in self.segment_spans
         ]
-        self._all_ids = torch.stack(self.segment_ids).to(self.device)
-        self._all_masks = torch.stack(self.segment_masks).to(self.device)
+        # The columns left of the first real token of any segment are padding in every row (the
+        # prompts are left-padded to max_prompt_len): dropped once for the whole rollout, so every
+        # minibatch's body pass is that much shorter. Once, not per minibatch: every pass over a
+        # sequence (the update's epochs, the recomputed old log-probs) then has the same columns,
+        # and bf16 rounds them alike.
+        ids, masks = torch.stack(self.segment_ids), torch.stack(self.segment_masks)
+        self.shared_left_padding = int(masks.any(0).int().argmax())
+        self._all_ids = ids[:, self.shared_left_padding:].to(self.device)
+        self._all_masks = masks[:, self.shared_left_padding:].to(self.device)
         self.generator_ready = True
 
     def _get_samples(self, segments: np.ndarray, env=None) -> SequenceRolloutSamples:
@@ -257,7 +264,8 @@ class SequenceRolloutBuffer(RolloutBuffer):
             input_ids=self._all_ids[index],
             attention_mask=self._all_masks[index],
             token_rows=torch.as_tensor(rows, device=self.device),
-            token_columns=torch.as_tensor(self.state_columns.reshape(-1)[flat], device=self.device),
+            token_columns=torch.as_tensor(self.state_columns.reshape(-1)[flat] - self.shared_left_padding,
+                                          device=self.device),
         )
 
         return SequenceRolloutSamples(

@@ -20,9 +20,12 @@ Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
   so train and eval mode compute the same function and the probability ratio is
   exactly 1 before the first update; the body follows SB3's train/eval switch, so
   ``gradient_checkpointing=True`` really checkpoints during the update;
-- the update's logits are made ``logits_chunk_size`` tokens at a time, each chunk's
-  recomputed in the backward pass instead of kept, so the update's peak memory
-  follows the chunk, not (tokens in the minibatch x vocabulary);
+- the update's logits are made in one pass when the minibatch's fit the budget
+  (``logits_chunk_size="auto"``: ``LOGITS_BUDGET_BYTES`` for what the backward keeps of
+  them), else in checkpointed chunks, each recomputed in the backward pass instead of
+  kept, so the update's peak memory follows the chunk, not (tokens in the minibatch x
+  vocabulary). Chunks cost time (1.26x the head's one pass at GPT-2-124M's shape,
+  ``scripts/bench/update_head.py``), so they are made only when needed;
 - ``precision``: the weights are float32 master weights whatever dtype the
   checkpoint was saved in (``"fp32"``, and ``"bf16-mixed"``, which runs the body's
   forward passes under bf16 autocast); ``"bf16"`` keeps bf16 weights (half the
@@ -42,7 +45,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, ContextManager
+from typing import TYPE_CHECKING, Any, ContextManager, Literal
 
 import torch
 import torch.utils.checkpoint
@@ -65,6 +68,18 @@ from textenv.lm.slot_decoding import last_token_index
 if TYPE_CHECKING:
     from policies.decoding import PolicyRolloutDecoder
 
+#: ``logits_chunk_size="auto"``: the most memory the update's logits may hold at once.
+#: Per token the backward keeps about four float32 (vocabulary)-sized tensors (the
+#: log-softmax, the probabilities, their gradients), so 1 GiB is 1,300 tokens at GPT-2's
+#: 50k words and 440 at Qwen's 150k.
+LOGITS_BUDGET_BYTES = 1 << 30
+LOGITS_BYTES_PER_WORD = 4 * 4
+
+
+def auto_logits_chunk_size(vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """The most states whose logits fit ``budget_bytes`` in the update (at least one)."""
+    return max(1, budget_bytes // (vocab_size * LOGITS_BYTES_PER_WORD))
+
 
 class LMPolicyMixin:
     """The LM actor-critic on top of an SB3 policy base class: ``ActorCriticPolicy``
@@ -78,6 +93,8 @@ class LMPolicyMixin:
     #: notice (per process) that LoRA is the path there (``notice_full_fine_tune_on_cpu``).
     cpu_full_fine_tune_notice_parameters: int = 100_000_000
     _cpu_notice_given: bool = False  # class-wide: once per process
+    #: ``logits_chunk_size="auto"``: the update's logits in one pass when they fit this.
+    logits_budget_bytes: int = LOGITS_BUDGET_BYTES
 
     def __init__(
         self,
@@ -89,7 +106,7 @@ class LMPolicyMixin:
         attn_implementation: str | None = None,
         precision: Precision = "fp32",
         gradient_checkpointing: bool = False,
-        logits_chunk_size: int | None = 512,
+        logits_chunk_size: int | Literal["auto"] | None = "auto",
         lora: dict[str, Any] | None = None,
         critic: Critic = "shared",
         critic_model_name_or_path: str | None = None,
@@ -120,8 +137,9 @@ class LMPolicyMixin:
         self.attn_implementation = attn_implementation
         self.precision = precision
         self.gradient_checkpointing = gradient_checkpointing
-        if logits_chunk_size is not None and logits_chunk_size < 1:
-            raise ValueError(f"logits_chunk_size must be a positive number of tokens or None, got {logits_chunk_size}")
+        if logits_chunk_size not in (None, "auto") and not (isinstance(logits_chunk_size, int) and logits_chunk_size >= 1):
+            raise ValueError(f"logits_chunk_size must be a positive number of tokens, 'auto' or None, "
+                             f"got {logits_chunk_size!r}")
         self.logits_chunk_size = logits_chunk_size
         # Whether the update's loss has an entropy term (the agent sets it: a non-zero ent_coef);
         # without one the entropy is computed for the logs only, with no graph to back-propagate.
@@ -331,12 +349,14 @@ class LMPolicyMixin:
     def chunked_log_prob_entropy(
         self, hidden: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``log pi(a|s)`` and the entropy of ``pi(.|s)`` for every state, ``logits_chunk_size``
-        states at a time. Under autograd each chunk is checkpointed: its ``(chunk, V)`` logits
-        are freed after the forward and recomputed in the backward, so peak memory follows the
-        chunk. ``masks``: allowed actions per state (``False``: logit -inf), for masked policies."""
+        """``log pi(a|s)`` and the entropy of ``pi(.|s)`` for every state, in one pass or
+        ``logits_chunk_size`` states at a time (``"auto"``: one pass when they fit
+        ``LOGITS_BUDGET_BYTES``). Under autograd each chunk is checkpointed: its ``(chunk, V)``
+        logits are freed after the forward and recomputed in the backward, so peak memory
+        follows the chunk. ``masks``: allowed actions per state (``False``: logit -inf), for
+        masked policies."""
         actions = actions.reshape(-1).long()
-        chunk = self.logits_chunk_size or len(actions)
+        chunk = self.update_logits_chunk(len(actions))
         if len(actions) <= chunk:
             return self._log_prob_entropy(hidden, actions, masks)
         checkpointed = torch.is_grad_enabled() and hidden.requires_grad
@@ -351,6 +371,14 @@ class LMPolicyMixin:
             log_probs.append(log_prob)
             entropies.append(entropy)
         return torch.cat(log_probs), torch.cat(entropies)
+
+    def update_logits_chunk(self, n_states: int) -> int:
+        """How many states' logits the update makes at once (``n_states``: all in one pass)."""
+        if self.logits_chunk_size is None:
+            return n_states
+        if self.logits_chunk_size == "auto":
+            return auto_logits_chunk_size(self.action_space.n, self.logits_budget_bytes)
+        return self.logits_chunk_size
 
     def _log_prob_entropy(
         self, hidden: torch.Tensor, actions: torch.Tensor, masks: torch.Tensor | None
@@ -426,8 +454,10 @@ class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
         forward passes under bf16 autocast) or ``"bf16"`` (bf16 weights); see module doc.
     :param gradient_checkpointing: recompute the body's activations in the backward pass
         (Hugging Face's ``gradient_checkpointing_enable``): less memory, one more forward.
-    :param logits_chunk_size: states whose logits the update makes at once (``None``: all
-        of the minibatch at once).
+    :param logits_chunk_size: states whose logits the update makes at once, in checkpointed
+        chunks: ``"auto"`` (default) makes them in one pass when they fit
+        ``LOGITS_BUDGET_BYTES`` (1 GiB) and in chunks of what fits otherwise; a number sets
+        the chunk; ``None``: always one pass.
     :param lora: LoRA adapter options (``policies.lora``; e.g. ``{"r": 16}``): only the
         adapters and the value head train; ``None``: full fine-tuning.
     :param critic: ``"shared"`` (default: the value head on the policy's body, the design

@@ -11,10 +11,10 @@ and the rollout are excluded (see ``scripts/bench/memory.py``). The update's
 ``(tokens, vocabulary)`` float32 logits are what the settings differ in: at 150k
 words one is 0.6 MB per token in the minibatch.
 
-The policy chunks the logits only when a minibatch holds more tokens than a chunk
-(``logits_chunk_size``, 512 by default): hence the default rollout of 32 x 32 =
-1,024 tokens in one 1,024-token minibatch, two chunks. ``--chunk-size`` sets the
-chunk of the chunked settings.
+The policy chunks the logits only when a minibatch's do not fit its budget
+(``logits_chunk_size="auto"``, the default: 1 GiB, 441 tokens at 150k words): hence
+the default rollout of 32 x 32 = 1,024 tokens in one 1,024-token minibatch, three
+chunks. ``--chunk-size`` sets the chunk of the chunked settings.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=positive, default=1024,
                         help="tokens per minibatch (whole sequences, so at least this many)")
     parser.add_argument("--chunk-size", type=positive, default=None,
-                        help="logits_chunk_size of the chunked settings (default: the policy's, 512)")
+                        help="logits_chunk_size of the chunked settings (default: the policy's, 'auto')")
     parser.add_argument("--settings", nargs="+", choices=SETTING_NAMES, default=list(SETTING_NAMES))
     parser.add_argument("--workload", choices=["S", "M", "L"], default=None,
                         help="use this benchmark workload's model (L: 12 layers, 768 dims, 50k vocab) "

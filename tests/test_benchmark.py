@@ -321,3 +321,13 @@ def test_trl_grpo_trainer_runs_the_tiny_workload_in_its_own_process():
     assert done.returncode == 0, done.stderr[-3000:]
     timed = f"({tiny.tokens_per_iteration} completion tokens timed, every completion of the full length)"
     assert timed in done.stdout
+
+
+def test_padding_benchmark_counts_what_each_trim_leaves(capsys, default_model_path):
+    """``bench.padding`` on ShortPositive (episodes end at EOS): dropping the rollout's shared
+    left padding leaves less padding than the right trim alone, which leaves less than none."""
+    from bench.padding import main
+
+    shares = main(["--rollouts", "1", "--n-envs", "4", "--threads", "1"])
+    assert 0 <= shares["both ends trimmed"] < shares["right-trimmed"] <= shares["full width"] < 1
+    assert "| both ends trimmed |" in capsys.readouterr().out

@@ -211,7 +211,7 @@ def test_logits_in_chunks_give_the_same_log_probs_entropies_and_gradients(tiny_m
     torch.testing.assert_close(chunked_entropy, entropy, atol=1e-6, rtol=1e-6)
     for name in grads:
         torch.testing.assert_close(chunked_grads[name], grads[name], atol=1e-6, rtol=1e-5)
-    with pytest.raises(ValueError, match="logits_chunk_size must be a positive number"):
+    with pytest.raises(ValueError, match="logits_chunk_size must be a positive number of tokens, 'auto' or None"):
         make_agent("ppo", tiny_env(tiny_model_path), policy_kwargs={"logits_chunk_size": 0})
 
 
@@ -247,3 +247,27 @@ def test_chunked_logits_keep_a_chunk_not_the_minibatch_for_the_backward(tmp_path
     one_logits_tensor = len(batch.actions) * vocab * 4
     assert saved[None] - saved[8] > 2 * one_logits_tensor, saved  # e.g. the log-softmax output and its exp
     assert saved[8] < one_logits_tensor / 2, saved  # the body's activations and each chunk's input only
+
+
+def test_auto_chunks_make_the_logits_in_one_pass_when_they_fit_the_budget(tmp_path, default_tokenizer):
+    """``logits_chunk_size="auto"`` (the default): one pass while the minibatch's logits fit
+    ``logits_budget_bytes``, checkpointed chunks of what fits when they do not."""
+    from conftest import save_tiny_gpt2
+    from policies.lm_policy import LOGITS_BYTES_PER_WORD, auto_logits_chunk_size
+
+    assert auto_logits_chunk_size(50_257) == 1335 and auto_logits_chunk_size(151_936) == 441
+    assert auto_logits_chunk_size(10**12) == 1
+    vocab = 20_000
+    model_path = save_tiny_gpt2(tmp_path / "wide-vocab", default_tokenizer, vocab_size=vocab)
+    saved = {}
+    for name, chunk, budget in [("one pass", None, None), ("chunks of 8", 8, None),
+                                ("auto, fits", "auto", None), ("auto, 8 fit", "auto", 8 * vocab * LOGITS_BYTES_PER_WORD)]:
+        agent = make_agent("ppo", tiny_env(model_path), n_steps=8, seed=0, policy_kwargs={"logits_chunk_size": chunk})
+        if budget is not None:
+            agent.policy.logits_budget_bytes = budget
+        batch = next(collect_one_rollout(agent).get(None))
+        assert len(batch.actions) > 8 * 2  # several chunks
+        saved[name] = bytes_saved_for_backward(agent, batch)
+    assert agent.policy.update_logits_chunk(len(batch.actions)) == 8
+    assert saved["auto, fits"] == saved["one pass"] and saved["auto, 8 fit"] == saved["chunks of 8"], saved
+    assert saved["one pass"] > saved["chunks of 8"], saved

@@ -311,5 +311,10 @@ def test_recomputed_log_probs_are_the_models_teacher_forced_ones(policy, gpt2_pa
             for k, step in enumerate(range(first, last + 1)):
                 expected[step, env] = log_p[len(prompt) - 1 + k, generated[k]].item()
     np.testing.assert_allclose(buffer.log_probs, expected, atol=1e-5)
+    # The column that every prompt leaves as padding is dropped once for the whole rollout
+    # (the group's prompts are 2 and 3 tokens long, of 4): the values above were read without it.
+    assert buffer.shared_left_padding == (1 if group else 0)
+    samples = buffer.segment_samples(np.arange(len(buffer.segment_spans)))
+    assert samples.observations.input_ids.shape[1] == WIDTH - buffer.shared_left_padding
     if group:
         assert (buffer.log_probs[~buffer.token_mask()] == 123.0).all()

@@ -15,7 +15,8 @@ drift falls on all alike. Settings:
   what the agents do when ``ent_coef`` is 0);
 - each of them with the logits in checkpointed chunks (each recomputed in the backward)
   and in one pass (``None``). The chunks are 256 tokens, so that the workload's minibatch
-  is split as a minibatch over the policy's default ``logits_chunk_size`` (512) would be.
+  is split as a minibatch over 512 tokens was before issue 24 (the chunk was 512; the
+  policy's ``"auto"`` now makes L's minibatch in one pass, as its logits fit 1 GiB).
 
 Prints the median milliseconds per minibatch and each setting's ratio to the first.
 """
