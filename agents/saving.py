@@ -30,7 +30,7 @@ from policies.lm_policy import LMPolicyMixin
 # The policy's own arguments that rebuild it around the exported weights (the model path
 # becomes the folder; LoRA is merged into it).
 EXPORTED_POLICY_ARGUMENTS = ("value_head_init_std", "attn_implementation", "precision", "gradient_checkpointing",
-                             "logits_chunk_size", "top_p", "critic", "critic_learning_rate")
+                             "logits_chunk_size", "top_p", "critic", "critic_learning_rate", "compile")
 
 
 def load_agent(

@@ -45,7 +45,7 @@ class PolicyRolloutDecoder:
 
     def __init__(self, policy: LMPolicyMixin, n_envs: int, width: int):
         self.policy = policy
-        self.slots = SlotDecoder(policy.causal_lm, n_envs, width)
+        self.slots = SlotDecoder(policy.causal_lm, n_envs, width, decode_body=policy.decode_body())
         # A separate critic decodes alongside, in slots of its own.
         critic_body = getattr(policy, "critic_body", None)
         self.critic_slots = SlotDecoder(critic_body, n_envs, width) if critic_body is not None else None
@@ -133,7 +133,7 @@ class PolicyRolloutDecoder:
         after a rollout's last step nothing reads them (the next rollout's ``start`` refills
         every slot, its caches allocated again), and the update should not hold them.
         ``values`` stay (they bootstrap the rollout)."""
-        self.slots = SlotDecoder(self.slots.model, self.slots.n_slots, self.slots.width)
+        self.slots = SlotDecoder(self.slots.model, self.slots.n_slots, self.slots.width, self.slots.decode_body)
         if self.critic_slots is not None:
             self.critic_slots = SlotDecoder(self.critic_slots.model, self.critic_slots.n_slots, self.critic_slots.width)
         self.logits = None

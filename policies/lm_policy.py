@@ -35,9 +35,10 @@ Differences from SB3's default ``ActorCriticPolicy``, each on purpose:
 - memory between the phases of training: after every optimizer step that was taken
   the gradients are freed (set to ``None``, as SB3's ``zero_grad`` before the next
   backward would), so they never sit beside the next minibatch's activations; with
-  ``trim_memory`` (default) on a CPU the C heap keeps no freed memory
-  (``policies.memory``: glibc's mmap threshold fixed, the heap trimmed after every step
-  and when an update starts). The rollout's KV caches are freed after its last step
+  ``trim_memory`` on a CPU the C heap's freed memory goes back to the system when an
+  update or a rollout starts (``"phases"``, default), or also after every optimizer
+  step with glibc's mmap threshold fixed (``"steps"``: less memory, slower;
+  ``policies.memory``). The rollout's KV caches are freed after its last step
   (``policies.decoding``).
 """
 
@@ -67,6 +68,10 @@ from textenv.lm.slot_decoding import last_token_index
 
 if TYPE_CHECKING:
     from policies.decoding import PolicyRolloutDecoder
+
+#: ``trim_memory``: when freed C-heap memory goes back to the system on a CPU (module doc).
+TrimMemory = Literal["phases", "steps", False, True]
+TRIM_MEMORY_MODES = ("phases", "steps", False, True)
 
 #: ``logits_chunk_size="auto"``: the most memory the update's logits may hold at once.
 #: Per token the backward keeps about four float32 (vocabulary)-sized tensors (the
@@ -111,7 +116,8 @@ class LMPolicyMixin:
         critic: Critic = "shared",
         critic_model_name_or_path: str | None = None,
         critic_learning_rate: float | None = None,
-        trim_memory: bool = True,
+        trim_memory: TrimMemory = "phases",
+        compile: bool = False,
         **kwargs: Any,
     ):
         if critic not in CRITICS:
@@ -148,7 +154,12 @@ class LMPolicyMixin:
         self.critic = critic
         self.critic_model_name_or_path = None if critic_model_name_or_path is None else str(critic_model_name_or_path)
         self.critic_learning_rate = critic_learning_rate
-        self.trim_memory = bool(trim_memory)
+        if trim_memory not in TRIM_MEMORY_MODES:
+            raise ValueError(f"trim_memory must be one of {TRIM_MEMORY_MODES}, got {trim_memory!r}. Fix: 'phases' "
+                             "(default), 'steps' (less memory, slower) or False (glibc left alone).")
+        self.trim_memory = "steps" if trim_memory is True else trim_memory  # True: agents saved before "phases"
+        self.compile_decode = bool(compile)  # not "compile": that is nn.Module's method
+        self._compiled_decode: tuple[nn.Module, nn.Module] | None = None  # (body, its compiled form)
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -178,7 +189,7 @@ class LMPolicyMixin:
         self.optimizer = skipping_non_finite(self.optimizer_class)(self._parameter_groups(lr_schedule(1)),
                                                                    lr=lr_schedule(1), **self.optimizer_kwargs)
         self.release_hook = self.optimizer.register_step_post_hook(
-            release_gradients_and_heap if self.trim_memory else release_gradients)
+            release_gradients_and_heap if self.trim_memory == "steps" else release_gradients)
 
     def _check_vocabulary(self, lm: nn.Module) -> None:
         """The policy's LM must have the env's action space as its vocabulary."""
@@ -196,18 +207,19 @@ class LMPolicyMixin:
         """SB3's switch, at the start of every rollout (``False``) and update (``True``). When
         an update starts, the KV caches of this policy's decoders are freed (``release_decoders``;
         a PPO rollout frees its own after its last step, a group rollout does not). With
-        ``trim_memory`` on a CPU: glibc's mmap threshold is fixed once (``keep_heap_small``),
-        and when an update starts the rollout's freed heap memory goes back to the system."""
+        ``trim_memory`` on a CPU, the freed heap memory of the phase that ended goes back to
+        the system; with ``"steps"`` glibc's mmap threshold is also fixed once
+        (``keep_heap_small``)."""
         super().set_training_mode(mode)
         if mode:  # an update starts: the rollout's KV caches are stale and of no use to it
             self.release_decoders()
         if self.device.type != "cpu":
             return
         self.notice_full_fine_tune_on_cpu()
-        if self.trim_memory:
+        if self.trim_memory == "steps":
             keep_heap_small()
-            if mode:
-                trim_heap()
+        if self.trim_memory:
+            trim_heap()
 
     def notice_full_fine_tune_on_cpu(self) -> None:
         """Once per process, at the first rollout or update on a CPU of a full fine-tune of
@@ -268,6 +280,7 @@ class LMPolicyMixin:
             critic_model_name_or_path=self.critic_model_name_or_path,
             critic_learning_rate=self.critic_learning_rate,
             trim_memory=self.trim_memory,
+            compile=self.compile_decode,
         )
         return data
 
@@ -403,6 +416,18 @@ class LMPolicyMixin:
             return self.value(self.last_hidden_state(obs, lm=self.critic_body))
         return self.value(self.last_hidden_state(obs))
 
+    def decode_body(self) -> nn.Module:
+        """The body that the rollout's one-token decode steps run: the LM's own, or with
+        ``compile=True`` its ``torch.compile``'d form (static shapes: the slot cache's width is
+        fixed), made on first use and kept. Its weights are the body's, so updates reach it."""
+        body = self.causal_lm.base_model
+        if not self.compile_decode:
+            return body
+        if self._compiled_decode is None or self._compiled_decode[0] is not body:
+            # Not an attribute of the module tree: its weights would appear twice in state dicts.
+            object.__setattr__(self, "_compiled_decode", (body, torch.compile(body, dynamic=False)))
+        return self._compiled_decode[1]
+
     def rollout_decoder(self, n_envs: int, width: int) -> "PolicyRolloutDecoder":
         """The KV-cached step (``start``/``act``/``observe``) of this policy over ``n_envs``
         episodes: training rollouts, group rollouts and evaluation all decode with it."""
@@ -467,9 +492,15 @@ class LMActorCriticPolicy(LMPolicyMixin, ActorCriticPolicy):
         policy's start): any checkpoint with the same tokenizer, e.g. a reward model's.
     :param critic_learning_rate: the separate critic's learning rate (default: the
         policy's); it follows the policy's schedule in proportion.
-    :param trim_memory: on a CPU, keep glibc from holding freed memory (``policies.memory``:
-        its mmap threshold fixed at 128 KiB, the heap trimmed after every optimizer step and
-        when an update starts); glibc otherwise held 0.5-1.5 GB at the peak on
-        SmolLM2-135M. ``False``: leave the allocator alone (a page handed back costs a
-        page fault when it is used again).
+    :param compile: ``torch.compile`` the rollout's decode step (``decode_body``): compiled on
+        the first rollout (seconds to a minute on a CPU; it needs a C++ compiler there), then
+        the same log-probs within 1e-5. On the 2-core CPU it pays on small models only
+        (``scripts/benchmark.py``'s compiled rows), so it is off by default.
+    :param trim_memory: on a CPU, when glibc's freed memory goes back to the system
+        (``policies.memory``): ``"phases"`` (default) when an update and when a rollout
+        starts; ``"steps"`` (``True`` in agents saved before the modes) also after every
+        optimizer step, with glibc's mmap threshold fixed at 128 KiB: on SmolLM2-135M 0.6 GB
+        less at the peak, but 1.3-1.5x slower (every large tensor a fresh mapping, every
+        page faulted in again; ``scripts/benchmark.py --workloads R``); ``False``: the
+        allocator left alone.
     """

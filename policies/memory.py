@@ -4,15 +4,17 @@ On a CPU every activation of a small LM is an ordinary ``malloc`` block, and gli
 freed blocks below its mmap threshold in its heaps (raising that threshold by itself, up
 to 32 MB), so in a training run nearly every tensor ends up there: measured, this freed
 memory was the largest item after the weights and the optimizer state
-(``docs/benchmarks.md``, "Memory on a CPU"). The policy (``trim_memory=True``, its
-default, on a CPU) makes two calls of glibc's documented interface:
+(``docs/benchmarks.md``, "Memory on a CPU"). The policy (``trim_memory``, on a CPU)
+makes two calls of glibc's documented interface:
 
-- ``keep_heap_small``: ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, glibc's own initial
-  threshold, fixed, so that a new block of 128 KiB or more gets its own mapping, returned
-  to the system when freed. Process-wide and once; left alone when
-  ``MALLOC_MMAP_THRESHOLD_`` is set.
 - ``trim_heap``: ``malloc_trim(0)``, every whole free page of the heaps back to the
-  system, after every optimizer step and when an update starts.
+  system: when an update and when a rollout starts (``"phases"``, the default), and
+  with ``"steps"`` after every optimizer step too;
+- ``keep_heap_small`` (``"steps"`` only): ``mallopt(M_MMAP_THRESHOLD, 128 KiB)``, glibc's
+  own initial threshold, fixed, so that a new block of 128 KiB or more gets its own
+  mapping, returned to the system when freed. Process-wide and once; left alone when
+  ``MALLOC_MMAP_THRESHOLD_`` is set. Every large tensor then costs a fresh mapping whose
+  pages fault in again: 1.3-1.5x slower training, which is why it is not the default.
 
 Where the C library is not glibc (macOS, musl) both do nothing.
 """

@@ -25,7 +25,7 @@ loop doing the work of one PPO iteration and nothing more; see
 5. The real checkpoint (``--workloads R``, only when asked: SmolLM2-135M-Instruct on a chat
    task, 8 episodes x 8 new tokens, ``bench.workloads``): end-to-end tokens/s and peak
    memory of the fast path and the floor, full fine-tune and LoRA r=8, and the fast path
-   with ``trim_memory=False`` (glibc's heap left alone) beside each; skipped, with the
+   with ``trim_memory=False`` (glibc's heap left alone) and ``"steps"`` beside each; skipped, with the
    install line, where the checkpoint is not installed. About 10-20 min on a 2-core CPU.
 6. GRPO and RLOO (``--group``; in a full run by default): end-to-end tokens/s of the fast
    path's GRPO and RLOO (group 4, the k3 KL in the loss at a fixed beta 0.04, the
@@ -60,11 +60,12 @@ import sys
 import tempfile
 from typing import Any, Callable
 
-VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "stock")
+VARIANTS = ("bare_rollout", "bare_update", "bare_ppo", "fast", "fast_compiled", "stock")
 LENGTH_VARIANTS = ("bare_ppo", "fast")  # end to end only
 # The real checkpoint (bench.measure.variant_settings reads the suffixes): end to end only.
 REAL_WORKLOADS = ("R",)
-REAL_VARIANTS = ("fast", "fast_untrimmed", "bare_ppo", "fast_lora", "fast_lora_untrimmed", "bare_ppo_lora")
+REAL_VARIANTS = ("fast", "fast_untrimmed", "fast_steptrimmed", "bare_ppo",
+                 "fast_lora", "fast_lora_untrimmed", "fast_steptrimmed_lora", "bare_ppo_lora")
 DEFAULT_WORKLOADS = ("S", "M", "L")
 DEFAULT_LENGTHS = (32, 128, 512)
 DEFAULT_PROCESSES = (1, 2)
@@ -324,7 +325,7 @@ class FigureTable:
 
 def format_real_table(runs: dict[str, list[dict]]) -> str:
     """Workload R: a column each for the full fine-tune and LoRA; end-to-end tok/s and peak
-    memory of the fast path, the floor and the fast path with ``trim_memory=False``, their
+    memory of the fast path, the floor and the fast path with ``trim_memory=False`` and ``"steps"``, their
     ratios, and the fast path's LoRA / full ratios below the table."""
     columns = {"full fine-tune": "", "LoRA r=8": "_lora"}
     table = FigureTable(columns)
@@ -343,8 +344,13 @@ def format_real_table(runs: dict[str, list[dict]]) -> str:
         lambda x: f"{median_tps(v('fast', x, True)):,.2f}")
     add("**end to end: fast / fast with trim_memory=False**",
         lambda x: format_ratio(ratios(v("fast", x), v("fast", x, True))))
+    add("end-to-end tok/s: fast path, trim_memory='steps' (the heap trimmed after every optimizer step)",
+        lambda x: f"{median_tps(v('fast_steptrimmed', x)):,.2f}")
+    add("**end to end: fast / fast with trim_memory='steps'**",
+        lambda x: format_ratio(ratios(v("fast", x), v("fast_steptrimmed", x))))
     add("peak memory MB (RSS): fast path", lambda x: f"{peak_mb(v('fast', x)):,.0f}")
     add("peak memory MB: fast path, trim_memory=False", lambda x: f"{peak_mb(v('fast', x, True)):,.0f}")
+    add("peak memory MB: fast path, trim_memory='steps'", lambda x: f"{peak_mb(v('fast_steptrimmed', x)):,.0f}")
     add("peak memory MB: tight floor", lambda x: f"{peak_mb(v('bare_ppo', x)):,.0f}")
     add("**peak memory: fast / tight floor**",
         lambda x: f"**{peak_mb(v('fast', x)) / peak_mb(v('bare_ppo', x)):.2f}x**")
@@ -396,7 +402,13 @@ def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     add("update tok/s: fast path", lambda r: f"{median_tps(r['fast'], 'update'):,.0f}")
     add(f"update tok/s: {UPDATE_FLOOR}", lambda r: f"{median_tps(r['bare_update']):,.0f}")
     add("**update: fast / bare update**", lambda r: format_ratio(ratios(r["fast"], r["bare_update"], "update")))
+    add("rollout tok/s: fast path, compile=True (scoring excluded; compiled in the warm-up)",
+        lambda r: f"{median_tps(r['fast_compiled'], 'rollout'):,.0f}")
+    add("**rollout: fast compiled / tight floor**",
+        lambda r: format_ratio(ratios(r["fast_compiled"], r["bare_rollout"], "rollout")))
     add("end-to-end tok/s: fast path", lambda r: f"{median_tps(r['fast']):,.0f}")
+    add("end-to-end tok/s: fast path, compile=True", lambda r: f"{median_tps(r['fast_compiled']):,.0f}")
+    add("**end to end: fast compiled / fast**", lambda r: format_ratio(ratios(r["fast_compiled"], r["fast"])))
     add("end-to-end tok/s: SB3 stock path (same policy; no KV cache, per-transition update)",
         lambda r: f"{median_tps(r['stock']):,.1f}")
     add(f"end-to-end tok/s: {PPO_FLOOR}", lambda r: f"{median_tps(r['bare_ppo']):,.0f}")

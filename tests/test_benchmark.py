@@ -147,10 +147,12 @@ def test_workload_r_is_the_real_checkpoint_on_the_issues_chat_task():
     assert R_LORA == {"r": 8}
     assert "R" not in benchmark.parse_args([]).workloads  # only when asked: minutes per iteration on a CPU
     plan = benchmark.measurement_plan(benchmark.parse_args(["--workloads", "R", "S", "--skip-stock"]))
-    assert plan == {"R": list(benchmark.REAL_VARIANTS), "S": ["bare_rollout", "bare_update", "bare_ppo", "fast"]}
+    assert plan == {"R": list(benchmark.REAL_VARIANTS),
+                    "S": ["bare_rollout", "bare_update", "bare_ppo", "fast", "fast_compiled"]}
     assert [variant_settings(v) for v in benchmark.REAL_VARIANTS] == [
-        ("fast", None, True), ("fast", None, False), ("bare_ppo", None, True),
-        ("fast", R_LORA, True), ("fast", R_LORA, False), ("bare_ppo", R_LORA, True)]
+        ("fast", None, True), ("fast", None, False), ("fast_steptrimmed", None, True), ("bare_ppo", None, True),
+        ("fast", R_LORA, True), ("fast", R_LORA, False), ("fast_steptrimmed", R_LORA, True),
+        ("bare_ppo", R_LORA, True)]
     with pytest.raises(ValueError, match="unknown variant"):
         variant_settings("bare_ppo_untrimmed")  # the floor has no trim_memory to switch off
 
@@ -160,7 +162,8 @@ def test_the_real_checkpoints_table_gives_fast_path_floor_trimming_and_lora_side
         return dict(_fake_run(tps), peak_mb=peak)
 
     runs = {"fast": [run(4, 3300)], "fast_untrimmed": [run(5, 4400)], "bare_ppo": [run(5, 4000)],
-            "fast_lora": [run(8, 1700)], "fast_lora_untrimmed": [run(8, 2600)], "bare_ppo_lora": [run(10, 2000)]}
+            "fast_lora": [run(8, 1700)], "fast_lora_untrimmed": [run(8, 2600)], "bare_ppo_lora": [run(10, 2000)],
+            "fast_steptrimmed": [run(2, 3000)], "fast_steptrimmed_lora": [run(4, 1500)]}
     table = benchmark.format_real_table(runs)
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
             if line.startswith("| ")}
@@ -171,6 +174,8 @@ def test_the_real_checkpoints_table_gives_fast_path_floor_trimming_and_lora_side
     assert rows["peak memory MB (RSS): fast path"] == ["3,300", "1,700 |"]
     assert rows["**peak memory: fast / tight floor**"] == ["**0.82x**", "**0.85x** |"]
     assert rows["**peak memory: fast / fast with trim_memory=False**"] == ["**0.75x**", "**0.65x** |"]
+    assert rows["**end to end: fast / fast with trim_memory='steps'**"] == ["**2.00**", "**2.00** |"]
+    assert rows["peak memory MB: fast path, trim_memory='steps'"] == ["3,000", "1,500 |"]
     assert rows["share of a fast iteration: rollout / scoring / update"] == ["50% / 10% / 40%", "50% / 10% / 40% |"]
     assert "LoRA r=8 / full fine-tune: end-to-end tok/s **2.00x**, peak memory 0.52x" in table
     assert "n/a" in benchmark.format_real_table({"fast": [run(4, 3300)]})  # a variant not measured
@@ -227,7 +232,7 @@ def test_group_flag_plans_the_group_variants_and_trl_where_installed():
     assert benchmark.measurement_plan(args) == {"S": list(benchmark.GROUP_VARIANTS)}
     assert benchmark.parse_args([]).group  # a full run has the group table
     plan = benchmark.measurement_plan(benchmark.parse_args(["--workloads", "S", "--skip-stock"]))
-    assert plan == {"S": ["bare_rollout", "bare_update", "bare_ppo", "fast"]}  # not asked: no group variants
+    assert plan == {"S": ["bare_rollout", "bare_update", "bare_ppo", "fast", "fast_compiled"]}  # no group variants
 
 
 def test_group_variants_are_the_framework_group_agents_floors_and_trl():
@@ -331,3 +336,12 @@ def test_padding_benchmark_counts_what_each_trim_leaves(capsys, default_model_pa
     shares = main(["--rollouts", "1", "--n-envs", "4", "--threads", "1"])
     assert 0 <= shares["both ends trimmed"] < shares["right-trimmed"] <= shares["full width"] < 1
     assert "| both ends trimmed |" in capsys.readouterr().out
+
+
+def test_the_variants_runner_measures_each_named_variant_in_its_own_process(capsys):
+    from bench.variants import main
+
+    results = main(["tiny", "fast", "fast_steptrimmed", "--iterations", "1", "--threads", "1"])
+    assert [r["variant"] for r in results] == ["fast", "fast_steptrimmed"]
+    assert all(r["tokens"] > 0 and r["peak_mb"] > 0 for r in results)
+    assert "tiny fast_steptrimmed (repeat 1): end to end" in capsys.readouterr().out

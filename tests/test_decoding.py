@@ -174,6 +174,17 @@ def test_start_after_an_update_reads_the_new_weights(tiny_lm_path):
     assert not torch.allclose(now[running], stale[running], atol=1e-3)  # the update did change the values
 
 
+def test_a_compiled_decode_step_equals_the_full_forward_and_follows_updates(tiny_lm_path):
+    """``compile=True``: the decode steps run the ``torch.compile``'d body, and ``act`` still
+    equals the full forward at every step (1e-5), before and after the weights change."""
+    policy = make_policy(tiny_lm_path, compile=True)
+    decoder = PolicyRolloutDecoder(policy, 3, WIDTH)
+    assert isinstance(decoder.slots.decode_body, torch._dynamo.eval_frame.OptimizedModule)
+    assert decoder.slots.decode_body is policy.decode_body()  # compiled once per policy
+    assert not any("_orig_mod" in name for name in policy.state_dict())  # no second copy in state dicts
+    run_scripted_rollout(policy, decoder, n_steps=5, perturb_after=1)
+
+
 def test_a_separate_critic_decodes_its_own_values(tmp_path_factory, other_gpt2_path):
     """The critic's body (another checkpoint) decodes in slots of its own: the values equal
     ``predict_values`` (the critic's full forward) at every step, not the policy body's."""

@@ -131,16 +131,28 @@ def count_trims(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("trim_memory", [True, False])
-def test_the_heap_is_trimmed_after_every_step_and_when_an_update_starts(default_model_path, monkeypatch,
-                                                                          trim_memory):
+@pytest.mark.parametrize("trim_memory, update_trims, rollout_trims",
+                         [("phases", 1, 1), ("steps", 1 + 2 * 4, 1), (True, 1 + 2 * 4, 1), (False, 0, 0)])
+def test_the_heap_is_trimmed_when_a_phase_starts_and_with_steps_after_every_step(default_model_path, monkeypatch,
+                                                                                   trim_memory, update_trims,
+                                                                                   rollout_trims):
+    """``"phases"`` (default): once when an update starts and once when a rollout starts;
+    ``"steps"`` (``True``, as agents saved before it was a mode): after each of the update's
+    8 optimizer steps as well; ``False``: never."""
     agent = small_agent(policy_kwargs={"trim_memory": trim_memory})
     collect_one_rollout(agent)
     calls = count_trims(monkeypatch)  # the project's own function, replaced for this test only
     agent.train()
-    assert len(calls) == (1 + 2 * 4 if trim_memory else 0)  # the update's start, then each of 8 steps
-    assert agent.policy.trim_memory is trim_memory
+    assert len(calls) == update_trims
+    agent.policy.set_training_mode(False)  # a rollout starts
+    assert len(calls) == update_trims + rollout_trims
+    assert agent.policy.trim_memory == ("steps" if trim_memory is True else trim_memory)
     assert all(p.grad is None for p in trainable(agent))  # gradients are freed either way
+
+
+def test_an_unknown_trim_mode_is_refused_with_the_modes(default_model_path):
+    with pytest.raises(ValueError, match="trim_memory must be one of .*'phases' \\(default\\)"):
+        small_agent(policy_kwargs={"trim_memory": "always"})
 
 
 HEAP_PROBE = """

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "weight; the reference is the same body with the adapters off")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the body's activations in the backward pass (less memory)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the rollout's decode step (compiled on the first rollout; "
+                             "on a CPU it pays on small models only: docs/benchmarks.md)")
     parser.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="TOKENS",
                         help="write a checkpoint every TOKENS generated tokens, beside the saved agent in "
                              "<agent>-checkpoints/ (an exact resume point)")
@@ -126,6 +129,8 @@ def run(argv: list[str] | None = None) -> dict:
         policy_kwargs["lora"] = {"r": args.lora_r, "lora_alpha": 2 * args.lora_r}
     if args.gradient_checkpointing:
         policy_kwargs["gradient_checkpointing"] = True
+    if args.compile:
+        policy_kwargs["compile"] = True
     if policy_kwargs:
         agent_kwargs["policy_kwargs"] = policy_kwargs
     agent_kwargs.update(args.algo_kwargs)

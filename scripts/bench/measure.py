@@ -375,8 +375,13 @@ MEASUREMENTS: dict[str, Callable[..., Measurement]] = {
     "bare_rloo": functools.partial(measure_bare_group, "rloo"),
 }
 #: The framework's variants: ``(algorithm, fast)``.
-FRAMEWORK_VARIANTS = {"fast": ("ppo", True), "stock": ("ppo", False),
+FRAMEWORK_VARIANTS = {"fast": ("ppo", True), "stock": ("ppo", False), "fast_compiled": ("ppo", True),
+                      "fast_steptrimmed": ("ppo", True),
                       **{f"{name}_fast": (name, True) for name in GROUP_ALGORITHMS}}
+#: Policy options of a framework variant beyond its algorithm (the compile happens in the
+#: untimed warm-up iteration).
+FRAMEWORK_POLICY_KWARGS: dict[str, dict[str, Any]] = {"fast_compiled": {"compile": True},
+                                                       "fast_steptrimmed": {"trim_memory": "steps"}}
 
 
 def variant_settings(kind: str) -> tuple[str, dict[str, Any] | None, bool]:
@@ -421,7 +426,9 @@ def run_measurement(
         with context:
             result = MEASUREMENTS[base](workload, model_path, prompts, torch_device, iterations, lora)
     else:  # the framework as a user runs it: precision="bf16-mixed" (its own autocast, old log-probs recomputed)
-        policy_kwargs: dict[str, Any] = {} if trim else {"trim_memory": False}
+        policy_kwargs: dict[str, Any] = dict(FRAMEWORK_POLICY_KWARGS.get(base, {}))
+        if not trim:
+            policy_kwargs["trim_memory"] = False
         if lora is not None:
             policy_kwargs["lora"] = lora
         algorithm, fast = FRAMEWORK_VARIANTS[base]

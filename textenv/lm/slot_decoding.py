@@ -129,13 +129,14 @@ def chunk_additive_mask(attention_mask: torch.Tensor, query_columns: torch.Tenso
 
 
 class SlotDecoder:
-    """Per-episode incremental decoding of one causal LM body over ``n_slots`` episodes.
+    """Per-episode incremental decoding of one causal LM body over ``n_slots`` episodes
+    (``decode_body``: what the one-token decode steps run, default the body itself).
 
     Returns final hidden states (``base_model`` output); the caller applies the
     LM head (and, for a policy, the value head) to them.
     """
 
-    def __init__(self, model: PreTrainedModel, n_slots: int, width: int):
+    def __init__(self, model: PreTrainedModel, n_slots: int, width: int, decode_body: torch.nn.Module | None = None):
         window = getattr(model.config, "sliding_window", None)
         if window is not None and window < width:
             raise ValueError(
@@ -145,6 +146,9 @@ class SlotDecoder:
             )
         self.model = model
         self.body = model.base_model
+        # What the one-token decode steps run: the body, or a compiled form of it (the shapes
+        # of a decode step never change), which a policy's decode_body makes.
+        self.decode_body = decode_body if decode_body is not None else self.body
         self.n_slots = n_slots
         self.width = width
         self.cache = SlotCache(model.config.get_text_config().num_hidden_layers, n_slots, width)
@@ -262,7 +266,7 @@ class SlotDecoder:
         self.cache.write_columns = columns
         positions = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)
         dtype = self.body.get_input_embeddings().weight.dtype
-        hidden = self.body(
+        hidden = self.decode_body(
             input_ids=tokens[:, None],
             attention_mask=additive_mask(attention_mask, dtype),
             position_ids=positions,
