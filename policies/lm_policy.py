@@ -209,7 +209,9 @@ class LMPolicyMixin:
         a PPO rollout frees its own after its last step, a group rollout does not). With
         ``trim_memory`` on a CPU, the freed heap memory of the phase that ended goes back to
         the system; with ``"steps"`` glibc's mmap threshold is also fixed once
-        (``keep_heap_small``)."""
+        (``keep_heap_small``). Only a change of phase trims: SB3's ``predict`` switches to
+        evaluation at every call."""
+        phase_changes = self.training != mode
         super().set_training_mode(mode)
         if mode:  # an update starts: the rollout's KV caches are stale and of no use to it
             self.release_decoders()
@@ -218,7 +220,7 @@ class LMPolicyMixin:
         self.notice_full_fine_tune_on_cpu()
         if self.trim_memory == "steps":
             keep_heap_small()
-        if self.trim_memory:
+        if self.trim_memory and phase_changes:
             trim_heap()
 
     def notice_full_fine_tune_on_cpu(self) -> None:

@@ -146,6 +146,8 @@ def test_the_heap_is_trimmed_when_a_phase_starts_and_with_steps_after_every_step
     assert len(calls) == update_trims
     agent.policy.set_training_mode(False)  # a rollout starts
     assert len(calls) == update_trims + rollout_trims
+    agent.predict(agent.env.reset())  # SB3 switches to evaluation again: no phase change, no trim
+    assert len(calls) == update_trims + rollout_trims
     assert agent.policy.trim_memory == ("steps" if trim_memory is True else trim_memory)
     assert all(p.grad is None for p in trainable(agent))  # gradients are freed either way
 
