@@ -159,7 +159,7 @@ class LMPolicyMixin:
                              "(default), 'steps' (less memory, slower) or False (glibc left alone).")
         self.trim_memory = "steps" if trim_memory is True else trim_memory  # True: agents saved before "phases"
         self.compile_decode = bool(compile)  # not "compile": that is nn.Module's method
-        self._compiled_decode: tuple[nn.Module, nn.Module] | None = None  # (body, its compiled form)
+        self._compiled_decode: nn.Module | None = None  # the body's compiled form, made on first use
         kwargs["ortho_init"] = False
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
 
@@ -425,10 +425,10 @@ class LMPolicyMixin:
         body = self.causal_lm.base_model
         if not self.compile_decode:
             return body
-        if self._compiled_decode is None or self._compiled_decode[0] is not body:
+        if self._compiled_decode is None:
             # Not an attribute of the module tree: its weights would appear twice in state dicts.
-            object.__setattr__(self, "_compiled_decode", (body, torch.compile(body, dynamic=False)))
-        return self._compiled_decode[1]
+            object.__setattr__(self, "_compiled_decode", torch.compile(body, dynamic=False))
+        return self._compiled_decode
 
     def rollout_decoder(self, n_envs: int, width: int) -> "PolicyRolloutDecoder":
         """The KV-cached step (``start``/``act``/``observe``) of this policy over ``n_envs``
