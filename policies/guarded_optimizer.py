@@ -32,8 +32,7 @@ class SkipsNonFiniteSteps:
     max_consecutive_skips = 3
 
     def step(self, closure=None):  # type: ignore[override]
-        gradients = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        finite = not gradients or bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all())
+        finite = gradients_are_finite(self.param_groups)
         if finite:
             self.consecutive_skips = 0
             return wrapped_step_without_hooks(super().step)(closure)  # type: ignore[misc]
@@ -65,6 +64,17 @@ class SkipsNonFiniteSteps:
         self.consecutive_skips = int(counters.get("consecutive_skips", 0))
 
 
+def gradients_are_finite(param_groups: list[dict]) -> bool:
+    """Whether every gradient is finite, from their total 2-norm: one fused pass over the
+    gradients (per-tensor ``isfinite`` checks cost four passes and a mask per tensor, about
+    half an Adam step). A NaN or inf anywhere makes the norm NaN or inf; so does a norm too
+    large for float32 (about 1.8e19), a step that clipping would turn to zeros anyway."""
+    gradients = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+    if not gradients:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients, foreach=True)))
+
+
 def wrapped_step_without_hooks(step):
     """The wrapped optimizer's own ``step``, without torch's hook runner. torch wraps a class's
     ``step`` with the runner of the step hooks when the class's first instance is made; this
@@ -75,6 +85,24 @@ def wrapped_step_without_hooks(step):
     if getattr(function, "hooked", False) and hasattr(function, "__wrapped__"):
         return function.__wrapped__.__get__(step.__self__)
     return step
+
+
+#: Optimizers whose fused step (one kernel over every parameter) this project uses by default.
+FUSED_BY_DEFAULT = (torch.optim.Adam, torch.optim.AdamW)
+FUSED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+def with_fused_step(optimizer_class: type, optimizer_kwargs: dict, parameters: list[torch.Tensor]) -> dict:
+    """``optimizer_kwargs`` with ``fused=True`` for Adam and AdamW on CPU or CUDA weights,
+    unless the caller chose ``fused`` or ``foreach``. Without it, torch steps Adam on a CPU one
+    tensor at a time: 352 ms a step for GPT-2-124M's shapes on 2 threads, against 58 ms fused,
+    and the same weights to 1e-8 (issue 24). The kwargs are not stored: a saved agent keeps
+    the user's own."""
+    if not issubclass(optimizer_class, FUSED_BY_DEFAULT) or {"fused", "foreach"} & set(optimizer_kwargs):
+        return dict(optimizer_kwargs)
+    if not parameters or any(p.device.type not in FUSED_DEVICE_TYPES for p in parameters):
+        return dict(optimizer_kwargs)
+    return {**optimizer_kwargs, "fused": True}
 
 
 @lru_cache(maxsize=None)

@@ -57,7 +57,7 @@ from stable_baselines3.common.type_aliases import Schedule
 from torch import nn
 
 from policies.actor_critic import CRITICS, PRECISIONS, Critic, LMActorCritic, Precision  # noqa: F401 (re-exported)
-from policies.guarded_optimizer import skipping_non_finite
+from policies.guarded_optimizer import skipping_non_finite, with_fused_step
 from policies.lora import LoraReference
 from policies.memory import keep_heap_small, trim_heap
 from policies.observations import unpack_observation
@@ -186,8 +186,10 @@ class LMPolicyMixin:
         self.critic_body: nn.Module | None = actor_critic.critic_body
         self.value_head = actor_critic.value_head
         # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
-        self.optimizer = skipping_non_finite(self.optimizer_class)(self._parameter_groups(lr_schedule(1)),
-                                                                   lr=lr_schedule(1), **self.optimizer_kwargs)
+        groups = self._parameter_groups(lr_schedule(1))
+        kwargs = with_fused_step(self.optimizer_class, self.optimizer_kwargs,
+                                 [p for group in groups for p in group["params"]])
+        self.optimizer = skipping_non_finite(self.optimizer_class)(groups, lr=lr_schedule(1), **kwargs)
         self.release_hook = self.optimizer.register_step_post_hook(
             release_gradients_and_heap if self.trim_memory == "steps" else release_gradients)
 
@@ -403,9 +405,10 @@ class LMPolicyMixin:
             logits = logits.masked_fill(~masks, float("-inf"))
         log_p = torch.log_softmax(logits, dim=-1)  # as log_prob_of: the rollout's and the update's agree bit for bit
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.entropy_gradient):
-            # 0 * log 0 = 0 for masked-out actions, in the forward and the backward pass (a
+            # Masked-out actions: 0 * log 0 = 0, in the forward and the backward pass (a
             # torch.where over p * log p would pass NaN gradients from the -inf entries).
-            finite_log_p = log_p.masked_fill(~log_p.isfinite(), 0.0)
+            # Without masks every log-prob of finite logits is finite: no mask pass.
+            finite_log_p = log_p if masks is None else log_p.masked_fill(~masks, 0.0)
             entropy = -(log_p.exp() * finite_log_p).sum(-1)
         return log_p.gather(1, actions[:, None])[:, 0], entropy
 

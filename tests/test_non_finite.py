@@ -87,3 +87,47 @@ def test_step_hooks_run_once_per_step_even_after_a_plain_adam_was_made():
     optimizer.step()
     assert (len(pre_calls), len(post_calls)) == (1, 1)
     assert torch.allclose(weight.detach(), torch.full((3,), 0.9))  # and the step itself was taken once
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_one_bad_entry_among_many_gradients_is_found(bad):
+    """The finite check reads the gradients' total norm: a single NaN or inf entry in any of
+    several tensors must still make the step skip, and all-finite ones must not."""
+    from policies.guarded_optimizer import gradients_are_finite
+
+    weights = [torch.nn.Parameter(torch.zeros(size)) for size in (5, 300, 7)]
+    for weight in weights:
+        weight.grad = torch.randn_like(weight)
+    groups = [{"params": weights[:2]}, {"params": weights[2:]}]
+    assert gradients_are_finite(groups)
+    weights[1].grad[123] = bad
+    assert not gradients_are_finite(groups)
+
+
+def test_the_policy_steps_adam_fused_unless_told_otherwise_and_the_step_is_adams(default_model_path):
+    """Adam's fused step is the default on a CPU (one kernel, not one per tensor); a user's own
+    ``foreach`` or ``fused`` wins; and the fused step moves the weights as plain Adam's does."""
+    agent = small_agent()
+    assert agent.policy.optimizer.defaults["fused"] is True
+    assert agent.policy.optimizer_kwargs.get("fused") is None  # not saved with the agent
+    chosen = small_agent(policy_kwargs={"optimizer_kwargs": {"foreach": True}})
+    assert not chosen.policy.optimizer.defaults["fused"] and chosen.policy.optimizer.defaults["foreach"]
+
+    from policies.guarded_optimizer import skipping_non_finite, with_fused_step
+
+    torch.manual_seed(0)
+    weights = [torch.randn(40, 30), torch.randn(30)]
+    gradients = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+    moved = []
+    for fused in (True, False):
+        parameters = [torch.nn.Parameter(w.clone()) for w in weights]
+        kwargs = with_fused_step(torch.optim.Adam, {} if fused else {"foreach": False}, parameters)
+        optimizer = skipping_non_finite(torch.optim.Adam)(parameters, lr=1e-2, eps=1e-5, **kwargs)
+        assert bool(optimizer.defaults["fused"]) is fused
+        for step in gradients:
+            for parameter, gradient in zip(parameters, step):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        moved.append(parameters)
+    for fused_weight, plain_weight in zip(*moved):
+        torch.testing.assert_close(fused_weight, plain_weight, rtol=1e-6, atol=1e-7)
