@@ -40,6 +40,7 @@ from agents.rollout import RolloutMixin
 from agents.settings import AdvantageNormalization, KLPlacement, KLSettings, RolloutSettings, settings_fields
 from agents.progress import TokenProgressBar
 from agents.sequence_buffer import SequenceRolloutBuffer
+from agents.sharding import ShardedEvaluation, all_gathered, check_parallelism, policy_sharding, shard_reference
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
@@ -197,6 +198,9 @@ class LMAgentMixin(RolloutMixin):
     :param deferred_reference: on the fast path with the batched env, score the reference
         in one teacher-forced pass after each rollout instead of decoding it token by token
         alongside the policy (``agents.rollout``); the rewards are the same.
+    :param parallelism: under ``torchrun``, ``"ddp"`` (default: a whole copy of the weights,
+        gradients and optimizer state per rank, ``agents.distributed``) or ``"fsdp"`` (FSDP2
+        shards of them, ``agents.sharding``); one process ignores it.
     :param kwargs: the SB3 algorithm's own arguments, over the class's ``defaults``;
         ``policy_kwargs`` over the class's ``policy_defaults``.
     """
@@ -232,8 +236,11 @@ class LMAgentMixin(RolloutMixin):
         critic: str | None = None,
         recompute_old_log_probs: bool | None = None,
         deferred_reference: bool = True,
+        parallelism: str = "ddp",
         **kwargs: Any,
     ):
+        check_parallelism(parallelism)
+        self.parallelism = parallelism
         if distributed.is_distributed():
             kwargs = self._data_parallel_kwargs(fast, kwargs)
         refuse_replaced_keywords(kwargs)
@@ -374,20 +381,46 @@ class LMAgentMixin(RolloutMixin):
             for group in optimizer.param_groups:
                 group["lr"] *= group.get("lr_scale", 1.0)
 
-    def save(self, path: Any, exclude: Any = None, include: Any = None) -> None:
+    def save(self, path: Any, exclude: Any = None, include: Any = None, *, whole_weights: bool = True) -> None:
         """SB3's ``save``, written atomically (``textenv.files.atomic_write``): a crash or a
         full disk during the write leaves the previous file whole. ``path`` without a suffix
         gets ``.zip``, as in SB3; a file object is written as SB3 writes it. In data-parallel
-        training only rank 0 writes (every rank holds the same weights)."""
-        if not distributed.is_main_process():
-            return
-        if not isinstance(path, (str, os.PathLike)):
-            return super().save(path, exclude=exclude, include=include)  # type: ignore[misc]
-        target = Path(path)
-        if target.suffix == "":
-            target = target.with_suffix(".zip")
-        atomic_write(target, lambda temporary: super(LMAgentMixin, self).save(temporary, exclude=exclude,
-                                                                              include=include))
+        training only rank 0 writes (every rank holds the same weights). Under
+        ``parallelism="fsdp"`` every rank must call it: the shards are gathered into whole
+        weights on rank 0, so the file loads in one process as any agent's; a checkpoint
+        (``whole_weights=False``) leaves them out, its shards written beside it
+        (``agents.checkpoints``)."""
+        sharding = policy_sharding(self.policy)
+        self._full_parameters = sharding.full_parameters() if sharding is not None and whole_weights else {}
+        try:
+            if not distributed.is_main_process():
+                return
+            if not isinstance(path, (str, os.PathLike)):
+                return super().save(path, exclude=exclude, include=include)  # type: ignore[misc]
+            target = Path(path)
+            if target.suffix == "":
+                target = target.with_suffix(".zip")
+            atomic_write(target, lambda temporary: super(LMAgentMixin, self).save(temporary, exclude=exclude,
+                                                                                  include=include))
+        finally:
+            del self._full_parameters
+
+    def get_parameters(self) -> dict[str, dict]:
+        """SB3's (the policy's and its optimizer's state dicts); under ``parallelism="fsdp"``
+        the whole ones that ``save`` gathered (none for a checkpoint: its shards hold them)."""
+        if policy_sharding(self.policy) is None:
+            return super().get_parameters()  # type: ignore[misc]
+        return getattr(self, "_full_parameters", {})
+
+    def set_parameters(self, load_path_or_dict: Any, exact_match: bool = True, device: Any = "auto") -> None:
+        """SB3's; under ``parallelism="fsdp"`` whole weights go into this rank's shards, and a
+        checkpoint's zip (no weights) leaves them to its shards (``agents.checkpoints.resume_agent``)."""
+        sharding = policy_sharding(self.policy)
+        if sharding is not None and isinstance(load_path_or_dict, dict):
+            if "policy" not in load_path_or_dict:  # a checkpoint's zip (agents.saving.load_agent refuses it elsewhere)
+                return None
+            return sharding.load_full_parameters(load_path_or_dict)
+        return super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)  # type: ignore[misc]
 
     def _setup_model(self) -> None:
         """SB3's set-up; then, for a LoRA policy on the batched env, the policy's own body
@@ -397,13 +430,33 @@ class LMAgentMixin(RolloutMixin):
         reference = self.policy.reference_model() if isinstance(self.policy, LMPolicyMixin) else None
         if reference is not None and isinstance(self.env, BatchedTokenVecEnv):
             self.env.use_reference(reference)
+        self.reference_sharding = None
         if distributed.is_distributed() and isinstance(self.policy, LMPolicyMixin):
-            # DDP around the policy's evaluation of actions (it broadcasts rank 0's weights);
-            # every rank forms as many minibatches per epoch (agents.distributed).
-            self.policy.data_parallel = distributed.DataParallelEvaluation(
-                self.policy, find_unused_parameters=not self.trains_value_head)
+            if self.parallelism == "fsdp":  # FSDP2 shards of the policy and the reference (agents.sharding)
+                self.policy.data_parallel = ShardedEvaluation(self.policy)
+                if reference is None:  # under LoRA the reference is the policy's own (sharded) body
+                    self.reference_sharding = shard_reference(self._env_reference(), self.policy.precision)
+            else:
+                # DDP around the policy's evaluation of actions (it broadcasts rank 0's weights).
+                self.policy.data_parallel = distributed.DataParallelEvaluation(
+                    self.policy, find_unused_parameters=not self.trains_value_head)
+            # Every rank forms as many minibatches per epoch (agents.distributed).
             if isinstance(self.rollout_buffer, SequenceRolloutBuffer):
                 self.rollout_buffer.agree_on_minibatch_count = distributed.agree_on_minibatch_count
+
+    def _env_reference(self) -> torch.nn.Module:
+        """The training env's frozen reference LM, to shard (``parallelism="fsdp"``)."""
+        if not isinstance(self.env, BatchedTokenVecEnv):
+            raise ValueError("parallelism='fsdp' shards the reference of the batched env, and this agent's env is a "
+                             f"{type(self.env).__name__}. Fix: make the env with make_text_vec_env (batched, the "
+                             "default), or use parallelism='ddp'.")
+        return self.env.task.reference
+
+    def weights_gathered(self) -> Any:
+        """A context in which the policy and the reference are whole on every rank, under
+        ``parallelism="fsdp"`` (``agents.sharding``: a rollout, an evaluation, an export run
+        inside one; every rank enters it together); otherwise it does nothing."""
+        return all_gathered(policy_sharding(self.policy), getattr(self, "reference_sharding", None))
 
     def _setup_learn(self, total_timesteps: int, callback: Any = None, reset_num_timesteps: bool = True,
                      tb_log_name: str = "run", progress_bar: bool = False):
@@ -416,8 +469,9 @@ class LMAgentMixin(RolloutMixin):
             self.tensorboard_log, self.verbose = None, 0
         if reset_num_timesteps or self._last_obs is None:  # SB3's condition for env.reset()
             self.kl_episode_sums = None
-        total_timesteps, callback = super()._setup_learn(  # type: ignore[misc]
-            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        with self.weights_gathered():  # SB3's env.reset() starts the reference on the prompts
+            total_timesteps, callback = super()._setup_learn(  # type: ignore[misc]
+                total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         self.kl_controller.start_run(total_timesteps)  # the whole run's tokens, a resumed one's too
         if self.env is not None:
             self.episode_kl_sums(self.env.num_envs)

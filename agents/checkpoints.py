@@ -11,6 +11,9 @@ observation, the learning-rate schedule's progress), a ``resume_state``:
 - the agent's view of those episodes (``PER_RANK_AGENT_STATE``: the last observation,
   the KL summed so far, the episode statistics);
 - all three of every rank, in data-parallel training;
+- in a sharded run (``parallelism="fsdp"``), every rank's shards of the weights and the
+  optimizer state, in ``checkpoint-N.shards`` beside the zip (``torch.distributed.checkpoint``:
+  each rank writes its own; the zip, written last, holds no weights), read back on as many ranks;
 - what the caller adds (``extra``: e.g. the score before training).
 
 The KL of the episodes still running is an agent attribute (``kl_episode_sums``), so
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -39,6 +43,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 
 from agents import distributed
 from agents.saving import load_agent
+from agents.sharding import policy_sharding
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.zip$")
 # The agent's attributes that describe its own episodes, not the shared weights: in
@@ -71,8 +76,11 @@ def save_checkpoint(agent: BaseAlgorithm, path: str | Path, extra: dict[str, Any
     own_state = {"random": random_states(), "env": env.get_state() if hasattr(env, "get_state") else None,
                  "agent": {name: getattr(agent, name, None) for name in PER_RANK_AGENT_STATE}}
     agent.resume_state = {"rank_states": distributed.gather_objects(own_state), "extra": dict(extra or {})}
+    sharding = policy_sharding(agent.policy)
     try:
-        agent.save(path)  # rank 0 only (LMAgentMixin.save)
+        if sharding is not None:  # FSDP2: every rank writes its shards first; the zip, last, marks them whole
+            sharding.save_shards(shards_folder(path))
+        agent.save(path, whole_weights=sharding is None)  # rank 0 writes (LMAgentMixin.save)
     finally:
         del agent.resume_state
     distributed.barrier()  # the file is whole before any rank goes on (and may resume from it)
@@ -95,6 +103,9 @@ def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, di
     if len(rank_states) != distributed.world_size():
         raise ValueError(f"{path} was saved by {len(rank_states)} rank(s); this run has {distributed.world_size()}. "
                          f"Fix: resume with torchrun --nproc-per-node {len(rank_states)} (in total), as it was saved.")
+    sharding = policy_sharding(agent.policy)
+    if sharding is not None:
+        sharding.load_shards(shards_folder(path))
     own_state = rank_states[distributed.rank()]
     for name, value in own_state["agent"].items():
         setattr(agent, name, value)
@@ -104,14 +115,33 @@ def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, di
     return agent, state["extra"]
 
 
+def shards_folder(path: str | Path) -> Path:
+    """Where a sharded (FSDP2) run's checkpoint ``checkpoint-N.zip`` keeps every rank's shards
+    of the weights and optimizer state (``torch.distributed.checkpoint``): ``checkpoint-N.shards``."""
+    return Path(path).with_suffix(".shards")
+
+
+def remove_checkpoint(path: Path) -> None:
+    """A checkpoint's zip and, for a sharded run, its shards."""
+    path.unlink(missing_ok=True)
+    shutil.rmtree(shards_folder(path), ignore_errors=True)
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files of checkpoint writes that a kill interrupted (each as large
-    as a checkpoint; ``textenv.files.atomic_write`` names them ``.checkpoint-N.zip.*.tmp``).
-    Called when checkpointing starts, before this run writes any: whatever is there is stale."""
+    as a checkpoint; ``textenv.files.atomic_write`` names them ``.checkpoint-N.zip.*.tmp``),
+    and shards whose zip was never written (the zip is written last). Called when
+    checkpointing starts, before this run writes any: whatever is there is stale."""
     folder = Path(folder)
-    stale = sorted(folder.glob(".checkpoint-*.zip.*.tmp")) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    stale = sorted(folder.glob(".checkpoint-*.zip.*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
+    for shards in sorted(folder.glob("checkpoint-*.shards")):
+        if not shards.with_suffix(".zip").exists():
+            shutil.rmtree(shards, ignore_errors=True)
+            stale.append(shards)
     return stale
 
 
@@ -125,7 +155,11 @@ def checkpoints_in(folder: str | Path) -> list[Path]:
 
 
 def is_readable(path: Path) -> bool:
-    """A zip whose every member reads back with a good CRC (a truncated copy does not)."""
+    """A zip whose every member reads back with a good CRC (a truncated copy does not), and
+    whose shards, for a sharded run, are whole (their metadata is written last)."""
+    shards = shards_folder(path)
+    if shards.exists() and not (shards / ".metadata").is_file():
+        return False
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip() is None
@@ -171,7 +205,7 @@ class CheckpointCallback(BaseCallback):
         self._last_saved = self.num_timesteps
         if distributed.is_main_process():
             for old in checkpoints_in(self.folder)[: -self.keep]:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
 
     def _on_step(self) -> bool:
         return True

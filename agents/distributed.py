@@ -171,6 +171,9 @@ class ActionEvaluator(torch.nn.Module):
     def forward(self, observations: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.policy.evaluate_actions_locally(observations, actions)
 
+    def start(self) -> None:
+        """FSDP2's first forward through this root (``agents.sharding.ShardedModules``): nothing to compute."""
+
 
 @dataclass
 class TokenShare:

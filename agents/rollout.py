@@ -61,68 +61,71 @@ class RolloutMixin:
         self.policy.set_training_mode(False)
         rollout_buffer.reset()
         callback.on_rollout_start()
-        timesteps_before = self.num_timesteps
-        statistics = RolloutStatistics()
-        step_dones: list[np.ndarray] = []
-        reference_deferred = self._defers_reference_scoring(env)
-        if reference_deferred:  # the reference is scored after the rollout, in one teacher-forced pass
-            env.defer_reference_scoring(True)
-        try:
-            if in_groups:  # new prompts, k episodes each
-                obs, episode_starts = env.reset(), np.ones(env.num_envs, dtype=np.float32)
-            else:  # the episodes the last rollout left running
-                obs, episode_starts = self._last_obs, self._last_episode_starts
-            input_ids, attention_mask = unpack_observation(obs, self.device)
-            decoder = self._rollout_decoder(env.num_envs)
-            decoder.start(input_ids, attention_mask)  # new weights since the last rollout: fresh caches
-            for step in range(n_rollout_steps):
-                active = env.active.clone() if in_groups else None
-                actions, log_probs, values = decoder.act(self._sample_actions)
-                if in_groups:  # frozen (finished) episodes take no action: zero log-prob, no KL
-                    log_probs = log_probs * active
-                state_columns = last_token_index(attention_mask)
-                new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
-                self.num_timesteps += int(active.sum()) if in_groups else env.num_envs
+        # FSDP2 (agents.sharding): the weights whole on every rank while the rollout decodes and
+        # scores; gathered after the callbacks' rollout start, where a checkpoint may save the shards.
+        with self.weights_gathered():
+            timesteps_before = self.num_timesteps
+            statistics = RolloutStatistics()
+            step_dones: list[np.ndarray] = []
+            reference_deferred = self._defers_reference_scoring(env)
+            if reference_deferred:  # the reference is scored after the rollout, in one teacher-forced pass
+                env.defer_reference_scoring(True)
+            try:
+                if in_groups:  # new prompts, k episodes each
+                    obs, episode_starts = env.reset(), np.ones(env.num_envs, dtype=np.float32)
+                else:  # the episodes the last rollout left running
+                    obs, episode_starts = self._last_obs, self._last_episode_starts
+                input_ids, attention_mask = unpack_observation(obs, self.device)
+                decoder = self._rollout_decoder(env.num_envs)
+                decoder.start(input_ids, attention_mask)  # new weights since the last rollout: fresh caches
+                for step in range(n_rollout_steps):
+                    active = env.active.clone() if in_groups else None
+                    actions, log_probs, values = decoder.act(self._sample_actions)
+                    if in_groups:  # frozen (finished) episodes take no action: zero log-prob, no KL
+                        log_probs = log_probs * active
+                    state_columns = last_token_index(attention_mask)
+                    new_obs, rewards, dones, infos = env.step(actions.cpu().numpy())
+                    self.num_timesteps += int(active.sum()) if in_groups else env.num_envs
 
-                callback.update_locals(locals())
-                if not callback.on_step():
-                    return False
-                self._update_info_buffer(infos, dones)
-                statistics.record_finished_episodes(dones, infos)
-                step_dones.append(dones)
+                    callback.update_locals(locals())
+                    if not callback.on_step():
+                        return False
+                    self._update_info_buffer(infos, dones)
+                    statistics.record_finished_episodes(dones, infos)
+                    step_dones.append(dones)
 
-                if reference_deferred:  # scored after the rollout
-                    ref_log_probs = np.zeros(env.num_envs, dtype=np.float32)
-                else:
-                    ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
-                rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns,
-                                        ref_log_probs)
-                rollout_buffer.end_finished_episodes(dones, infos)
-                episode_starts = np.zeros_like(episode_starts) if in_groups else dones
-                if not in_groups:
-                    self._last_obs, self._last_episode_starts = new_obs, dones
-                elif not bool(env.active.any()):
-                    break  # every episode of every group has ended
+                    if reference_deferred:  # scored after the rollout
+                        ref_log_probs = np.zeros(env.num_envs, dtype=np.float32)
+                    else:
+                        ref_log_probs = np.array([info["ref_logprob"] for info in infos], dtype=np.float32)
+                    rollout_buffer.add_step(actions, rewards, episode_starts, values, log_probs, state_columns,
+                                            ref_log_probs)
+                    rollout_buffer.end_finished_episodes(dones, infos)
+                    episode_starts = np.zeros_like(episode_starts) if in_groups else dones
+                    if not in_groups:
+                        self._last_obs, self._last_episode_starts = new_obs, dones
+                    elif not bool(env.active.any()):
+                        break  # every episode of every group has ended
 
-                input_ids, attention_mask = unpack_observation(new_obs, self.device)
-                # Group episodes never restart within a rollout (frozen rows decode a throw-away step).
-                new_episode = torch.zeros_like(active) if in_groups else torch.as_tensor(dones, device=self.device).bool()
-                if step < n_rollout_steps - 1:
-                    decoder.observe(actions, input_ids, attention_mask, new_episode)
-                else:  # only the values of running episodes are needed now (the next rollout starts afresh)
-                    decoder.observe_last(actions, input_ids, attention_mask, new_episode)
-        finally:
-            if reference_deferred:
-                env.defer_reference_scoring(False)
+                    input_ids, attention_mask = unpack_observation(new_obs, self.device)
+                    # Group episodes never restart within a rollout (frozen rows decode a throw-away step).
+                    new_episode = torch.zeros_like(active) if in_groups else torch.as_tensor(dones, device=self.device).bool()
+                    if step < n_rollout_steps - 1:
+                        decoder.observe(actions, input_ids, attention_mask, new_episode)
+                    else:  # only the values of running episodes are needed now (the next rollout starts afresh)
+                        decoder.observe_last(actions, input_ids, attention_mask, new_episode)
+            finally:
+                if reference_deferred:
+                    env.defer_reference_scoring(False)
 
-        if in_groups:  # the steps after the last end stay empty
-            rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True
-        else:  # episodes still running form segments cut at the rollout's end
-            rollout_buffer.close_open_segments(input_ids.cpu(), attention_mask.cpu())
-        self._count_every_ranks_timesteps(timesteps_before)
-        # The decoder already holds V(s) of the newest observations: no extra forward pass.
-        self.finish_rollout(env, rollout_buffer, statistics, np.stack(step_dones), decoder.values, dones,
-                            reference_deferred, n_tokens=self.num_timesteps - timesteps_before)
+            if in_groups:  # the steps after the last end stay empty
+                rollout_buffer.pos, rollout_buffer.full = rollout_buffer.buffer_size, True
+            else:  # episodes still running form segments cut at the rollout's end
+                rollout_buffer.close_open_segments(input_ids.cpu(), attention_mask.cpu())
+            self._count_every_ranks_timesteps(timesteps_before)
+            # The decoder already holds V(s) of the newest observations: no extra forward pass.
+            self.finish_rollout(env, rollout_buffer, statistics, np.stack(step_dones), decoder.values, dones,
+                                reference_deferred, n_tokens=self.num_timesteps - timesteps_before)
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
@@ -198,7 +201,7 @@ class RolloutMixin:
                                          sums=distributed.global_sums if distributed.is_distributed() else None)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_decoder"]  # type: ignore[misc]
+        return [*super()._excluded_save_params(), "_decoder", "reference_sharding", "_full_parameters"]  # type: ignore[misc]
 
 
 def score_reference(env: VecEnv, buffer: SequenceRolloutBuffer) -> None:

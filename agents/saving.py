@@ -22,9 +22,11 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv
 
+from agents import distributed
 from agents.envs import resolve_env
 from agents.registry import algorithm_class, make_agent
-from policies.actor_critic import CRITIC_FOLDER, VALUE_HEAD_FILE, exported_settings, is_exported_folder
+from agents.sharding import policy_sharding
+from policies.actor_critic import CRITIC_FOLDER, OPTIONS, VALUE_HEAD_FILE, exported_settings, is_exported_folder
 from policies.lm_policy import LMPolicyMixin
 
 # The policy's own arguments that rebuild it around the exported weights (the model path
@@ -61,6 +63,11 @@ def load_agent(
             f"{path} was not saved by a textenv agent (no algorithm_name). Fix: load it with its own "
             "SB3 class, e.g. stable_baselines3.PPO.load."
         )
+    if "policy" not in params and (data or {}).get("parallelism") == "fsdp" and not distributed.is_distributed():
+        raise ValueError(f"{path} is a checkpoint of a sharded (FSDP2) run: its weights are in "
+                         f"{Path(path).with_suffix('.shards')}, which only as many ranks as wrote it can read. Fix: "
+                         "resume it with torchrun (as many processes, --fsdp), or load the agent that run saved at "
+                         "its end (it holds the whole weights).")
     env = resolve_env(env)
     if algo is None or algo.lower() == name:
         return algorithm_class(name).load(path, env=env, **kwargs)
@@ -112,13 +119,34 @@ def export_policy(agent: BaseAlgorithm | str, folder: str | Path, tokenizer: Any
         agent = load_agent(str(agent))
     policy = agent.policy
     folder = Path(folder)
+    actor_critic = policy.actor_critic
+    sharding = policy_sharding(policy)
+    if sharding is not None:  # FSDP2: every rank gathers the shards; rank 0 writes them whole
+        actor_critic = whole_actor_critic(policy, sharding.full_parameters())
+        if actor_critic is None:
+            return folder
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer or _tokenizer_of(agent)
     constructor = {key: value for key, value in policy._get_constructor_parameters().items()
                    if key in EXPORTED_POLICY_ARGUMENTS}
-    return policy.actor_critic.save_pretrained(
+    return actor_critic.save_pretrained(
         folder, tokenizer, policy_kwargs=constructor, algorithm=getattr(agent, "algorithm_name", None),
         kl_coef=float(agent.kl_controller.value) if hasattr(agent, "kl_controller") else None)
+
+
+def whole_actor_critic(policy: Any, parameters: dict[str, Any]) -> Any:
+    """On rank 0 (the one that ``full_parameters`` gives tensors), an unsharded actor-critic
+    built as the policy's was, holding the gathered weights; ``None`` on the other ranks."""
+    if "policy" not in parameters:
+        return None
+    from policies.actor_critic import LMActorCritic
+
+    actor_critic = policy.actor_critic
+    options = {key: actor_critic.settings[key] for key in OPTIONS}
+    whole = LMActorCritic.from_pretrained(actor_critic.name_or_path, restore_exported=False, **options)
+    parts = ("lm.", "lm_head.", "critic_body.", "value_head.")
+    whole.load_state_dict({key: value for key, value in parameters["policy"].items() if key.startswith(parts)})
+    return whole
 
 
 def _tokenizer_of(agent: BaseAlgorithm) -> Any:

@@ -187,7 +187,8 @@ def train_and_evaluate(
             print(f"resuming from {checkpoint_path} at {agent.num_timesteps} tokens")
     else:
         agent = make_agent(algo, env, seed=seed, tensorboard_log=tensorboard_log, device=device, **agent_kwargs)
-        before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
+        with agent.weights_gathered():  # every rank, for a sharded policy (agents.sharding)
+            before = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
     config = resolved_config(agent, env)  # learn() writes the same to TensorBoard
     if print_scores:
         print(f"before training: {describe(before)}")
@@ -200,7 +201,8 @@ def train_and_evaluate(
     agent.learn(total_timesteps - agent.num_timesteps, tb_log_name=tb_log_name or run_name(env_id, algo),
                 progress_bar=progress_bar and main, callback=callbacks, reset_num_timesteps=checkpoint_path is None)
     train_seconds = time.perf_counter() - start
-    after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
+    with agent.weights_gathered():
+        after = evaluate_agent(agent, eval_env, eval_episodes, seed=seed) if main else None
     if print_scores:
         print(f"after training:  {describe(after)} "
               f"(beta now {agent.kl_controller.value:.4f})")

@@ -185,11 +185,17 @@ class LMPolicyMixin:
         self.lm_head = actor_critic.lm_head  # the actor's head (an alias, kept in state dicts)
         self.critic_body: nn.Module | None = actor_critic.critic_body
         self.value_head = actor_critic.value_head
-        # A NaN/inf gradient skips its step instead of poisoning the weights (policies.guarded_optimizer).
-        groups = self._parameter_groups(lr_schedule(1))
+        self.initial_learning_rate = lr_schedule(1)
+        self.make_optimizer()
+
+    def make_optimizer(self) -> None:
+        """The optimizer over the trainable parameters as they are now (FSDP2 sharding,
+        ``agents.sharding``, replaces them and makes it again). A NaN/inf gradient skips
+        its step instead of poisoning the weights (``policies.guarded_optimizer``)."""
+        groups = self._parameter_groups(self.initial_learning_rate)
         kwargs = with_fused_step(self.optimizer_class, self.optimizer_kwargs,
                                  [p for group in groups for p in group["params"]])
-        self.optimizer = skipping_non_finite(self.optimizer_class)(groups, lr=lr_schedule(1), **kwargs)
+        self.optimizer = skipping_non_finite(self.optimizer_class)(groups, lr=self.initial_learning_rate, **kwargs)
         self.release_hook = self.optimizer.register_step_post_hook(
             release_gradients_and_heap if self.trim_memory == "steps" else release_gradients)
 

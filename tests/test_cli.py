@@ -3,6 +3,8 @@ traceback) before any model is loaded or built; and the algorithm keyword check.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 import re
 import subprocess
@@ -264,6 +266,9 @@ def test_compare_variants_reach_make_agent_with_their_keywords(tmp_path, monkeyp
             made[-1]["tb_log_name"] = tb_log_name
             self.num_timesteps += total_timesteps
             time.sleep(0.001)
+
+        def weights_gathered(self):  # the agent's context for evaluations (a no-op outside FSDP2)
+            return contextlib.nullcontext()
 
     def make_agent(algo, env, **kwargs):
         made.append({"algo": algo, **kwargs})

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -51,12 +52,14 @@ def _rank_main(rank: int, port: int, folder: str, job: str, job_args: tuple) -> 
 
     transformers.utils.logging.set_verbosity_error()
     with distributed_from_environment("cpu"):
-        result = JOBS[job](rank, *job_args)
+        result = job(rank, *job_args)
     torch.save(result, Path(folder) / f"rank{rank}.pt")
 
 
-def run_on_two_ranks(tmp_path: Path, job: str, *job_args) -> list:
-    """``JOBS[job](rank, *job_args)`` in two spawned processes; their results, in rank order."""
+def run_on_two_ranks(tmp_path: Path, job: Callable, *job_args) -> list:
+    """``job(rank, *job_args)`` (a module-level function: the processes import it) in two
+    spawned processes; their results, in rank order."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     mp.spawn(_rank_main, args=(free_port(), str(tmp_path), job, job_args), nprocs=WORLD_SIZE, join=True)
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
@@ -88,7 +91,7 @@ def updates_job(rank: int, algo: str) -> dict:
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_parameters_are_identical_on_every_rank_after_every_update(tmp_path, default_model_path, algo):
-    results = run_on_two_ranks(tmp_path, "updates", algo)
+    results = run_on_two_ranks(tmp_path, updates_job, algo)
     for update in range(3):
         per_rank = results[0]["fingerprints"][update]
         assert per_rank[0] == per_rank[1], f"ranks differ after update {update + 1}"
@@ -151,7 +154,7 @@ def equivalence_job(rank: int, algo: str, actions: torch.Tensor) -> tuple:
 @pytest.mark.parametrize("algo", ["ppo", "rloo"])
 def test_two_ranks_update_as_one_process_with_twice_the_envs(tmp_path, default_model_path, algo):
     single_parameters, single_rollout, actions = one_update(algo, WORLD_SIZE * N_ENVS, seed=5, actions=None)
-    results = run_on_two_ranks(tmp_path, "equivalence", algo, actions)
+    results = run_on_two_ranks(tmp_path, equivalence_job, algo, actions)
     if algo == "rloo":  # rank 0's episode ended early: the update must weigh tokens, not ranks
         assert results[0][1]["tokens"] < results[1][1]["tokens"]
     worst = 0.0
@@ -200,7 +203,7 @@ def test_a_checkpoint_resumes_every_ranks_episodes_on_as_many_ranks(tmp_path, de
     from agents.checkpoints import resume_agent
 
     path = tmp_path / "checkpoint-6.zip"
-    results = run_on_two_ranks(tmp_path, "checkpoint", str(path), algo)
+    results = run_on_two_ranks(tmp_path, checkpoint_job, str(path), algo)
     assert not torch.equal(results[0]["saved"], results[1]["saved"])  # each rank had its own episodes
     for result in results:
         assert torch.equal(result["restored"], result["saved"])  # ... and gets its own back
@@ -208,9 +211,6 @@ def test_a_checkpoint_resumes_every_ranks_episodes_on_as_many_ranks(tmp_path, de
     env = make_text_vec_env("textenv/TextGen-v0", n_envs=N_ENVS, seed=0, env_kwargs=ENV_KWARGS)
     with pytest.raises(ValueError, match="saved by 2 rank.*--nproc-per-node 2"):
         resume_agent(path, env)
-
-
-JOBS = {"updates": updates_job, "equivalence": equivalence_job, "checkpoint": checkpoint_job}
 
 
 # -- the main command under torchrun -------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_torchrun_trains_the_default_task_and_writes_one_run_and_one_agent(tmp_p
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
-    assert summary["data_parallel"] == {"world_size": 2, "backend": "gloo"}
+    assert summary["data_parallel"] == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
     assert summary["task_score_after"] > summary["task_score_before"] + 0.1
     assert (tmp_path / "agent.zip").is_file()
     runs = [path for path in (tmp_path / "tb").iterdir() if path.is_dir()]

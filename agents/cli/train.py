@@ -10,6 +10,7 @@ environment argument; TensorBoard gets it too, under config/ and HPARAMS).
     textenv-train
     textenv-train --algo grpo --env textenv/Arithmetic-v0 --total-timesteps 65536
     torchrun --nproc-per-node 2 scripts/train.py   # data-parallel: one process per GPU (or CPU, gloo)
+    torchrun --nproc-per-node 2 scripts/train.py --fsdp   # the same, the training state sharded (FSDP2)
 
 Defaults are the Python API's: an option left out is not passed on, so
 ``textenv-train --algo ppo`` trains what ``LMPPO(env=make_text_vec_env(id))``
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-r", type=positive_int, default=None,
                         help="train LoRA adapters of this rank (alpha 2r, all linear layers) instead of every "
                              "weight; the reference is the same body with the adapters off")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the weights, gradients and optimizer state over the ranks "
+                             "(FSDP2) instead of a whole copy per rank (DDP); see the README's 'Several devices'")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the body's activations in the backward pass (less memory)")
     parser.add_argument("--compile", action="store_true",
@@ -124,6 +128,8 @@ def run(argv: list[str] | None = None) -> dict:
         agent_kwargs["group_size"] = args.group_size
     if args.precision is not None:
         agent_kwargs["precision"] = args.precision
+    if args.fsdp:
+        agent_kwargs["parallelism"] = "fsdp"
     policy_kwargs = dict(args.algo_kwargs.pop("policy_kwargs", None) or {})
     if args.lora_r is not None:
         policy_kwargs["lora"] = {"r": args.lora_r, "lora_alpha": 2 * args.lora_r}
@@ -148,7 +154,8 @@ def run(argv: list[str] | None = None) -> dict:
             return {}
     summary = run.summary()
     if context is not None:
-        summary["data_parallel"] = {"world_size": context.world_size, "backend": context.backend}
+        summary["data_parallel"] = {"world_size": context.world_size, "backend": context.backend,
+                                    "parallelism": "fsdp" if args.fsdp else "ddp"}
     print(json.dumps(summary, indent=2))
     if args.tensorboard_log:
         print(f"TensorBoard: tensorboard --logdir {args.tensorboard_log}")
