@@ -95,6 +95,7 @@ class ShardedModules:
         fully_shard(root, mesh=mesh, mp_policy=mp_policy)
         self.root = root
         self.layers = layers
+        self._gathered_depth = 0  # gathered() inside gathered() (an evaluation in a callback) gathers once
         # FSDP2 takes as its root the first unit that runs a forward; a rollout runs the
         # layers before the root's forward ever runs, so the root runs one first, here.
         register_fsdp_forward_method(root, "start")
@@ -110,17 +111,21 @@ class ShardedModules:
         """Every unit's whole weights on every rank for the duration (module doc: decoding).
         Every rank must enter together (the gathering is a collective); inside, forwards
         run without collectives, so ranks may run different numbers of them."""
-        for layer in self.layers:
-            layer.set_reshard_after_forward(False, recurse=False)
-        for unit in self.units:
-            unit.unshard()
+        self._gathered_depth += 1
         try:
+            if self._gathered_depth == 1:
+                for layer in self.layers:
+                    layer.set_reshard_after_forward(False, recurse=False)
+                for unit in self.units:
+                    unit.unshard()
             yield
         finally:
-            for unit in self.units:
-                unit.reshard()
-            for layer in self.layers:
-                layer.set_reshard_after_forward(True, recurse=False)
+            self._gathered_depth -= 1
+            if self._gathered_depth == 0:
+                for unit in self.units:
+                    unit.reshard()
+                for layer in self.layers:
+                    layer.set_reshard_after_forward(True, recurse=False)
 
 
 class ScaleGradient(torch.autograd.Function):

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,15 @@ def whole_state(agent) -> dict[str, torch.Tensor]:
     return sharding.full_parameters().get("policy", {})
 
 
-def agent_for(algo: str, parallelism: str, lora: bool):
+#: What the FSDP2-vs-DDP test trains: the whole model, LoRA adapters (sharded inside their
+#: layers), and a separate critic (its body's layers units of their own).
+VARIANTS = {"ppo": ("ppo", {}), "grpo-lora": ("grpo", {"lora": {"r": 4, "lora_alpha": 8}}),
+            "ppo-separate-critic": ("ppo", {"critic": "separate"})}
+
+
+def agent_for(algo: str, parallelism: str, policy_kwargs: dict):
     env = make_text_vec_env("textenv/TextGen-v0", n_envs=N_ENVS, seed=0, env_kwargs=ENV_KWARGS)
     hyper = dict(n_steps=N_STEPS, batch_size=8, n_epochs=2) if algo == "ppo" else dict(group_size=2, batch_size=8)
-    policy_kwargs = {"lora": {"r": 4, "lora_alpha": 8}} if lora else {}
     return make_agent(algo, env, seed=0, learning_rate=1e-3, parallelism=parallelism, policy_kwargs=policy_kwargs,
                       **hyper)
 
@@ -51,8 +57,9 @@ def agent_for(algo: str, parallelism: str, lora: bool):
 # -- job 1: FSDP2 updates as DDP does --------------------------------------------------------------
 
 
-def updates_job(rank: int, algo: str, parallelism: str, lora: bool) -> dict:
-    agent = agent_for(algo, parallelism, lora)
+def updates_job(rank: int, variant: str, parallelism: str) -> dict:
+    algo, policy_kwargs = VARIANTS[variant]
+    agent = agent_for(algo, parallelism, policy_kwargs)
     start = whole_state(agent)
     local_shapes = {name: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
                     for name, p in agent.policy.named_parameters()}
@@ -66,11 +73,11 @@ def updates_job(rank: int, algo: str, parallelism: str, lora: bool) -> dict:
             "steps": agent._n_updates}
 
 
-@pytest.mark.parametrize("algo, lora", [("ppo", False), ("grpo", True)], ids=["ppo", "grpo-lora"])
-def test_fsdp_on_two_ranks_updates_as_ddp_on_two_ranks(tmp_path, default_model_path, algo, lora):
-    ddp_ranks = run_on_two_ranks(tmp_path / "ddp", updates_job, algo, "ddp", lora)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fsdp_on_two_ranks_updates_as_ddp_on_two_ranks(tmp_path, default_model_path, variant):
+    ddp_ranks = run_on_two_ranks(tmp_path / "ddp", updates_job, variant, "ddp")
     ddp = ddp_ranks[0]
-    fsdp = run_on_two_ranks(tmp_path / "fsdp", updates_job, algo, "fsdp", lora)
+    fsdp = run_on_two_ranks(tmp_path / "fsdp", updates_job, variant, "fsdp")
     for rank in range(2):  # the same rollouts: the comparison is of the updates
         assert torch.equal(fsdp[rank]["actions"], ddp_ranks[rank]["actions"])
     assert fsdp[0]["steps"] == ddp["steps"] >= 2
@@ -79,7 +86,7 @@ def test_fsdp_on_two_ranks_updates_as_ddp_on_two_ranks(tmp_path, default_model_p
     moved = max(float((ddp["end"][name] - ddp["start"][name]).abs().max()) for name in ddp["end"])
     assert moved > 1e-4  # the updates did something
     difference = max(float((fsdp[0]["end"][name] - ddp["end"][name]).abs().max()) for name in ddp["end"])
-    print(f"{algo}: FSDP2 vs DDP, largest weight difference {difference:.2e} (the update moved them {moved:.2e})")
+    print(f"{variant}: FSDP2 vs DDP, largest weight difference {difference:.2e} (the update moved them {moved:.2e})")
     assert difference < 1e-5, f"FSDP2 and DDP differ by {difference} after one update"
     # Each rank holds half of every sharded weight (dimension 0, rounded up), DDP all of it.
     name, shape = next((n, s) for n, s in ddp["local_shapes"].items() if ".h.0." in n and len(s) == 2)
@@ -95,7 +102,7 @@ def checkpoint_job(rank: int, folder: str) -> dict:
     from agents.saving import export_policy
 
     folder = Path(folder)
-    agent = agent_for("ppo", "fsdp", lora=False)
+    agent = agent_for("ppo", "fsdp", {})
     agent.learn(N_STEPS * N_ENVS)
     save_checkpoint(agent, folder / "checkpoint-16.zip")
     saved = whole_state(agent)
@@ -161,6 +168,28 @@ def test_optimizer_state_by_name_and_by_index_are_inverses():
     assert [group["params"] for group in by_index["param_groups"]] == [[0, 1], [2]]
     assert by_index["non_finite_skips"] == {"skipped_steps": 1}
     assert optimizer_state_by_name(by_index, ["a.weight", "b.weight", "c.bias"]) == by_name
+
+
+def test_shards_without_their_zip_are_stale_and_unfinished_shards_make_a_checkpoint_unreadable(tmp_path):
+    """The zip is written after every rank's shards: shards without one are an interrupted
+    save (removed when checkpointing starts), and shards without DCP's metadata (written
+    last) make their checkpoint unreadable, so resuming falls back to an older one."""
+    from agents.checkpoints import is_readable, latest_checkpoint, remove_stale_temporaries
+
+    (tmp_path / "checkpoint-5.shards").mkdir()  # killed before its zip
+    for tokens, metadata in ((6, True), (7, False)):
+        shards = tmp_path / f"checkpoint-{tokens}.shards"
+        shards.mkdir()
+        (shards / "__0_0.distcp").write_bytes(b"shard")
+        if metadata:
+            (shards / ".metadata").write_bytes(b"metadata")
+        with zipfile.ZipFile(tmp_path / f"checkpoint-{tokens}.zip", "w") as archive:
+            archive.writestr("data", "{}")
+    assert remove_stale_temporaries(tmp_path) == [tmp_path / "checkpoint-5.shards"]
+    assert (tmp_path / "checkpoint-6.shards").is_dir() and (tmp_path / "checkpoint-7.shards").is_dir()
+    assert is_readable(tmp_path / "checkpoint-6.zip") and not is_readable(tmp_path / "checkpoint-7.zip")
+    with pytest.warns(RuntimeWarning, match="checkpoint-7.zip"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6.zip"
 
 
 def test_an_unknown_parallelism_is_refused_naming_the_choices():
