@@ -17,8 +17,9 @@ loop doing the work of one PPO iteration and nothing more; see
    tokens/s of the fast path and the floor, and the fast path's cost per generated
    token relative to the shortest length.
 3. Data parallel (``--data-parallel``, default 1 2 processes, ``bench.data_parallel``):
-   end-to-end tokens/s of the fast path on S with each number of processes (on CPU
-   the cores are split between them; on GPUs one GPU per process).
+   end-to-end, rollout and update tokens/s of the fast path on S with each number of
+   processes, several with DDP and with FSDP2 shards (``--fsdp``; on CPU the cores are split
+   between them; on GPUs one GPU per process).
 4. Multi-turn (``--multi-turn``, ``bench.multi_turn``): end-to-end tokens/s of PPO on a
    scripted dialogue task: the fast path on the batched multi-turn env and on
    per-episode envs, and SB3's stock path (left out with ``--skip-stock``).
@@ -200,18 +201,21 @@ def measure_all(args: argparse.Namespace) -> dict[str, dict[str, list[dict]]]:
     return results
 
 
-def measure_data_parallel_runs(args: argparse.Namespace) -> dict[int, list[dict]]:
-    """``results[processes]``: one data-parallel measurement on S per repeat."""
+def measure_data_parallel_runs(args: argparse.Namespace) -> dict[tuple[int, str], list[dict]]:
+    """``results[(processes, parallelism)]``: one data-parallel measurement on S per repeat;
+    several processes with DDP and with FSDP2 shards."""
     from bench.data_parallel import measure_data_parallel
 
-    results: dict[int, list[dict]] = {n: [] for n in args.data_parallel}
+    setups = [(n, parallelism) for n in args.data_parallel for parallelism in (("ddp",) if n == 1 else ("ddp", "fsdp"))]
+    results: dict[tuple[int, str], list[dict]] = {setup: [] for setup in setups}
     for repeat in range(args.repeats):
-        for processes in args.data_parallel:
-            result = measure_data_parallel("S", processes, args.device, iterations_for(args, "S", "fast"))
-            results[processes].append(result)
-            print(f"  measured data-parallel S on {processes} process(es) (repeat {repeat + 1}/{args.repeats}): "
-                  f"{result['tokens_per_second']:,.0f} tok/s, load average {os.getloadavg()[0]:.1f}",
-                  file=sys.stderr, flush=True)
+        for processes, parallelism in setups:
+            result = measure_data_parallel("S", processes, args.device, iterations_for(args, "S", "fast"),
+                                           parallelism)
+            results[(processes, parallelism)].append(result)
+            print(f"  measured data-parallel S on {processes} process(es), {parallelism} (repeat {repeat + 1}/"
+                  f"{args.repeats}): {result['tokens_per_second']:,.0f} tok/s, load average "
+                  f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
     return results
 
 
@@ -249,15 +253,18 @@ def format_multi_turn_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def format_data_parallel_table(results: dict[int, list[dict]]) -> str:
-    """Global end-to-end tok/s with each number of processes, and the speed-up over the first."""
-    lines = ["| processes | torch threads per process | end-to-end tok/s, all processes | per process "
-             "| speed-up over 1 process |", "|---|---|---|---|---|"]
+def format_data_parallel_table(results: dict[tuple[int, str], list[dict]]) -> str:
+    """Global tok/s (end to end, rollout, update) with each number of processes and parallelism,
+    and the end-to-end speed-up over the first row."""
+    lines = ["| processes | parallelism | torch threads per process | end-to-end tok/s, all processes | rollout "
+             "| update | per process | speed-up over 1 process |", "|---|---|---|---|---|---|---|---|"]
     base = statistics.median(r["tokens_per_second"] for r in results[min(results)])
-    for processes, runs in sorted(results.items()):
+    for (processes, parallelism), runs in sorted(results.items()):
         tps = statistics.median(r["tokens_per_second"] for r in runs)
-        lines.append(f"| {processes} | {runs[0]['threads_per_rank']} | {tps:,.0f} | {tps / processes:,.0f} "
-                     f"| {tps / base:.2f}x |")
+        rollout, update = (statistics.median(r[f"{part}_tokens_per_second"] for r in runs)
+                           for part in ("rollout", "update"))
+        lines.append(f"| {processes} | {parallelism} | {runs[0]['threads_per_rank']} | {tps:,.0f} | {rollout:,.0f} "
+                     f"| {update:,.0f} | {tps / processes:,.0f} | {tps / base:.2f}x |")
     return "\n".join(lines)
 
 
@@ -496,7 +503,7 @@ def main(argv=None) -> str:
         print(tables[-1])
     if data_parallel:
         tables.append(format_data_parallel_table(data_parallel))
-        print(f"\nData-parallel (agents.distributed; workload S, fast path, end to end, "
+        print(f"\nData-parallel (agents.distributed, agents.sharding; workload S, fast path, "
               f"{'gloo' if device.type == 'cpu' else 'nccl'}; each process runs S's 16 episodes):\n")
         print(tables[-1])
     if multi_turn:

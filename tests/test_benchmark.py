@@ -61,10 +61,15 @@ def test_a_full_run_covers_s_m_l_and_the_episode_lengths():
 
 
 def test_data_parallel_table_gives_the_speed_up_over_one_process():
-    results = {1: [{"tokens_per_second": 1000.0, "threads_per_rank": 2}],
-               2: [{"tokens_per_second": 1500.0, "threads_per_rank": 1}]}
+    def run(tps: float, threads: int) -> dict:
+        return {"tokens_per_second": tps, "rollout_tokens_per_second": 4 * tps, "update_tokens_per_second": 2 * tps,
+                "threads_per_rank": threads}
+
+    results = {(1, "ddp"): [run(1000.0, 2)], (2, "fsdp"): [run(1200.0, 1)], (2, "ddp"): [run(1500.0, 1)]}
     rows = benchmark.format_data_parallel_table(results).splitlines()[2:]
-    assert rows == ["| 1 | 2 | 1,000 | 1,000 | 1.00x |", "| 2 | 1 | 1,500 | 750 | 1.50x |"]
+    assert rows == ["| 1 | ddp | 2 | 1,000 | 4,000 | 2,000 | 1,000 | 1.00x |",
+                    "| 2 | ddp | 1 | 1,500 | 6,000 | 3,000 | 750 | 1.50x |",
+                    "| 2 | fsdp | 1 | 1,200 | 4,800 | 2,400 | 600 | 1.20x |"]
 
 
 def test_multi_turn_table_gives_the_batched_envs_speed_up_over_each_setup():

@@ -106,10 +106,11 @@ GROUP_ALGORITHMS = ("grpo", "rloo")
 def make_framework_agent(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device,
     precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None, algorithm: str = "ppo",
+    parallelism: str = "ddp",
 ):
     """The framework's agent on ``workload``: PPO (``KL_COEF`` in the reward), or GRPO/RLOO
     (``algorithm``: ``GROUP_SIZE`` completions per prompt, ``GROUP_KL_COEF`` k3 in the loss);
-    a fixed beta, the workload's epochs and minibatches."""
+    a fixed beta, the workload's epochs and minibatches; under torchrun ``parallelism``."""
     from agents import make_agent, make_text_vec_env
 
     env_kwargs = dict(
@@ -129,6 +130,7 @@ def make_framework_agent(
         timers.append(task.reward_source)
     batch_size = workload.tokens_per_iteration // workload.minibatches
     common = dict(fast=fast, batch_size=batch_size, n_epochs=workload.n_epochs, kl_target=None, seed=0,
+                  parallelism=parallelism,
                   device=device, verbose=0, precision=precision, policy_kwargs=dict(policy_kwargs or {}))
     if algorithm == "ppo":  # a fixed beta, as the floor's (ppo_args: kl_coef=KL_COEF)
         agent = make_agent("ppo", env, n_steps=workload.new_tokens, kl_coef=KL_COEF, **common)
@@ -167,6 +169,7 @@ class PhaseTimer:
 def measure_framework(
     workload: Workload, model_path: Path, prompts: list[str], fast: bool, device: torch.device, iterations: int,
     precision: str = "fp32", policy_kwargs: dict[str, Any] | None = None, algorithm: str = "ppo",
+    parallelism: str = "ddp",
 ) -> Measurement:
     """Full iterations of PPO (or ``algorithm``) through ``learn``, split into rollout, scoring
     and update. In data-parallel training (``bench.data_parallel``) every rank runs ``iterations`` of
@@ -174,7 +177,7 @@ def measure_framework(
     from agents.distributed import world_size
 
     agent, reward_timers = make_framework_agent(workload, model_path, prompts, fast, device, precision,
-                                                policy_kwargs, algorithm)
+                                                policy_kwargs, algorithm, parallelism)
     agent.learn(workload.tokens_per_iteration * world_size())  # warm-up iteration (allocations, caches)
     for timer in reward_timers:
         timer.seconds = 0.0
