@@ -40,7 +40,9 @@ from agents.rollout import RolloutMixin
 from agents.settings import AdvantageNormalization, KLPlacement, KLSettings, RolloutSettings, settings_fields
 from agents.progress import TokenProgressBar
 from agents.sequence_buffer import SequenceRolloutBuffer
-from agents.sharding import ShardedEvaluation, all_gathered, check_parallelism, policy_sharding, shard_reference
+from agents.sharding import (
+    Parallelism, ShardedEvaluation, all_gathered, check_parallelism, policy_sharding, shard_reference,
+)
 from policies import LMActorCriticPolicy
 from policies.lm_policy import LMPolicyMixin
 from policies.masked import TopPMaskedLMPolicy
@@ -236,7 +238,7 @@ class LMAgentMixin(RolloutMixin):
         critic: str | None = None,
         recompute_old_log_probs: bool | None = None,
         deferred_reference: bool = True,
-        parallelism: str = "ddp",
+        parallelism: Parallelism = "ddp",
         **kwargs: Any,
     ):
         check_parallelism(parallelism)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import weakref
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from agents import distributed
 from agents.distributed import ActionEvaluator
 
-Parallelism = str
+Parallelism = Literal["ddp", "fsdp"]
 PARALLELISMS = ("ddp", "fsdp")
 #: Whole tensors, on rank 0's CPU only (the others get none): what a saved agent holds.
 FULL_ON_RANK_0 = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -90,7 +90,7 @@ class ShardedModules:
     def __init__(self, root: nn.Module, layers: list[nn.Module], mp_policy: MixedPrecisionPolicy):
         device = next(root.parameters()).device
         mesh = init_device_mesh(device.type, (distributed.world_size(),))
-        for layer in layers:
+        for layer in reversed(layers):  # inner units first, as FSDP2 asks (a list in module order)
             fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
         fully_shard(root, mesh=mesh, mp_policy=mp_policy)
         self.root = root
