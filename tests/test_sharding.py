@@ -144,6 +144,32 @@ def test_a_sharded_checkpoint_resumes_exactly_and_the_saved_agent_and_export_are
         assert torch.equal(value, result["continued"][name]), name
 
 
+# -- job 3: a NaN in one rank's shard skips the step on every rank -----------------------------------
+
+
+def non_finite_job(rank: int) -> list[bool]:
+    from torch.distributed.fsdp import fully_shard
+
+    from policies.guarded_optimizer import gradients_are_finite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    fully_shard(model)
+    model(torch.ones(3, 4)).sum().backward()
+    groups = [{"params": list(model.parameters())}]
+    finite_before = gradients_are_finite(groups)
+    if rank == 1:  # this rank's shard only
+        model[0].weight.grad.to_local()[0, 0] = float("nan")
+    return [finite_before, gradients_are_finite(groups)]
+
+
+def test_a_nan_in_one_ranks_shard_makes_every_rank_skip_the_step(tmp_path):
+    """The guarded optimizer's finite check reads the gradients' total norm, which over FSDP2
+    shards is global: a rank whose own shard is finite must skip too, or the ranks' weights
+    would part."""
+    assert run_on_two_ranks(tmp_path, non_finite_job) == [[True, False], [True, False]]
+
+
 # -- in one process ---------------------------------------------------------------------------------
 
 
