@@ -43,7 +43,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 
 from agents import distributed
 from agents.saving import load_agent
-from agents.sharding import policy_sharding
+from agents.sharding import policy_sharding, shards_folder
 
 CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)\.zip$")
 # The agent's attributes that describe its own episodes, not the shared weights: in
@@ -113,12 +113,6 @@ def resume_agent(path: str | Path, env: GymEnv | str) -> tuple[BaseAlgorithm, di
         agent.get_env().set_state(own_state["env"])
     set_random_states(own_state["random"])
     return agent, state["extra"]
-
-
-def shards_folder(path: str | Path) -> Path:
-    """Where a sharded (FSDP2) run's checkpoint ``checkpoint-N.zip`` keeps every rank's shards
-    of the weights and optimizer state (``torch.distributed.checkpoint``): ``checkpoint-N.shards``."""
-    return Path(path).with_suffix(".shards")
 
 
 def remove_checkpoint(path: Path) -> None:

@@ -214,9 +214,15 @@ class DataParallelEvaluation:
         self.module.register_comm_hook(self.token_share, token_weighted_allreduce)
 
     def __call__(self, observations: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        local_tokens = float(actions.numel())
-        self.token_share.share = local_tokens / float(global_sums([local_tokens])[0])
+        self.token_share.share = token_share(actions)
         return self.module(observations, actions)
+
+
+def token_share(actions: torch.Tensor) -> float:
+    """This rank's share of the minibatch's tokens over every rank (``n_rank / n_global``): the
+    weight of its gradient in the gradient of the loss averaged over every rank's tokens."""
+    local_tokens = float(actions.numel())
+    return local_tokens / float(global_sums([local_tokens])[0])
 
 
 def parameters_fingerprint(module: torch.nn.Module) -> list[float]:

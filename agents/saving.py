@@ -25,7 +25,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from agents import distributed
 from agents.envs import resolve_env
 from agents.registry import algorithm_class, make_agent
-from agents.sharding import policy_sharding
+from agents.sharding import policy_sharding, shards_folder
 from policies.actor_critic import CRITIC_FOLDER, OPTIONS, VALUE_HEAD_FILE, exported_settings, is_exported_folder
 from policies.lm_policy import LMPolicyMixin
 
@@ -65,7 +65,7 @@ def load_agent(
         )
     if "policy" not in params and (data or {}).get("parallelism") == "fsdp" and not distributed.is_distributed():
         raise ValueError(f"{path} is a checkpoint of a sharded (FSDP2) run: its weights are in "
-                         f"{Path(path).with_suffix('.shards')}, which only as many ranks as wrote it can read. Fix: "
+                         f"{shards_folder(path)}, which only as many ranks as wrote it can read. Fix: "
                          "resume it with torchrun (as many processes, --fsdp), or load the agent that run saved at "
                          "its end (it holds the whole weights).")
     env = resolve_env(env)

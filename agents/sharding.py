@@ -175,10 +175,9 @@ class ShardedEvaluation:
         policy.make_optimizer()
 
     def __call__(self, observations: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        local_tokens = float(actions.numel())
         # FSDP2 averages the ranks' gradients; weighted by token shares they sum instead to
         # the gradient of the mean over every rank's tokens (as token_weighted_allreduce).
-        factor = local_tokens / float(distributed.global_sums([local_tokens])[0]) * distributed.world_size()
+        factor = distributed.token_share(actions) * distributed.world_size()
         outputs = self.module(observations, actions)
         return tuple(ScaleGradient.apply(output, factor) if output.requires_grad else output  # type: ignore[return-value]
                      for output in outputs)
@@ -237,6 +236,12 @@ class ShardedEvaluation:
         dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(self.policy, self.policy.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
+
+
+def shards_folder(path: str | Path) -> Path:
+    """Where a sharded run's checkpoint ``checkpoint-N.zip`` keeps every rank's shards of the
+    weights and optimizer state (``save_shards``): ``checkpoint-N.shards``."""
+    return Path(path).with_suffix(".shards")
 
 
 def optimizer_parameter_names(policy: nn.Module) -> list[str]:

@@ -216,16 +216,23 @@ def test_a_checkpoint_resumes_every_ranks_episodes_on_as_many_ranks(tmp_path, de
 # -- the main command under torchrun -------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_torchrun_trains_the_default_task_and_writes_one_run_and_one_agent(tmp_path, default_model_path):
+def train_under_torchrun(tmp_path: Path, *arguments: str) -> dict:
+    """``torchrun --nproc-per-node 2 scripts/train.py`` with ``arguments`` on the default task,
+    one torch thread per rank, TensorBoard in ``tmp_path/tb``, the agent in ``tmp_path/agent.zip``;
+    its printed summary, after checking that it exited 0."""
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(root / "scripts" / "train.py"), "--quiet", "--total-timesteps", "12288",
+               str(root / "scripts" / "train.py"), *arguments, "--quiet", "--total-timesteps", "12288",
                "--tensorboard-log", str(tmp_path / "tb"), "--save-path", str(tmp_path / "agent.zip")]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
+    return json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
+
+
+@pytest.mark.slow
+def test_torchrun_trains_the_default_task_and_writes_one_run_and_one_agent(tmp_path, default_model_path):
+    summary = train_under_torchrun(tmp_path)
     assert summary["data_parallel"] == {"world_size": 2, "backend": "gloo", "parallelism": "ddp"}
     assert summary["task_score_after"] > summary["task_score_before"] + 0.1
     assert (tmp_path / "agent.zip").is_file()

@@ -12,10 +12,6 @@ run it: two CPU processes on ``gloo`` (``torchrun``'s environment set by hand, a
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -28,7 +24,7 @@ from agents.distributed import gather_objects, parameters_fingerprint
 from agents.sharding import (
     check_parallelism, decoder_layers, optimizer_state_by_index, optimizer_state_by_name, policy_sharding,
 )
-from test_data_parallel import ENV_KWARGS, N_ENVS, run_on_two_ranks
+from test_data_parallel import ENV_KWARGS, N_ENVS, run_on_two_ranks, train_under_torchrun
 
 N_STEPS = 8
 
@@ -231,14 +227,7 @@ def test_the_cli_passes_fsdp_to_the_agent():
 
 @pytest.mark.slow
 def test_torchrun_fsdp_trains_the_default_task(tmp_path, default_model_path):
-    root = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(root / "scripts" / "train.py"), "--fsdp", "--quiet", "--total-timesteps", "12288",
-               "--tensorboard-log", str(tmp_path / "tb"), "--save-path", str(tmp_path / "agent.zip")]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"): done.stdout.rindex("}") + 1])
+    summary = train_under_torchrun(tmp_path, "--fsdp")
     assert summary["data_parallel"] == {"world_size": 2, "backend": "gloo", "parallelism": "fsdp"}
     assert summary["task_score_after"] > summary["task_score_before"] + 0.1
     assert (tmp_path / "agent.zip").is_file()

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "weight; the reference is the same body with the adapters off")
     parser.add_argument("--fsdp", action="store_true",
                         help="under torchrun: shard the weights, gradients and optimizer state over the ranks "
-                             "(FSDP2) instead of a whole copy per rank (DDP); see the README's 'Several devices'")
+                             "(FSDP2) instead of a whole copy per rank (DDP); see the README's 'Beyond one machine'")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute the body's activations in the backward pass (less memory)")
     parser.add_argument("--compile", action="store_true",
