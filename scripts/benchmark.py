@@ -73,6 +73,9 @@ DEFAULT_PROCESSES = (1, 2)
 # GRPO and RLOO (--group): the fast path and the one-page floor of each, and TRL's GRPOTrainer.
 GROUP_VARIANTS = ("grpo_fast", "bare_grpo", "rloo_fast", "bare_rloo")
 TRL_VARIANT = "trl_grpo"
+# GRPO on the real checkpoint (--workloads R --group): full fine-tune and LoRA r=8, TRL beside each.
+REAL_GROUP_VARIANTS = ("grpo_fast", "bare_grpo", "grpo_fast_lora", "bare_grpo_lora")
+REAL_TRL_VARIANTS = (TRL_VARIANT, f"{TRL_VARIANT}_lora")
 TRL_NAME = "TRL GRPOTrainer"
 
 ROLLOUT_FLOOR = "tight bare rollout (KV-cached policy decode with log-probs+values, one teacher-forced reference pass)"
@@ -159,7 +162,12 @@ def measurement_plan(args: argparse.Namespace) -> dict[str, list[str]]:
         ppo = [] if args.skip_ppo else [v for v in VARIANTS if v != "stock" or w in args.stock_workloads]
         return ppo + group
 
-    plan = {w: list(REAL_VARIANTS) if w in REAL_WORKLOADS else built(w) for w in args.workloads}
+    def real() -> list[str]:
+        ppo = [] if args.skip_ppo else list(REAL_VARIANTS)
+        trl = list(REAL_TRL_VARIANTS) if args.trl else []
+        return ppo + (list(REAL_GROUP_VARIANTS) + trl if args.group else [])
+
+    plan = {w: real() if w in REAL_WORKLOADS else built(w) for w in args.workloads}
     plan.update({w: list(LENGTH_VARIANTS) for w in length_workloads(args)})
     return plan
 
@@ -373,6 +381,24 @@ def format_real_table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def format_real_group_table(runs: dict[str, list[dict]]) -> str:
+    """GRPO on workload R: a column each for the full fine-tune and LoRA; end-to-end tok/s of
+    the fast path, its floor and TRL's GRPOTrainer, the fast path over each, and peak memory."""
+    table = FigureTable({"full fine-tune": "", "LoRA r=8": "_lora"})
+    add = table.add
+    add("GRPO fast", lambda x: f"{median_tps(runs['grpo_fast' + x]):,.2f}")
+    add("GRPO floor", lambda x: f"{median_tps(runs['bare_grpo' + x]):,.2f}")
+    add("**GRPO fast / floor**", lambda x: format_ratio(ratios(runs["grpo_fast" + x], runs["bare_grpo" + x])))
+    add(TRL_NAME, lambda x: f"{median_tps(runs[TRL_VARIANT + x]):,.2f}")
+    add("**GRPO fast / TRL**", lambda x: format_ratio(ratios(runs["grpo_fast" + x], runs[TRL_VARIANT + x])))
+    add("GRPO fast: rollout / scoring / update share", lambda x: " / ".join(
+        f"{statistics.median(100 * r['parts'][part] / r['seconds'] for r in runs['grpo_fast' + x]):.0f}%"
+        for part in ("rollout", "scoring", "update")))
+    add("peak memory MB: GRPO fast / floor / TRL", lambda x: " / ".join(
+        f"{peak_mb(runs[v + x]):,.0f}" if v + x in runs else "n/a" for v in ("grpo_fast", "bare_grpo", TRL_VARIANT)))
+    return table.markdown()
+
+
 GROUP_FLOOR = ("scripts/grpo_reference.py: KV-cached decode of 4 completions per prompt with log-probs, one "
                "teacher-forced reference pass, group advantages, epochs x minibatches of the clipped surrogate "
                "+ beta x k3, Adam; no value head, no entropy")
@@ -430,13 +456,14 @@ def format_table(results: dict[str, dict[str, list[dict]]]) -> str:
     return table.markdown()
 
 
-def print_group_table(table: str, args: argparse.Namespace) -> None:
-    """The group table with what each row runs, and what TRL does differently."""
+def print_group_table(table: str, args: argparse.Namespace, title: str = "GRPO and RLOO",
+                      lengths: str = "every completion of the full length") -> None:
+    """The group table under ``title`` with what each row runs, and what TRL does differently."""
     from bench.workloads import GROUP_KL_COEF, GROUP_SIZE
     from bench.trl_grpo import DIFFERENCES
 
-    print(f"\nGRPO and RLOO (group {GROUP_SIZE}, k3 KL in the loss, beta {GROUP_KL_COEF} fixed, token mean, "
-          "the workload's epochs and minibatches, every completion of the full length):\n")
+    print(f"\n{title} (group {GROUP_SIZE}, k3 KL in the loss, beta {GROUP_KL_COEF} fixed, token mean, "
+          f"the workload's epochs and minibatches, {lengths}):\n")
     print(table)
     print(f"\nFloor: {GROUP_FLOOR}. Fast path: make_agent('grpo'/'rloo', group_size={GROUP_SIZE}, "
           f"kl_coef={GROUP_KL_COEF}, kl_target=None, kl_placement='loss', kl_estimator='k3').")
@@ -444,7 +471,7 @@ def print_group_table(table: str, args: argparse.Namespace) -> None:
         import trl
 
         print(f"{TRL_NAME}: trl {trl.__version__}, same model folder, prompts, VADER reward, group size, "
-              "full-length completions, epochs, minibatches and beta, use_vllm=False, fp32 (bf16 with --autocast), "
+              "the same completion lengths (above), epochs, minibatches and beta, use_vllm=False, fp32 (bf16 with --autocast), "
               f"no gradient checkpointing. What it does differently: {DIFFERENCES}.")
     elif args.skip_trl:
         print(f"{TRL_NAME}: left out (--skip-trl).")
@@ -493,10 +520,15 @@ def main(argv=None) -> str:
         tables.append(format_group_table({w: results[w] for w in built}))
         print_group_table(tables[-1], args)
     for w in args.workloads:
-        if w in REAL_WORKLOADS:
+        if w in REAL_WORKLOADS and not args.skip_ppo:
             tables.append(format_real_table(results[w]))
             print(f"\nThe real checkpoint (workload {w}: end to end, full fine-tune and LoRA):\n")
             print(tables[-1])
+        if w in REAL_WORKLOADS and args.group:
+            tables.append(format_real_group_table(results[w]))
+            print_group_table(tables[-1], args, f"GRPO on the real checkpoint (workload {w}, full fine-tune and LoRA r=8)",
+                              "completions end at the checkpoint's EOS in the fast path and TRL, tok/s counts the "
+                              "tokens generated; the floor runs every completion to its full length")
     if args.lengths:
         tables.append(format_length_table(results, args.lengths))
         print("\nEpisode length (workload S, end to end):\n")

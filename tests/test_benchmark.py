@@ -247,7 +247,8 @@ def test_group_variants_are_the_framework_group_agents_floors_and_trl():
     assert {"bare_grpo", "bare_rloo"} <= set(MEASUREMENTS)
     assert variant_settings("trl_grpo") == ("trl_grpo", None, True)
     assert variant_settings("grpo_fast_untrimmed") == ("grpo_fast", None, False)
-    for bad in ("trl_grpo_untrimmed", "bare_grpo_untrimmed", "trl_grpo_lora"):
+    assert variant_settings("trl_grpo_lora") == ("trl_grpo", {"r": 8}, True)  # TRL's peft_config
+    for bad in ("trl_grpo_untrimmed", "bare_grpo_untrimmed"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant_settings(bad)
 
@@ -266,6 +267,42 @@ def test_group_table_gives_each_method_against_its_floor_and_grpo_against_trl():
     assert rows["**RLOO fast / floor**"][0] == "**0.90** (0.90-0.90)"
     assert rows["**GRPO fast / TRL**"] == ["**1.75** (1.50-2.00)", "n/a |"]  # ratios per repeat: 2.0, 1.5
     assert rows["peak memory MB: GRPO fast / floor / TRL"] == ["100 / 100 / 100", "100 / 100 / n/a |"]
+
+
+def test_workload_r_with_group_plans_grpo_full_and_lora_beside_trl_and_tables_them():
+    import importlib.util
+
+    trl = ["trl_grpo", "trl_grpo_lora"] if importlib.util.find_spec("trl") is not None else []
+    args = benchmark.parse_args(["--workloads", "R", "--group", "--skip-ppo"])
+    assert benchmark.measurement_plan(args) == {"R": ["grpo_fast", "bare_grpo", "grpo_fast_lora", "bare_grpo_lora",
+                                                      *trl]}
+    args = benchmark.parse_args(["--workloads", "R", "--group", "--skip-trl"])
+    assert benchmark.measurement_plan(args)["R"] == [*benchmark.REAL_VARIANTS, *benchmark.REAL_GROUP_VARIANTS]
+    assert not WORKLOADS["R"].full_length and WORKLOADS["S"].full_length  # R's chats end at the checkpoint's EOS
+
+    def run(tps: float, peak: float) -> dict:
+        return dict(_fake_run(tps), peak_mb=peak)
+
+    runs = {"grpo_fast": [run(6, 3700)], "bare_grpo": [run(5, 4900)], "trl_grpo": [run(4, 4000)],
+            "grpo_fast_lora": [run(9, 2300)], "bare_grpo_lora": [run(10, 2200)], "trl_grpo_lora": [run(6, 2500)]}
+    table = benchmark.format_real_group_table(runs)
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith("| ")}
+    assert rows["figure"] == ["full fine-tune", "LoRA r=8 |"]
+    assert rows["GRPO fast"] == ["6.00", "9.00 |"]
+    assert rows["**GRPO fast / floor**"] == ["**1.20**", "**0.90** |"]
+    assert rows["**GRPO fast / TRL**"] == ["**1.50**", "**1.50** |"]
+    assert rows["peak memory MB: GRPO fast / floor / TRL"] == ["3,700 / 4,900 / 4,000", "2,300 / 2,200 / 2,500 |"]
+    del runs["trl_grpo_lora"]
+    assert "n/a" in benchmark.format_real_group_table(runs)  # TRL not measured
+
+
+def test_trl_reward_reads_plain_and_chat_prompts_and_completions():
+    from bench.trl_grpo import text_of
+
+    assert text_of("a prompt") == "a prompt"
+    assert text_of([{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]) == "hi"
+    assert text_of([{"role": "assistant", "content": "reply"}]) == "reply"
 
 
 class _InProcessPool:

@@ -31,7 +31,7 @@ and ``bare_rloo`` the one-page floor (``scripts/grpo_reference.py``) doing the s
 
 Variants are named ``fast``, ``stock``, a group variant or a floor (``MEASUREMENTS``), with suffixes:
 ``_lora`` trains LoRA adapters (``R_LORA``; the floor's reference is then its own body
-with the adapters off, as the framework's), ``_untrimmed`` runs the framework with
+with the adapters off, as the framework's and TRL's with a ``peft_config``), ``_untrimmed`` runs the framework with
 ``trim_memory=False`` (glibc left alone: ``policies.memory``). On workload R (the real
 checkpoint) prompts are chats, rendered with the model's chat template on both sides.
 """
@@ -348,11 +348,11 @@ def measure_bare_group(method: str, workload: Workload, model_path: Path, prompt
 
 
 def measure_trl(workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
-                iterations: int, autocast: bool = False) -> Measurement:
-    """TRL's ``GRPOTrainer`` on ``workload`` (``bench.trl_grpo``)."""
+                iterations: int, autocast: bool = False, lora: dict[str, Any] | None = None) -> Measurement:
+    """TRL's ``GRPOTrainer`` on ``workload`` (``bench.trl_grpo``), with ``lora`` as its peft config."""
     from bench.trl_grpo import measure_trl_grpo
 
-    result = measure_trl_grpo(workload, model_path, prompts, device, iterations, autocast)
+    result = measure_trl_grpo(workload, model_path, prompts, device, iterations, autocast, lora)
     return Measurement(result["seconds"], result["tokens"])
 
 
@@ -397,7 +397,7 @@ def variant_settings(kind: str) -> tuple[str, dict[str, Any] | None, bool]:
         base, lora = base[: -len("_lora")], dict(R_LORA)
     known = base in (*MEASUREMENTS, *FRAMEWORK_VARIANTS, "trl_grpo")
     untrimmable = base not in FRAMEWORK_VARIANTS  # only the framework has a trim_memory to switch off
-    if not known or (not trim and untrimmable) or (lora is not None and base == "trl_grpo"):
+    if not known or (not trim and untrimmable):
         raise ValueError(f"unknown variant {kind!r}")
     return base, lora, trim
 
@@ -423,7 +423,7 @@ def run_measurement(
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     if base == "trl_grpo":  # TRL's trainer, its own precision setting (bf16 with --autocast)
-        result = measure_trl(workload, model_path, prompts, torch_device, iterations, autocast)
+        result = measure_trl(workload, model_path, prompts, torch_device, iterations, autocast, lora)
     elif base in MEASUREMENTS:  # the bare loop: everything under bf16 autocast
         context = torch.autocast(torch_device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
         with context:

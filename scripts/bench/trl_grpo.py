@@ -9,7 +9,9 @@ workload: the same locally built random GPT-2 folder and tokenizer (``build_asse
 nothing downloaded), the same prompts, VADER on prompt + completion as the reward (the
 framework's ``reward="vader"``, the same per-completion cost), ``num_generations`` = the
 group size (4), ``max_completion_length`` = ``new_tokens`` with every completion forced
-to the full length (``min_new_tokens``: the EOS is suppressed, as the workloads have none),
+to the full length (``min_new_tokens``: the EOS is suppressed, as the built workloads have
+none; on workload R, the real checkpoint's chats, completions end at its EOS as in textenv,
+and the tokens generated are counted),
 ``num_iterations`` = ``n_epochs``, ``minibatches`` optimizer steps per pass over the
 generation batch (``per_device_train_batch_size`` = completions / minibatches,
 ``steps_per_generation`` = minibatches, no gradient accumulation), the same fixed beta,
@@ -77,7 +79,8 @@ def grpo_config(workload: Workload, output_dir: str, iterations: int, beta: floa
         steps_per_generation=workload.minibatches,  # generation batch: all n_envs completions
         num_generations=group_size,
         max_completion_length=workload.new_tokens,
-        generation_kwargs={"min_new_tokens": workload.new_tokens},  # the full length, always
+        # The full length, always, where the workload's completions have it (no EOS to stop at).
+        generation_kwargs={"min_new_tokens": workload.new_tokens} if workload.full_length else None,
         temperature=1.0, top_p=1.0, top_k=0,
         num_iterations=workload.n_epochs,
         beta=beta,
@@ -114,10 +117,19 @@ class IterationClock:
         self.callback = _Callback()
 
 
+def text_of(message: str | list[dict[str, str]]) -> str:
+    """A prompt or completion as TRL hands it to a reward function: the text itself, or for a
+    chat (a conversational dataset) the content of its last message."""
+    return message if isinstance(message, str) else message[-1]["content"]
+
+
 def measure_trl_grpo(workload: Workload, model_path: Path, prompts: list[str], device: torch.device,
-                     iterations: int, autocast: bool = False) -> dict[str, Any]:
+                     iterations: int, autocast: bool = False, lora: dict[str, Any] | None = None) -> dict[str, Any]:
     """``iterations`` timed GRPO iterations of TRL's trainer after a warm-up one:
-    ``{"seconds", "tokens", "completion_tokens_seen"}``."""
+    ``{"seconds", "tokens", "completion_tokens_seen"}``. A chat workload's prompts are user
+    messages (TRL renders them with the chat template, as textenv's env does); ``lora``: the
+    adapters of textenv's ``policy_kwargs["lora"]`` (``policies.lora.LORA_DEFAULTS`` fill the
+    rest), given to TRL as its ``peft_config`` (its reference: the base, adapters off)."""
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -133,17 +145,27 @@ def measure_trl_grpo(workload: Workload, model_path: Path, prompts: list[str], d
         """VADER on prompt + completion, per completion (the framework's reward="vader")."""
         if completion_ids is not None:
             completion_tokens.append(sum(len(ids) for ids in completion_ids))
-        return [analyzer.polarity_scores(f"{p} {c}")["compound"] for p, c in zip(prompts, completions)]
+        return [analyzer.polarity_scores(f"{text_of(p)} {text_of(c)}")["compound"]
+                for p, c in zip(prompts, completions)]
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    # The workloads' tokenizer has no EOS; TRL needs one. "[UNK]", suppressed anyway by min_new_tokens.
-    tokenizer.eos_token = "[UNK]"
+    if tokenizer.eos_token is None:
+        # The built workloads' tokenizer has no EOS; TRL needs one. "[UNK]", suppressed anyway by min_new_tokens.
+        tokenizer.eos_token = "[UNK]"
     model = AutoModelForCausalLM.from_pretrained(str(model_path))
+    dataset = {"prompt": [[{"role": "user", "content": p}] for p in prompts] if workload.chat else list(prompts)}
+    peft_config = None
+    if lora is not None:
+        from peft import LoraConfig
+
+        from policies.lora import LORA_DEFAULTS
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **{**LORA_DEFAULTS, **lora})
     with tempfile.TemporaryDirectory() as output_dir:
         config = grpo_config(workload, output_dir, iterations, bf16=autocast, use_cpu=device.type == "cpu")
         clock = IterationClock()
         trainer = GRPOTrainer(model=model, reward_funcs=vader, args=config,
-                              train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
+                              train_dataset=Dataset.from_dict(dataset), peft_config=peft_config,
                               processing_class=tokenizer, callbacks=[clock.callback])
         trainer.remove_callback(PrinterCallback)  # no logs printed
         trainer.train()
@@ -154,7 +176,9 @@ def measure_trl_grpo(workload: Workload, model_path: Path, prompts: list[str], d
     seconds = ends[-1] - ends[steps_per_iteration - 1]  # from the end of the warm-up iteration
     tokens = workload.tokens_per_iteration * iterations
     seen = sum(completion_tokens[1:]) if completion_tokens else None
-    if seen is not None and seen != tokens:
+    if not workload.full_length:  # completions end at EOS: the tokens generated, EOS included
+        tokens = seen
+    elif seen is not None and seen != tokens:
         raise RuntimeError(f"TRL generated {seen} completion tokens in the timed iterations, expected {tokens}: "
                            "completions were not of the full length")
     return {"seconds": seconds, "tokens": tokens, "completion_tokens_seen": seen}
@@ -177,7 +201,8 @@ def main(argv=None) -> dict[str, Any]:
         result = measure_trl_grpo(workload, model_path, prompts, torch.device("cpu"), iterations)
     print(f"TRL GRPOTrainer on {workload.name} ({iterations} iterations, {args.threads} threads): "
           f"{result['tokens'] / result['seconds']:,.0f} generated tok/s "
-          f"({result['completion_tokens_seen']} completion tokens timed, every completion of the full length)")
+          f"({result['completion_tokens_seen']} completion tokens timed"
+          f"{', every completion of the full length' if workload.full_length else ', completions end at EOS'})")
     return result
 
 

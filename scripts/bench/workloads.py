@@ -50,6 +50,12 @@ class Workload:
     def tokens_per_iteration(self) -> int:
         return self.n_envs * self.new_tokens
 
+    @property
+    def full_length(self) -> bool:
+        """Every completion runs ``new_tokens``: the built workloads' tokenizer has no EOS. A
+        checkpoint's chats end at its EOS in the framework and in TRL (the floors run on)."""
+        return self.model is None
+
 
 WORKLOADS = {
     "S": Workload("S", n_layer=2, n_embd=128, n_head=4, vocab_size=1000, n_envs=16, new_tokens=32, iterations=32),
