@@ -445,6 +445,7 @@ class LMAgentMixin(RolloutMixin):
             # Every rank forms as many minibatches per epoch (agents.distributed).
             if isinstance(self.rollout_buffer, SequenceRolloutBuffer):
                 self.rollout_buffer.agree_on_minibatch_count = distributed.agree_on_minibatch_count
+                self.rollout_buffer.agree_on_prompt_sharing = distributed.every_rank_agrees
 
     def _env_reference(self) -> torch.nn.Module:
         """The training env's frozen reference LM, to shard (``parallelism="fsdp"``)."""

@@ -17,7 +17,9 @@ ranks goes through the engine PyTorch ships, nothing hand-written:
 - **rollout statistics**: advantage normalisation, the KL fed to the adaptive
   controller, the logged scores, the count of generated tokens (``global_sums``);
 - **the number of minibatches** per epoch (``agree_on_minibatch_count``): DDP needs
-  every rank to run the same number of backward passes.
+  every rank to run the same number of backward passes;
+- **whether prompts run once per group** (``every_rank_agrees``): under FSDP2 every
+  body call gathers every layer, so the ranks must make as many calls per minibatch.
 
 Only rank 0 writes (TensorBoard, checkpoints, the saved agent). The backend is
 ``nccl`` on GPUs and ``gloo`` on CPU, chosen by ``init_from_environment``.
@@ -136,15 +138,23 @@ def agree_on_minibatch_count(local_count: int) -> int:
     return global_min(local_count)
 
 
+def every_rank_agrees(local: bool) -> bool:
+    """Whether ``local`` is true on every rank (a choice that changes which collectives run,
+    such as the number of body calls under FSDP2, must be the same everywhere)."""
+    return global_min(int(local)) == 1
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
 
 
 @contextmanager
-def distributed_from_environment(device: str = "auto") -> Iterator[DistributedContext | None]:
-    """Join ``torchrun``'s process group for the duration (no-op otherwise); leave it at the end."""
-    context = init_from_environment(device)
+def distributed_from_environment(device: str = "auto",
+                                 timeout_minutes: float = 30.0) -> Iterator[DistributedContext | None]:
+    """Join ``torchrun``'s process group for the duration (no-op otherwise); leave it at the end.
+    ``timeout_minutes``: how long a collective may wait for the other ranks before it fails."""
+    context = init_from_environment(device, timeout_minutes)
     try:
         yield context
         if context is not None:

@@ -105,6 +105,8 @@ class GroupRolloutMixin(LMAgentMixin):
         arguments and restores them just before this call, so the saved group size is the
         one that configures the env."""
         super()._setup_model()
+        if isinstance(self.rollout_buffer, SequenceRolloutBuffer):  # a group's completions share its prompt
+            self.rollout_buffer.shares_prompts = True
         if self.env is not None:
             self.env.configure_episodes(group_size=self.group_size, autoreset=False)
 

@@ -212,6 +212,6 @@ def score_reference(env: VecEnv, buffer: SequenceRolloutBuffer) -> None:
     observations = samples.observations
     ref_log_probs = env.reference_log_probs(
         observations.input_ids, observations.attention_mask, observations.token_rows,
-        observations.token_columns, samples.actions.long().flatten(),
+        observations.token_columns, samples.actions.long().flatten(), prefix_columns=observations.prefix_columns,
     )
     buffer.ref_log_probs.reshape(-1)[buffer.segment_token_indices(segments)] = ref_log_probs.cpu().numpy()

@@ -28,6 +28,7 @@ import torch
 from stable_baselines3.common.buffers import RolloutBuffer
 
 from policies.sequences import TokenSequences
+from textenv.lm.shared_prefix import distinct_rows
 from textenv.rewards import is_skipped
 
 
@@ -70,10 +71,26 @@ class SequenceRolloutSamples(NamedTuple):
     action_masks: None = None  # MaskablePPO asks; masking policies recompute masks instead
 
 
+#: Prompts that segments share run once (``textenv.lm.shared_prefix``) when that spares at least
+#: this share of the body's tokens. The split costs a second body call and a cache. A GRPO
+#: update timed both ways in one process (``scripts/bench/shared_prompts.py``, 2-core CPU):
+#: sparing 22% of the tokens (workload S: 2 layers, prompts 13 of 45 columns) made it 17%
+#: slower, 13% (M) left it even, 62% (R: SmolLM2-135M on chats) made it 1.46x faster.
+SHARED_PROMPTS_MIN_SAVING = 1 / 3
+
+
 class SequenceRolloutBuffer(RolloutBuffer):
     #: Data-parallel training (``agents.distributed.agree_on_minibatch_count``): maps the
     #: number of minibatches this rank would form to the number every rank forms.
     agree_on_minibatch_count: Callable[[int], int] | None = None
+    #: Group rollouts (``agents.group_methods``): a group's segments share their prompt, which
+    #: may run once per minibatch (``_shared_prompt_columns``). Other rollouts cut episodes
+    #: wherever the rollout ends, and their minibatches are shuffled segment by segment.
+    shares_prompts: bool = False
+    #: Data-parallel training (``agents.distributed.every_rank_agrees``): whether every rank's
+    #: rollout shares its prompts. Under FSDP2 each body call gathers every layer, so all ranks
+    #: must split their rows alike or none.
+    agree_on_prompt_sharing: Callable[[bool], bool] | None = None
 
     def reset(self) -> None:
         shape = (self.buffer_size, self.n_envs)
@@ -169,7 +186,8 @@ class SequenceRolloutBuffer(RolloutBuffer):
             yield self.segment_samples(segments)
 
     def minibatch_segments(self, batch_size: int | None = None) -> Generator[np.ndarray, None, None]:
-        """The segment indices of each minibatch ``get`` yields (one shuffle of all segments).
+        """The segment indices of each minibatch ``get`` yields (one shuffle of all segments,
+        or of whole groups when segments share prompts: ``_shuffled_groups``).
 
         With ``agree_on_minibatch_count`` set (data-parallel training), the shuffled segments
         are split into the agreed number of minibatches of about equal segment counts
@@ -178,12 +196,12 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self._prepare_segments()
         if batch_size is None:
             batch_size = self.buffer_size * self.n_envs
-        order = np.random.permutation(self.trained_segments())
+        order, group_ends = self._shuffled_groups()
         batches: list[np.ndarray] = []
         first, n_tokens = 0, 0
         for position, segment in enumerate(order):
             n_tokens += len(self._segment_tokens[segment])
-            if n_tokens >= batch_size or position == len(order) - 1:
+            if (n_tokens >= batch_size and group_ends[position]) or position == len(order) - 1:
                 batches.append(order[first : position + 1])
                 first, n_tokens = position + 1, 0
         if self.agree_on_minibatch_count is not None:
@@ -191,6 +209,21 @@ class SequenceRolloutBuffer(RolloutBuffer):
             if count != len(batches):
                 batches = np.array_split(order, count)
         yield from batches
+
+    def _shuffled_groups(self) -> tuple[np.ndarray, np.ndarray]:
+        """The trained segments in a random order, and where a minibatch may end in it. When
+        segments share prompts (``prefix_columns``: a group rollout), the order shuffles whole
+        groups (the segments of one prompt) and a minibatch ends only after a group's last
+        segment, so each prompt runs once per minibatch (as veRL counts its minibatches in
+        prompts); otherwise it shuffles segments, and a minibatch may end anywhere."""
+        trained = self.trained_segments()
+        if self.prefix_columns == 0:
+            return np.random.permutation(trained), np.ones(len(trained), dtype=bool)
+        _, prompt_of = distinct_rows(self._all_ids[:, : self.prefix_columns], self._all_masks[:, : self.prefix_columns])
+        prompt_of = prompt_of.cpu().numpy()[trained]
+        groups = [trained[prompt_of == prompt] for prompt in np.random.permutation(np.unique(prompt_of))]
+        ends = [np.arange(len(group)) == len(group) - 1 for group in groups]
+        return np.concatenate(groups), np.concatenate(ends)
 
     @torch.no_grad()
     def recompute_log_probs(self, policy, batch_size: int | None = None) -> None:
@@ -246,7 +279,36 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.shared_left_padding = int(masks.any(0).int().argmax())
         self._all_ids = ids[:, self.shared_left_padding:].to(self.device)
         self._all_masks = masks[:, self.shared_left_padding:].to(self.device)
+        self.prefix_columns = self._shared_prompt_columns()
         self.generator_ready = True
+
+    def _shared_prompt_columns(self) -> int:
+        """How many leading columns are prompts that segments share (``TokenSequences.prefix_columns``):
+        in a group rollout (``shares_prompts``) whose segments all start right after a prompt
+        of the same width, when running each distinct prompt once would spare at
+        least ``SHARED_PROMPTS_MIN_SAVING`` of the body's tokens, that width; else 0. One answer
+        for the whole rollout, so that every pass over a segment (the update's, the recomputed
+        log-probs', the reference's) splits it alike; in data-parallel training, 0 unless every
+        rank shares."""
+        width = self._local_shared_prompt_columns()
+        if self.agree_on_prompt_sharing is not None and not self.agree_on_prompt_sharing(width > 0):
+            return 0
+        return width
+
+    def _local_shared_prompt_columns(self) -> int:
+        """``_shared_prompt_columns`` of this rank's rollout alone."""
+        if not self.shares_prompts:
+            return 0
+        first_columns = {int(self.state_columns[first, env]) for env, first, _ in self.segment_spans}
+        if len(first_columns) != 1 or len(self.segment_spans) < 2:
+            return 0
+        width = first_columns.pop() + 1 - self.shared_left_padding  # the prompts' last column is the first state's
+        if width <= 0:
+            return 0
+        first, _ = distinct_rows(self._all_ids[:, :width], self._all_masks[:, :width])
+        rows, row_width = len(self.segment_spans), int(self.state_columns.max()) + 1 - self.shared_left_padding
+        saving = width * (rows - len(first)) / (rows * row_width)
+        return width if saving >= SHARED_PROMPTS_MIN_SAVING else 0
 
     def _get_samples(self, segments: np.ndarray, env=None) -> SequenceRolloutSamples:
         """SB3's name for ``segment_samples`` (its buffers' draws go through it)."""
@@ -266,6 +328,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
             token_rows=torch.as_tensor(rows, device=self.device),
             token_columns=torch.as_tensor(self.state_columns.reshape(-1)[flat] - self.shared_left_padding,
                                           device=self.device),
+            prefix_columns=self.prefix_columns,
         )
 
         return SequenceRolloutSamples(

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from policies.lora import LoraReference, add_lora_adapters, causal_lm_of, export_merged, is_lora
 from textenv.files import atomic_write_text, plain_modes
 from textenv.lm.models import load_causal_lm, load_model_body, load_tokenizer
+from textenv.lm import shared_prefix
 from textenv.lm.slot_decoding import lm_logits, positions_of
 
 #: The exported folder: the value head, the policy's own arguments, a separate critic's body.
@@ -242,16 +243,14 @@ class LMActorCritic(nn.Module):
     # -- the two heads on one body ---------------------------------------------------
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      body: nn.Module | None = None) -> torch.Tensor:
+                      body: nn.Module | None = None, prefix_columns: int = 0) -> torch.Tensor:
         """Final hidden states of a body (``body``: a causal LM or a body, default the LM's)
-        at every column of a left-padded batch, no cache: ``(batch, width, hidden)``."""
+        at every column of a left-padded batch: ``(batch, width, hidden)``. The first
+        ``prefix_columns`` columns are prompts shared by rows, run once each
+        (``textenv.lm.shared_prefix``); 0: one pass over whole rows, no cache."""
         with self.compute_context():
-            return causal_lm_of(body or self.lm).base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=positions_of(attention_mask),
-                use_cache=False,
-            ).last_hidden_state
+            return shared_prefix.hidden_states(causal_lm_of(body or self.lm).base_model, input_ids, attention_mask,
+                                               prefix_columns)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits over the vocabulary (the head's matmul autocast like the body),

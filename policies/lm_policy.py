@@ -302,11 +302,12 @@ class LMPolicyMixin:
     # -- the two heads on one body ---------------------------------------------
 
     def body_hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm: torch.nn.Module | None = None
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lm: torch.nn.Module | None = None,
+        prefix_columns: int = 0,
     ) -> torch.Tensor:
         """Final hidden states of the LM body (``lm``, default the policy's) at every column:
-        ``(batch, width, hidden)``."""
-        return self.actor_critic.hidden_states(input_ids, attention_mask, lm)
+        ``(batch, width, hidden)``; the first ``prefix_columns`` are prompts rows share."""
+        return self.actor_critic.hidden_states(input_ids, attention_mask, lm, prefix_columns)
 
     def last_hidden_state(
         self, obs: dict[str, torch.Tensor] | TokenSequences, lm: torch.nn.Module | None = None
@@ -318,7 +319,8 @@ class LMPolicyMixin:
         """
         if isinstance(obs, TokenSequences):
             sequences = obs.trimmed()
-            hidden = self.body_hidden_states(sequences.input_ids, sequences.attention_mask, lm)
+            hidden = self.body_hidden_states(sequences.input_ids, sequences.attention_mask, lm,
+                                             sequences.prefix_columns)
             return hidden[sequences.token_rows, sequences.token_columns]
         input_ids, attention_mask = unpack_observation(obs)
         hidden = self.body_hidden_states(input_ids, attention_mask, lm)

@@ -51,7 +51,8 @@ def _rank_main(rank: int, port: int, folder: str, job: str, job_args: tuple) -> 
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    with distributed_from_environment("cpu"):
+    # A job whose ranks disagree on their collectives fails within minutes, not gloo's 30.
+    with distributed_from_environment("cpu", timeout_minutes=3):
         result = job(rank, *job_args)
     torch.save(result, Path(folder) / f"rank{rank}.pt")
 

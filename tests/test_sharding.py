@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from agents import make_agent, make_text_vec_env
+from agents import make_agent, make_text_vec_env, sequence_buffer
 from agents.distributed import gather_objects, parameters_fingerprint
 from agents.sharding import (
     check_parallelism, decoder_layers, optimizer_state_by_index, optimizer_state_by_name, policy_sharding,
@@ -38,9 +38,12 @@ def whole_state(agent) -> dict[str, torch.Tensor]:
 
 
 #: What the FSDP2-vs-DDP test trains: the whole model, LoRA adapters (sharded inside their
-#: layers), and a separate critic (its body's layers units of their own).
+#: layers), a separate critic (its body's layers units of their own), GRPO with each
+#: group's prompt run once (two body calls per forward: ``textenv.lm.shared_prefix``), and
+#: GRPO where only rank 0 would share (the ranks agree not to: as many body calls on each).
 VARIANTS = {"ppo": ("ppo", {}), "grpo-lora": ("grpo", {"lora": {"r": 4, "lora_alpha": 8}}),
-            "ppo-separate-critic": ("ppo", {"critic": "separate"})}
+            "ppo-separate-critic": ("ppo", {"critic": "separate"}), "grpo-shared-prompts": ("grpo", {}),
+            "grpo-sharing-on-one-rank": ("grpo", {})}
 
 
 def agent_for(algo: str, parallelism: str, policy_kwargs: dict):
@@ -55,6 +58,10 @@ def agent_for(algo: str, parallelism: str, policy_kwargs: dict):
 
 def updates_job(rank: int, variant: str, parallelism: str) -> dict:
     algo, policy_kwargs = VARIANTS[variant]
+    if variant == "grpo-shared-prompts":  # share whatever it spares (this rank's process only)
+        sequence_buffer.SHARED_PROMPTS_MIN_SAVING = 0.0
+    elif variant == "grpo-sharing-on-one-rank":
+        sequence_buffer.SHARED_PROMPTS_MIN_SAVING = 0.0 if rank == 0 else 2.0
     agent = agent_for(algo, parallelism, policy_kwargs)
     start = whole_state(agent)
     local_shapes = {name: tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
@@ -66,7 +73,7 @@ def updates_job(rank: int, variant: str, parallelism: str) -> dict:
         fingerprint = parameters_fingerprint(agent.policy)
     return {"start": start, "end": whole_state(agent), "fingerprints": gather_objects(fingerprint),
             "local_shapes": local_shapes, "actions": torch.as_tensor(agent.rollout_buffer.actions.copy()),
-            "steps": agent._n_updates}
+            "steps": agent._n_updates, "prefix_columns": agent.rollout_buffer.prefix_columns}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -77,6 +84,10 @@ def test_fsdp_on_two_ranks_updates_as_ddp_on_two_ranks(tmp_path, default_model_p
     for rank in range(2):  # the same rollouts: the comparison is of the updates
         assert torch.equal(fsdp[rank]["actions"], ddp_ranks[rank]["actions"])
     assert fsdp[0]["steps"] == ddp["steps"] >= 2
+    if variant == "grpo-shared-prompts":
+        assert fsdp[0]["prefix_columns"] == ddp["prefix_columns"] > 0
+    elif variant == "grpo-sharing-on-one-rank":  # (one rank splitting alone would hang FSDP2's gathers)
+        assert fsdp[0]["prefix_columns"] == fsdp[1]["prefix_columns"] == ddp["prefix_columns"] == 0
     assert fsdp[0]["fingerprints"][0] == fsdp[0]["fingerprints"][1]  # both ranks hold the same (gathered) weights
     assert set(fsdp[0]["end"]) == set(ddp["end"])
     moved = max(float((ddp["end"][name] - ddp["start"][name]).abs().max()) for name in ddp["end"])

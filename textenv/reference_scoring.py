@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from textenv.lm import shared_prefix
 from textenv.lm.models import ModelSpec, causal_lm_skeleton, load_frozen_lm
-from textenv.lm.slot_decoding import SlotDecoder, last_token_index, lm_logits, positions_of
+from textenv.lm.slot_decoding import SlotDecoder, last_token_index, lm_logits
 
 
 class ReferenceModel:
@@ -186,13 +187,16 @@ def teacher_forced_log_probs(
     actions: torch.Tensor,
     rows_per_pass: int = 64,
     tokens_per_head: int = 512,
+    prefix_columns: int = 0,
 ) -> torch.Tensor:
     """``log pi_ref(actions[i] | state i)`` for many states in teacher-forced passes of
     ``reference`` (a causal LM, or anything with its ``base_model`` and output head): state
     ``i`` is row ``token_rows[i]`` of ``input_ids`` (the observation layout) up to column
     ``token_columns[i]``. ``rows_per_pass`` rows go through the body at once and the head runs
-    on ``tokens_per_head`` states at a time, so memory stays bounded. It runs where
-    ``input_ids`` is (the other tensors are moved there) and returns float32 log-probs there."""
+    on ``tokens_per_head`` states at a time, so memory stays bounded. The first
+    ``prefix_columns`` columns are prompts that rows share, run once each
+    (``textenv.lm.shared_prefix``). It runs where ``input_ids`` is (the other tensors are
+    moved there) and returns float32 log-probs there."""
     device = input_ids.device
     token_rows, token_columns, actions = token_rows.to(device), token_columns.to(device), actions.to(device)
     attention_mask = attention_mask.to(device)
@@ -203,10 +207,8 @@ def teacher_forced_log_probs(
         if len(selected) == 0:
             continue
         width = int(token_columns[selected].max()) + 1
-        mask = attention_mask[rows, :width]
-        hidden = reference.base_model(
-            input_ids=input_ids[rows, :width], attention_mask=mask, position_ids=positions_of(mask), use_cache=False
-        ).last_hidden_state
+        hidden = shared_prefix.hidden_states(reference.base_model, input_ids[rows, :width],
+                                             attention_mask[rows, :width], prefix_columns)
         states = hidden[token_rows[selected] - first, token_columns[selected]]
         for start in range(0, len(selected), tokens_per_head):
             part = slice(start, start + tokens_per_head)

@@ -206,15 +206,18 @@ class BatchedTokenVecEnv(TaskAttributes, VecEnv):
         actions: torch.Tensor,
         rows_per_pass: int = 64,
         tokens_per_head: int = 512,
+        prefix_columns: int = 0,
     ) -> torch.Tensor:
         """``log pi_ref(actions[i] | state i)`` for many states in teacher-forced passes
         (``textenv.reference_scoring.teacher_forced_log_probs``, on this env's device): state
         ``i`` is row ``token_rows[i]`` of ``input_ids`` (the observation layout) up to column
-        ``token_columns[i]``. Works whichever scoring is in use."""
+        ``token_columns[i]``; the first ``prefix_columns`` are prompts rows share, run once each.
+        Works whichever scoring is in use."""
         device = self.device
         return teacher_forced_log_probs(self.task.reference, input_ids.to(device), attention_mask.to(device),
                                         token_rows.to(device), token_columns.to(device), actions.to(device),
-                                        rows_per_pass=rows_per_pass, tokens_per_head=tokens_per_head)
+                                        rows_per_pass=rows_per_pass, tokens_per_head=tokens_per_head,
+                                        prefix_columns=prefix_columns)
 
     def get_state(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue these episodes exactly: their tokens,
