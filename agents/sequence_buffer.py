@@ -73,9 +73,9 @@ class SequenceRolloutSamples(NamedTuple):
 
 #: Prompts that segments share run once (``textenv.lm.shared_prefix``) when that spares at least
 #: this share of the body's tokens. The split costs a second body call and a cache. A GRPO
-#: update timed both ways in one process (``scripts/bench/shared_prompts.py``, 2-core CPU):
-#: sparing 22% of the tokens (workload S: 2 layers, prompts 13 of 45 columns) made it 17%
-#: slower, 13% (M) left it even, 62% (R: SmolLM2-135M on chats) made it 1.46x faster.
+#: update timed both ways in one process (``scripts/bench/shared_prompts.py``, 2-core CPU,
+#: medians of 6): sparing 22% of the tokens (workload S: 2 layers, prompts 13 of 45 columns)
+#: took it to 0.86x, 14% (M) to 0.95x, 64% (R: SmolLM2-135M on chats) to 1.52x.
 SHARED_PROMPTS_MIN_SAVING = 1 / 3
 
 
