@@ -112,6 +112,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.segment_in_loss: list[bool] = []
         self._segment_start = np.zeros(self.n_envs, dtype=np.int64)
         self.generator_ready = False
+        self.prefix_columns = 0  # set with the segments (_prepare_segments)
         self.pos = 0
         self.full = False
 
@@ -217,7 +218,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         segment, so each prompt runs once per minibatch (as veRL counts its minibatches in
         prompts); otherwise it shuffles segments, and a minibatch may end anywhere."""
         trained = self.trained_segments()
-        if self.prefix_columns == 0:
+        if self.prefix_columns == 0 or len(trained) == 0:
             return np.random.permutation(trained), np.ones(len(trained), dtype=bool)
         _, prompt_of = distinct_rows(self._all_ids[:, : self.prefix_columns], self._all_masks[:, : self.prefix_columns])
         prompt_of = prompt_of.cpu().numpy()[trained]
