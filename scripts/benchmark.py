@@ -26,8 +26,10 @@ loop doing the work of one PPO iteration and nothing more; see
 5. The real checkpoint (``--workloads R``, only when asked: SmolLM2-135M-Instruct on a chat
    task, 8 episodes x 8 new tokens, ``bench.workloads``): end-to-end tokens/s and peak
    memory of the fast path and the floor, full fine-tune and LoRA r=8, and the fast path
-   with ``trim_memory=False`` (glibc's heap left alone) and ``"steps"`` beside each; skipped, with the
-   install line, where the checkpoint is not installed. About 10-20 min on a 2-core CPU.
+   with ``trim_memory=False`` (glibc's heap left alone) and ``"steps"`` beside each; with ``--group``,
+   GRPO's fast path, floor and TRL's GRPOTrainer, full and LoRA, in a table of their own
+   (completions end at the checkpoint's EOS). Skipped, with the install line, where the
+   checkpoint is not installed. About 10-20 min on a 2-core CPU.
 6. GRPO and RLOO (``--group``; in a full run by default): end-to-end tokens/s of the fast
    path's GRPO and RLOO (group 4, the k3 KL in the loss at a fixed beta 0.04, the
    workload's epochs and minibatches) against their floor (``scripts/grpo_reference.py``),
