@@ -384,21 +384,11 @@ def format_real_table(runs: dict[str, list[dict]]) -> str:
 
 
 def format_real_group_table(runs: dict[str, list[dict]]) -> str:
-    """GRPO on workload R: a column each for the full fine-tune and LoRA; end-to-end tok/s of
-    the fast path, its floor and TRL's GRPOTrainer, the fast path over each, and peak memory."""
-    table = FigureTable({"full fine-tune": "", "LoRA r=8": "_lora"})
-    add = table.add
-    add("GRPO fast", lambda x: f"{median_tps(runs['grpo_fast' + x]):,.2f}")
-    add("GRPO floor", lambda x: f"{median_tps(runs['bare_grpo' + x]):,.2f}")
-    add("**GRPO fast / floor**", lambda x: format_ratio(ratios(runs["grpo_fast" + x], runs["bare_grpo" + x])))
-    add(TRL_NAME, lambda x: f"{median_tps(runs[TRL_VARIANT + x]):,.2f}")
-    add("**GRPO fast / TRL**", lambda x: format_ratio(ratios(runs["grpo_fast" + x], runs[TRL_VARIANT + x])))
-    add("GRPO fast: rollout / scoring / update share", lambda x: " / ".join(
-        f"{statistics.median(100 * r['parts'][part] / r['seconds'] for r in runs['grpo_fast' + x]):.0f}%"
-        for part in ("rollout", "scoring", "update")))
-    add("peak memory MB: GRPO fast / floor / TRL", lambda x: " / ".join(
-        f"{peak_mb(runs[v + x]):,.0f}" if v + x in runs else "n/a" for v in ("grpo_fast", "bare_grpo", TRL_VARIANT)))
-    return table.markdown()
+    """GRPO on workload R: ``format_group_table``'s GRPO rows, a column each for the full
+    fine-tune and LoRA (the ``_lora`` variants), tok/s to two decimals (R runs a few per second)."""
+    columns = {"full fine-tune": {v: r for v, r in runs.items() if not v.endswith("_lora")},
+               "LoRA r=8": {v.removesuffix("_lora"): r for v, r in runs.items() if v.endswith("_lora")}}
+    return format_group_table(columns, methods=("grpo",), corner="figure", digits=2)
 
 
 GROUP_FLOOR = ("scripts/grpo_reference.py: KV-cached decode of 4 completions per prompt with log-probs, one "
@@ -406,18 +396,20 @@ GROUP_FLOOR = ("scripts/grpo_reference.py: KV-cached decode of 4 completions per
                "+ beta x k3, Adam; no value head, no entropy")
 
 
-def format_group_table(results: dict[str, dict[str, list[dict]]]) -> str:
-    """GRPO and RLOO, a column per workload: end-to-end tok/s of the fast path and its floor,
-    their ratio, TRL's GRPOTrainer and the fast path's GRPO over it ("n/a" where not measured)."""
-    table = FigureTable(results, corner="generated tok/s, end to end")
+def format_group_table(results: dict[str, dict[str, list[dict]]], methods: tuple[str, ...] = ("grpo", "rloo"),
+                       corner: str = "generated tok/s, end to end", digits: int = 0) -> str:
+    """GRPO and RLOO (``methods``), a column per entry of ``results`` (a workload): end-to-end
+    tok/s of the fast path and its floor, their ratio, TRL's GRPOTrainer and the fast path's
+    GRPO over it ("n/a" where not measured); tok/s to ``digits`` decimals."""
+    table = FigureTable(results, corner=corner)
     add = table.add
-    for method in ("grpo", "rloo"):
+    for method in methods:
         name = method.upper()
         fast, floor = f"{method}_fast", f"bare_{method}"
-        add(f"{name} fast", lambda r, v=fast: f"{median_tps(r[v]):,.0f}")
-        add(f"{name} floor", lambda r, v=floor: f"{median_tps(r[v]):,.0f}")
+        add(f"{name} fast", lambda r, v=fast: f"{median_tps(r[v]):,.{digits}f}")
+        add(f"{name} floor", lambda r, v=floor: f"{median_tps(r[v]):,.{digits}f}")
         add(f"**{name} fast / floor**", lambda r, a=fast, b=floor: format_ratio(ratios(r[a], r[b])))
-    add(TRL_NAME, lambda r: f"{median_tps(r[TRL_VARIANT]):,.0f}")
+    add(TRL_NAME, lambda r: f"{median_tps(r[TRL_VARIANT]):,.{digits}f}")
     add("**GRPO fast / TRL**", lambda r: format_ratio(ratios(r["grpo_fast"], r[TRL_VARIANT])))
     add("GRPO fast: rollout / scoring / update share", lambda r: " / ".join(
         f"{statistics.median(100 * x['parts'][part] / x['seconds'] for x in r['grpo_fast']):.0f}%"

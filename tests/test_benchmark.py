@@ -35,6 +35,16 @@ def _fake_run(tokens_per_second: float) -> dict:
             "parts": {"rollout": seconds / 2, "scoring": seconds / 10, "update": 2 * seconds / 5}}
 
 
+def _fake_run_with_peak(tokens_per_second: float, peak_mb: float) -> dict:
+    return dict(_fake_run(tokens_per_second), peak_mb=peak_mb)
+
+
+def _table_rows(table: str) -> dict[str, list[str]]:
+    """A Markdown table's rows by their first cell: the other cells (the last with its " |")."""
+    return {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
+            if line.startswith("| ")}
+
+
 def test_table_reports_medians_and_the_spread_over_repeats():
     runs = {"fast": [_fake_run(v) for v in (100, 90, 110)],
             "bare_rollout": [_fake_run(1000)] * 3, "bare_update": [_fake_run(1000)] * 3,
@@ -163,15 +173,12 @@ def test_workload_r_is_the_real_checkpoint_on_the_issues_chat_task():
 
 
 def test_the_real_checkpoints_table_gives_fast_path_floor_trimming_and_lora_side_by_side():
-    def run(tps: float, peak: float) -> dict:
-        return dict(_fake_run(tps), peak_mb=peak)
-
+    run = _fake_run_with_peak
     runs = {"fast": [run(4, 3300)], "fast_untrimmed": [run(5, 4400)], "bare_ppo": [run(5, 4000)],
             "fast_lora": [run(8, 1700)], "fast_lora_untrimmed": [run(8, 2600)], "bare_ppo_lora": [run(10, 2000)],
             "fast_steptrimmed": [run(2, 3000)], "fast_steptrimmed_lora": [run(4, 1500)]}
     table = benchmark.format_real_table(runs)
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
-            if line.startswith("| ")}
+    rows = _table_rows(table)
     assert rows["figure"] == ["full fine-tune", "LoRA r=8 |"]
     assert rows["end-to-end tok/s: fast path"] == ["4.00", "8.00 |"]
     assert rows["**end to end: fast / tight floor**"] == ["**0.80**", "**0.80** |"]
@@ -280,14 +287,11 @@ def test_workload_r_with_group_plans_grpo_full_and_lora_beside_trl_and_tables_th
     assert benchmark.measurement_plan(args)["R"] == [*benchmark.REAL_VARIANTS, *benchmark.REAL_GROUP_VARIANTS]
     assert not WORKLOADS["R"].full_length and WORKLOADS["S"].full_length  # R's chats end at the checkpoint's EOS
 
-    def run(tps: float, peak: float) -> dict:
-        return dict(_fake_run(tps), peak_mb=peak)
-
+    run = _fake_run_with_peak
     runs = {"grpo_fast": [run(6, 3700)], "bare_grpo": [run(5, 4900)], "trl_grpo": [run(4, 4000)],
             "grpo_fast_lora": [run(9, 2300)], "bare_grpo_lora": [run(10, 2200)], "trl_grpo_lora": [run(6, 2500)]}
     table = benchmark.format_real_group_table(runs)
-    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()
-            if line.startswith("| ")}
+    rows = _table_rows(table)
     assert rows["figure"] == ["full fine-tune", "LoRA r=8 |"]
     assert rows["GRPO fast"] == ["6.00", "9.00 |"]
     assert rows["**GRPO fast / floor**"] == ["**1.20**", "**0.90** |"]
