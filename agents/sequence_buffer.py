@@ -84,7 +84,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
     #: number of minibatches this rank would form to the number every rank forms.
     agree_on_minibatch_count: Callable[[int], int] | None = None
     #: Group rollouts (``agents.group_methods``): a group's segments share their prompt, which
-    #: may run once per minibatch (``_shared_prompt_columns``). Other rollouts cut episodes
+    #: may run once per minibatch (``_shared_prompts``). Other rollouts cut episodes
     #: wherever the rollout ends, and their minibatches are shuffled segment by segment.
     shares_prompts: bool = False
     #: Data-parallel training (``agents.distributed.every_rank_agrees``): whether every rank's
@@ -113,6 +113,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self._segment_start = np.zeros(self.n_envs, dtype=np.int64)
         self.generator_ready = False
         self.prefix_columns = 0  # set with the segments (_prepare_segments)
+        self._segment_prompts: np.ndarray | None = None
         self.pos = 0
         self.full = False
 
@@ -220,8 +221,7 @@ class SequenceRolloutBuffer(RolloutBuffer):
         trained = self.trained_segments()
         if self.prefix_columns == 0 or len(trained) == 0:
             return np.random.permutation(trained), np.ones(len(trained), dtype=bool)
-        _, prompt_of = distinct_rows(self._all_ids[:, : self.prefix_columns], self._all_masks[:, : self.prefix_columns])
-        prompt_of = prompt_of.cpu().numpy()[trained]
+        prompt_of = self._segment_prompts[trained]
         groups = [trained[prompt_of == prompt] for prompt in np.random.permutation(np.unique(prompt_of))]
         ends = [np.arange(len(group)) == len(group) - 1 for group in groups]
         return np.concatenate(groups), np.concatenate(ends)
@@ -280,36 +280,38 @@ class SequenceRolloutBuffer(RolloutBuffer):
         self.shared_left_padding = int(masks.any(0).int().argmax())
         self._all_ids = ids[:, self.shared_left_padding:].to(self.device)
         self._all_masks = masks[:, self.shared_left_padding:].to(self.device)
-        self.prefix_columns = self._shared_prompt_columns()
+        # The segments' shared prompts, found once per rollout: their width, and which distinct
+        # prompt each segment has (what _shuffled_groups groups by every epoch).
+        self.prefix_columns, self._segment_prompts = self._shared_prompts()
         self.generator_ready = True
 
-    def _shared_prompt_columns(self) -> int:
-        """How many leading columns are prompts that segments share (``TokenSequences.prefix_columns``):
-        in a group rollout (``shares_prompts``) whose segments all start right after a prompt
-        of the same width, when running each distinct prompt once would spare at
-        least ``SHARED_PROMPTS_MIN_SAVING`` of the body's tokens, that width; else 0. One answer
-        for the whole rollout, so that every pass over a segment (the update's, the recomputed
-        log-probs', the reference's) splits it alike; in data-parallel training, 0 unless every
-        rank shares."""
-        width = self._local_shared_prompt_columns()
+    def _shared_prompts(self) -> tuple[int, np.ndarray | None]:
+        """How many leading columns are prompts that segments share (``TokenSequences.prefix_columns``)
+        and the index of each segment's distinct prompt: in a group rollout (``shares_prompts``)
+        whose segments all start right after a prompt of the same width, when running each
+        distinct prompt once would spare at least ``SHARED_PROMPTS_MIN_SAVING`` of the body's
+        tokens; else ``(0, None)``. One answer for the whole rollout, so that every pass over a
+        segment (the update's, the recomputed log-probs', the reference's) splits it alike; in
+        data-parallel training, ``(0, None)`` unless every rank shares."""
+        width, prompts = self._local_shared_prompts()
         if self.agree_on_prompt_sharing is not None and not self.agree_on_prompt_sharing(width > 0):
-            return 0
-        return width
+            return 0, None
+        return width, prompts
 
-    def _local_shared_prompt_columns(self) -> int:
-        """``_shared_prompt_columns`` of this rank's rollout alone."""
+    def _local_shared_prompts(self) -> tuple[int, np.ndarray | None]:
+        """``_shared_prompts`` of this rank's rollout alone."""
         if not self.shares_prompts:
-            return 0
+            return 0, None
         first_columns = {int(self.state_columns[first, env]) for env, first, _ in self.segment_spans}
         if len(first_columns) != 1 or len(self.segment_spans) < 2:
-            return 0
+            return 0, None
         width = first_columns.pop() + 1 - self.shared_left_padding  # the prompts' last column is the first state's
         if width <= 0:
-            return 0
-        first, _ = distinct_rows(self._all_ids[:, :width], self._all_masks[:, :width])
+            return 0, None
+        first, prompt_of_segment = distinct_rows(self._all_ids[:, :width], self._all_masks[:, :width])
         rows, row_width = len(self.segment_spans), int(self.state_columns.max()) + 1 - self.shared_left_padding
         saving = width * (rows - len(first)) / (rows * row_width)
-        return width if saving >= SHARED_PROMPTS_MIN_SAVING else 0
+        return (width, prompt_of_segment.cpu().numpy()) if saving >= SHARED_PROMPTS_MIN_SAVING else (0, None)
 
     def _get_samples(self, segments: np.ndarray, env=None) -> SequenceRolloutSamples:
         """SB3's name for ``segment_samples`` (its buffers' draws go through it)."""

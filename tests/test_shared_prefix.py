@@ -12,8 +12,8 @@ from agents import make_agent, make_text_vec_env
 from agents import sequence_buffer
 from textenv.lm.models import load_causal_lm
 from textenv.lm.shared_prefix import distinct_rows, hidden_states
-from textenv.lm.slot_decoding import last_token_index
 from textenv.reference_scoring import teacher_forced_log_probs
+from test_group_agents import TEXT_TASK as TASK  # 40 prompts, the default model, 6 new tokens
 
 
 def grouped_batch(vocab: int, prompt_lengths=(5, 3), group_size: int = 3, width: int = 6, new: int = 4,
@@ -98,8 +98,6 @@ def test_a_body_checkpointing_its_activations_runs_whole_rows(tiny_lm_path):
     assert hidden.shape == (*ids.shape, model.config.hidden_size) and hidden.requires_grad
 
 
-TASK = dict(prompts=[f"Prompt number {i} says" for i in range(40)], model="default", reward="vader",
-            max_prompt_len=16, max_new_tokens=6, device="cpu")
 
 
 def grpo_agent(n_envs: int = 8, seed: int = 0, batch_size: int = 24):

@@ -49,7 +49,7 @@ def measure(name: str, repeats: int) -> dict[str, float]:
         if shared == 0:
             raise RuntimeError(f"workload {name}: the rollout's segments share no prompt")
         rows = len(buffer.segment_spans)
-        distinct = len({tuple(ids[: buffer.shared_left_padding + shared].tolist()) for ids in buffer.segment_ids})
+        distinct = int(buffer._segment_prompts.max()) + 1  # the buffer's distinct prompts
         row_width = int(buffer.state_columns.max()) + 1 - buffer.shared_left_padding
         seconds: dict[int, list[float]] = {0: [], shared: []}
         for _ in range(repeats):
