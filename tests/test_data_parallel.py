@@ -43,6 +43,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+PORT_ATTEMPTS = 3
+
+
+def _port_was_taken(message: str) -> bool:
+    return "EADDRINUSE" in message or "address already in use" in message.lower()
+
+
 def _rank_main(rank: int, port: int, folder: str, job: str, job_args: tuple) -> None:
     """One rank: torchrun's environment, the process group, the job; its result to a file."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE),
@@ -61,7 +68,15 @@ def run_on_two_ranks(tmp_path: Path, job: Callable, *job_args) -> list:
     """``job(rank, *job_args)`` (a module-level function: the processes import it) in two
     spawned processes; their results, in rank order."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_rank_main, args=(free_port(), str(tmp_path), job, job_args), nprocs=WORLD_SIZE, join=True)
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            mp.spawn(_rank_main, args=(free_port(), str(tmp_path), job, job_args), nprocs=WORLD_SIZE, join=True)
+            break
+        except mp.ProcessRaisedException as error:
+            # The free port can be taken (by another xdist worker's gloo) before rank 0
+            # binds it; only that is retried, on a fresh port.
+            if attempt + 1 == PORT_ATTEMPTS or not _port_was_taken(str(error)):
+                raise
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD_SIZE)]
 
 
