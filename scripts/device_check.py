@@ -18,8 +18,12 @@ lacks) and calls this script, which writes everything into one folder (``--out``
    trained with LoRA r=8: generated tokens/s and peak memory
    (``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on a CPU); skipped
    with the install line where the checkpoint is not installed;
-5. ``benchmark``: ``scripts/benchmark.py`` on workloads M, L and R, bf16-mixed
-   (``--autocast``) and fp32 side by side on a GPU (the small workload S on a CPU).
+5. ``benchmark``: ``scripts/benchmark.py --group`` on a GPU, one run per precision and
+   workload, bf16-mixed first, then fp32: M, L and R (R where its checkpoint is installed),
+   each with the PPO table (``compile=True`` on and off) and the group table (GRPO, RLOO,
+   and TRL's ``GRPOTrainer`` where ``trl`` is installed). A run starts only while the
+   check's ``--budget-seconds`` (450 on a GPU) leave a minute, each run's tables are kept
+   as it ends, and the report says which runs did not fit. On a CPU: the tiny workload.
 
 Each step records its seconds and its error, if any, and the next step still runs; the
 exit status is 0 only when every step passed.
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -39,6 +44,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark's workloads (bench.workloads)
+#: A benchmark run is started only with this many seconds of the check's budget left.
+MIN_BENCH_SECONDS = 60
 TASK = "textenv/PositiveSentiment-v0"
 
 
@@ -153,19 +161,72 @@ def lora_real(args: argparse.Namespace) -> dict[str, Any]:
             "peak_memory_mb": round(peak_memory_mb(args.device)), "n_envs": args.n_envs}
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """``scripts/benchmark.py`` in a child process, fp32 and bf16-mixed (GPU), its tables."""
-    workloads = ["M", "L", "R"] if args.device == "cuda" else ["tiny"]
-    tables = {}
-    for name, extra in (("fp32", []), ("bf16-mixed", ["--autocast"])):
-        if name == "bf16-mixed" and args.device != "cuda":
-            continue  # bf16 autocast on a CPU is slow and measures nothing of the GPU path
-        command = [sys.executable, "scripts/benchmark.py", "--device", args.device, "--workloads", *workloads,
-                   "--skip-stock", "--iterations", str(args.bench_iterations), *extra]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=args.step_timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"benchmark ({name}) failed:\n{done.stderr[-4000:]}")
-        tables[name] = done.stdout
+class StepFailed(RuntimeError):
+    """A step that failed after measuring something: ``result`` is kept in the report."""
+
+    def __init__(self, message: str, result: Any):
+        super().__init__(message)
+        self.result = result
+
+
+def benchmark_runs(device: str) -> list[tuple[str, str]]:
+    """``(precision, workload)`` in the order they run: on a GPU bf16-mixed first (what a GPU
+    user runs), M, L, then the real checkpoint R; fp32 after, as far as the budget goes."""
+    if device != "cuda":
+        return [("fp32", "tiny")]
+    return [(precision, workload) for precision in ("bf16-mixed", "fp32") for workload in ("M", "L", "R")]
+
+
+def run_child(command: list[str], timeout: float) -> tuple[int | None, str, str]:
+    """``command`` in its own process group: ``(exit code, stdout, stderr)``, the exit code
+    ``None`` when it ran past ``timeout`` (then the whole group, the benchmark's own variant
+    processes too, is killed, so that none holds the GPU)."""
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        stdout, stderr = child.communicate(timeout=timeout)
+        return child.returncode, stdout, stderr
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        stdout, stderr = child.communicate()
+        return None, stdout, stderr
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, str]:
+    """``scripts/benchmark.py``, one child process per precision and workload
+    (``benchmark_runs``): the PPO table (the fast path, its floor, ``compile=True``) and the
+    group table (GRPO and RLOO beside their floors, TRL's ``GRPOTrainer`` where ``trl`` is
+    installed). Each run's tables are kept as it ends; a run starts only while the check's
+    budget leaves ``MIN_BENCH_SECONDS``, and what did not fit is said."""
+    from bench.workloads import real_checkpoint_problem, workload_named
+
+    tables: dict[str, str] = {}
+    failures = []
+    for precision, workload in benchmark_runs(args.device):
+        name = f"{workload}, {precision}"
+        problem = real_checkpoint_problem(workload_named(workload))
+        left = args.deadline - time.monotonic()
+        if problem is not None:
+            tables[name] = f"not run: {problem}"
+            continue
+        if left < MIN_BENCH_SECONDS:
+            tables[name] = f"not run: {max(left, 0):.0f} s of the check's --budget-seconds left"
+            continue
+        command = [sys.executable, "scripts/benchmark.py", "--device", args.device, "--workloads", workload,
+                   "--group", "--skip-stock", "--iterations", str(args.bench_iterations)]
+        if precision == "bf16-mixed":
+            command.append("--autocast")
+        code, stdout, stderr = run_child(command, timeout=min(left, args.step_timeout))
+        if code is None:
+            tables[name] = f"timed out after {min(left, args.step_timeout):.0f} s; its output so far:\n\n{stdout}"
+        elif code != 0:
+            tables[name] = f"failed (exit {code}):\n\n{stdout}\n{stderr[-4000:]}"
+            failures.append(name)
+        else:
+            tables[name] = stdout
+        print(f"benchmark {name}: {'timed out' if code is None else f'exit {code}'}", file=sys.stderr, flush=True)
+    if failures:
+        raise StepFailed(f"the benchmark failed on {', '.join(failures)}", tables)
     return tables
 
 
@@ -202,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-tokens", type=int, default=None, help="default: 2,048 on a GPU, 64 on a CPU")
     parser.add_argument("--bench-iterations", type=int, default=None, help="default: 2 on a GPU, 1 on a CPU")
     parser.add_argument("--step-timeout", type=int, default=300, help="seconds for a step's child process")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="the whole check's seconds: the benchmark starts no run past them "
+                             "(default: 450 on a GPU, within the 8 minutes a lent machine's check is sized to; "
+                             "none on a CPU)")
     args = parser.parse_args(argv)
+    if args.budget_seconds is None:
+        args.budget_seconds = 450.0 if args.device == "cuda" else float("inf")
+    args.deadline = time.monotonic() + args.budget_seconds
     gpu = args.device == "cuda"
     for name, on_gpu, on_cpu in (("n_envs", 32, 8), ("train_tokens", 16_384, 2_048), ("eval_episodes", 128, 32),
                                  ("real_tokens", 2_048, 64), ("bench_iterations", 2, 1)):
@@ -215,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             result, error = STEPS[name](args), None
-        except Exception:  # noqa: BLE001 - a step's failure is reported, and the next step still runs
-            result, error = None, traceback.format_exc(limit=6)
+        except Exception as failure:  # noqa: BLE001 - a step's failure is reported, and the next step still runs
+            result, error = getattr(failure, "result", None), traceback.format_exc(limit=6)
         report["steps"][name] = {"result": result, "error": error, "seconds": round(time.perf_counter() - start, 1)}
         print(f"{name}: {'passed' if error is None else 'FAILED'} ({report['steps'][name]['seconds']} s)",
               file=sys.stderr, flush=True)

@@ -32,6 +32,19 @@ if ((${#missing[@]})); then
         exit 2
     fi
 fi
+# transformers older than the project's lowest (the lent machines' image had 5.17): the wheel
+# fetch_device_wheels.sh took at that version, when it is there (else the check below says so).
+lowest=$(sed -n 's/^ *"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
+if ! python -c "import sys, transformers; from packaging.version import Version as V; sys.exit(V(transformers.__version__) < V('$lowest'))" 2>/dev/null \
+        && [[ -d .device_wheels ]]; then
+    echo "upgrading transformers to $lowest from .device_wheels/" >&2
+    python -m pip install --quiet --no-index --find-links .device_wheels "transformers==$lowest" || true
+fi
+# TRL, for the benchmark's GRPOTrainer rows: optional, so a failed install only leaves them out.
+if ! python -c "import trl" 2>/dev/null && compgen -G ".device_wheels/trl-*.whl" >/dev/null; then
+    python -m pip install --quiet --no-index --find-links .device_wheels trl \
+        || echo "TRL did not install from .device_wheels/: the benchmark leaves its rows out" >&2
+fi
 python - <<'EOF'
 import sys
 import torch, transformers

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,5 +34,31 @@ def test_the_cpu_form_runs_every_step_and_writes_its_report(tmp_path, default_mo
         assert trained["devices"] == {"policy": ["cpu"], "reference": ["cpu"], "reward": ["cpu"]}
     real = steps["lora_real"]["result"]
     assert "skipped" in real or (real["tokens_per_second"] > 0 and real["peak_memory_mb"] > 0)
-    assert "| " in steps["benchmark"]["result"]["fp32"]  # the benchmark's Markdown table
+    tables = steps["benchmark"]["result"]["tiny, fp32"]  # the benchmark's Markdown tables, PPO and group
+    assert "| " in tables and "GRPO" in tables
     assert (tmp_path / "device_check.md").read_text().startswith("# Device check")
+
+
+def test_the_benchmark_starts_no_run_past_the_checks_budget(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "scripts/device_check.py", "--device", "cpu", "--steps", "benchmark",
+                           "--budget-seconds", "0", "--out", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "device_check.json").read_text())["steps"]["benchmark"]["result"]
+    assert result == {"tiny, fp32": "not run: 0 s of the check's --budget-seconds left"}
+
+
+def test_a_child_past_its_timeout_is_killed_with_the_processes_it_started(tmp_path):
+    import device_check
+
+    marker = tmp_path / "grandchild-still-running"
+    grandchild = tmp_path / "grandchild.py"  # writes the marker after 3 s
+    grandchild.write_text(f"import pathlib, time\ntime.sleep(3)\npathlib.Path({str(marker)!r}).touch()\n")
+    script = f"import subprocess, sys; subprocess.Popen([sys.executable, {str(grandchild)!r}]).wait()"
+    code, _, _ = device_check.run_child([sys.executable, "-c", script], timeout=1)
+    assert code is None  # timed out
+    time.sleep(4)
+    assert not marker.exists()
+    code, stdout, _ = device_check.run_child([sys.executable, "-c", "print('done')"], timeout=60)
+    assert (code, stdout) == (0, "done\n")
