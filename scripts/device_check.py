@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))  # the benchmark's workloads (bench.workloads)
 #: A benchmark run is started only with this many seconds of the check's budget left.
 MIN_BENCH_SECONDS = 60
 TASK = "textenv/PositiveSentiment-v0"

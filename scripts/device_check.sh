@@ -45,13 +45,15 @@ if ! python -c "import trl" 2>/dev/null && compgen -G ".device_wheels/trl-*.whl"
     python -m pip install --quiet --no-index --find-links .device_wheels trl \
         || echo "TRL did not install from .device_wheels/: the benchmark leaves its rows out" >&2
 fi
-python - <<'EOF'
-import sys
+LOWEST_TRANSFORMERS="$lowest" python - <<'EOF'
+import os, sys
 import torch, transformers
 from packaging.version import Version
 print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
       f"transformers {transformers.__version__}", file=sys.stderr)
-if Version(transformers.__version__) < Version("5.24"):
-    sys.exit("transformers >= 5.24 is needed (pyproject.toml). Fix: install a newer wheel.")
+lowest = os.environ["LOWEST_TRANSFORMERS"]
+if Version(transformers.__version__) < Version(lowest):
+    sys.exit(f"transformers >= {lowest} is needed (pyproject.toml). Fix: bash scripts/fetch_device_wheels.sh "
+             "where there is a package index, and carry .device_wheels/ here.")
 EOF
 exec python scripts/device_check.py "$@"

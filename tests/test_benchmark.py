@@ -391,3 +391,13 @@ def test_the_variants_runner_measures_each_named_variant_in_its_own_process(caps
     assert [r["variant"] for r in results] == ["fast", "fast_steptrimmed"]
     assert all(r["tokens"] > 0 and r["peak_mb"] > 0 for r in results)
     assert "tiny fast_steptrimmed (repeat 1): end to end" in capsys.readouterr().out
+
+
+def test_the_decode_step_benchmark_times_the_bodys_step_and_checks_its_width():
+    from bench import decode_step
+
+    found = decode_step.step_milliseconds("tiny", None, repeats=1, modes=("eager",))
+    assert set(found) == {"eager"} and found["eager"] > 0
+    prompt = decode_step.workload_named("tiny").max_prompt_len
+    with pytest.raises(ValueError, match="must exceed the prompt"):
+        decode_step.step_milliseconds("tiny", prompt, repeats=1)
