@@ -400,7 +400,7 @@ def format_group_table(results: dict[str, dict[str, list[dict]]], methods: tuple
                        corner: str = "generated tok/s, end to end", digits: int = 0) -> str:
     """GRPO and RLOO (``methods``), a column per entry of ``results`` (a workload): end-to-end
     tok/s of the fast path and its floor, their ratio, TRL's GRPOTrainer and the fast path's
-    GRPO over it ("n/a" where not measured); tok/s to ``digits`` decimals."""
+    GRPO and the floor over it ("n/a" where not measured); tok/s to ``digits`` decimals."""
     table = FigureTable(results, corner=corner)
     add = table.add
     for method in methods:
@@ -411,6 +411,8 @@ def format_group_table(results: dict[str, dict[str, list[dict]]], methods: tuple
         add(f"**{name} fast / floor**", lambda r, a=fast, b=floor: format_ratio(ratios(r[a], r[b])))
     add(TRL_NAME, lambda r: f"{median_tps(r[TRL_VARIANT]):,.{digits}f}")
     add("**GRPO fast / TRL**", lambda r: format_ratio(ratios(r["grpo_fast"], r[TRL_VARIANT])))
+    # How far the same work goes without any framework: the fast path's ceiling against TRL.
+    add("GRPO floor / TRL", lambda r: format_ratio(ratios(r["bare_grpo"], r[TRL_VARIANT])))
     add("GRPO fast: rollout / scoring / update share", lambda r: " / ".join(
         f"{statistics.median(100 * x['parts'][part] / x['seconds'] for x in r['grpo_fast']):.0f}%"
         for part in ("rollout", "scoring", "update")))

@@ -267,12 +267,13 @@ def test_group_table_gives_each_method_against_its_floor_and_grpo_against_trl():
     table = benchmark.format_group_table({"X": runs, "Y": {k: v for k, v in runs.items() if k != "trl_grpo"}})
     rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:]}
     assert list(rows) == ["GRPO fast", "GRPO floor", "**GRPO fast / floor**", "RLOO fast", "RLOO floor",
-                          "**RLOO fast / floor**", "TRL GRPOTrainer", "**GRPO fast / TRL**",
+                          "**RLOO fast / floor**", "TRL GRPOTrainer", "**GRPO fast / TRL**", "GRPO floor / TRL",
                           "GRPO fast: rollout / scoring / update share", "peak memory MB: GRPO fast / floor / TRL"]
     assert rows["GRPO fast"] == ["110", "110 |"]
     assert rows["**GRPO fast / floor**"] == ["**0.55** (0.50-0.60)", "**0.55** (0.50-0.60) |"]
     assert rows["**RLOO fast / floor**"][0] == "**0.90** (0.90-0.90)"
     assert rows["**GRPO fast / TRL**"] == ["**1.75** (1.50-2.00)", "n/a |"]  # ratios per repeat: 2.0, 1.5
+    assert rows["GRPO floor / TRL"] == ["**3.25** (2.50-4.00)", "n/a |"]  # 200 / 50, 200 / 80
     assert rows["peak memory MB: GRPO fast / floor / TRL"] == ["100 / 100 / 100", "100 / 100 / n/a |"]
 
 
@@ -296,6 +297,7 @@ def test_workload_r_with_group_plans_grpo_full_and_lora_beside_trl_and_tables_th
     assert rows["GRPO fast"] == ["6.00", "9.00 |"]
     assert rows["**GRPO fast / floor**"] == ["**1.20**", "**0.90** |"]
     assert rows["**GRPO fast / TRL**"] == ["**1.50**", "**1.50** |"]
+    assert rows["GRPO floor / TRL"] == ["**1.25**", "**1.67** |"]
     assert rows["peak memory MB: GRPO fast / floor / TRL"] == ["3,700 / 4,900 / 4,000", "2,300 / 2,200 / 2,500 |"]
     del runs["trl_grpo_lora"]
     assert "n/a" in benchmark.format_real_group_table(runs)  # TRL not measured
