@@ -52,13 +52,14 @@ def test_the_benchmark_starts_no_run_past_the_checks_budget(tmp_path):
 def test_a_child_past_its_timeout_is_killed_with_the_processes_it_started(tmp_path):
     import device_check
 
-    marker = tmp_path / "grandchild-still-running"
-    grandchild = tmp_path / "grandchild.py"  # writes the marker after 3 s
-    grandchild.write_text(f"import pathlib, time\ntime.sleep(3)\npathlib.Path({str(marker)!r}).touch()\n")
+    started, finished = tmp_path / "grandchild-started", tmp_path / "grandchild-finished"
+    grandchild = tmp_path / "grandchild.py"  # marks its start, and its end 5 s later
+    grandchild.write_text(f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(5)\n"
+                          f"pathlib.Path({str(finished)!r}).touch()\n")
     script = f"import subprocess, sys; subprocess.Popen([sys.executable, {str(grandchild)!r}]).wait()"
-    code, _, _ = device_check.run_child([sys.executable, "-c", script], timeout=1)
+    code, _, _ = device_check.run_child([sys.executable, "-c", script], timeout=3)
     assert code is None  # timed out
-    time.sleep(4)
-    assert not marker.exists()
+    time.sleep(6)
+    assert started.exists() and not finished.exists()
     code, stdout, _ = device_check.run_child([sys.executable, "-c", "print('done')"], timeout=60)
     assert (code, stdout) == (0, "done\n")
