@@ -98,8 +98,6 @@ def test_a_body_checkpointing_its_activations_runs_whole_rows(tiny_lm_path):
     assert hidden.shape == (*ids.shape, model.config.hidden_size) and hidden.requires_grad
 
 
-
-
 def grpo_agent(n_envs: int = 8, seed: int = 0, batch_size: int = 24):
     env = make_text_vec_env("textenv/TextGen-v0", n_envs=n_envs, seed=seed, env_kwargs=TASK)
     return make_agent("grpo", env, group_size=4, n_epochs=2, batch_size=batch_size, learning_rate=1e-3, seed=seed,
